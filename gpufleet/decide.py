@@ -1,0 +1,261 @@
+"""Decisions: plain functions of facts and settings, tested without a host."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from packaging.version import Version
+
+from gpufleet.facts import DriverState, OsRelease, PciGpu, SmiResult
+
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class GpuModel:
+    name: str
+    compute_cap: str
+    blackwell: bool
+    # The first driver that names the card, and branches that never learned it.
+    min_driver: str
+    unsupported_branches: tuple[str, ...] = ()
+
+
+# PCI device IDs (vendor 10de) -> model. Source: open-gpu-kernel-modules g_nv_name_released.h (shared FACTS.md).
+GPU_MODELS: dict[str, GpuModel] = {
+    "2b85": GpuModel("NVIDIA GeForce RTX 5090", "12.0", True, "570.86.16"),
+    "2b87": GpuModel("NVIDIA GeForce RTX 5090 D", "12.0", True, "570.86.16"),
+    "2b8c": GpuModel("NVIDIA GeForce RTX 5090 D v2", "12.0", True, "570.190", ("575",)),
+    "2330": GpuModel("NVIDIA H100 80GB HBM3", "9.0", False, "525.60.13"),
+}
+
+SUPPORTED_OS = {("ubuntu", "24.04"), ("debian", "12")}
+
+# Lowest driver each CUDA toolkit runs on (12.8: NVIDIA's release notes via secondary sources, unverified).
+CUDA_MIN_DRIVER = {"12.8": "570.26", "12.9": "575.51.03", "13.0": "580.65.06"}
+
+
+@dataclass(frozen=True)
+class HostGpu:
+    device_id: str
+    name: str
+    compute_cap: str | None
+    blackwell: bool
+
+
+def host_gpus(pci: list[PciGpu] | None, smi: SmiResult) -> list[HostGpu]:
+    """The host's NVIDIA GPUs: PCI IDs first (they need no driver), nvidia-smi where lspci cannot see (WSL)."""
+    found: list[HostGpu] = []
+    seen_ids = []
+    for gpu in pci or []:
+        model = GPU_MODELS.get(gpu.device_id)
+        smi_cap = next((g.compute_cap for g in smi.gpus if g.device_id == gpu.device_id), None)
+        found.append(
+            HostGpu(
+                device_id=gpu.device_id,
+                name=model.name if model else gpu.description,
+                compute_cap=model.compute_cap if model else smi_cap,
+                blackwell=model.blackwell if model else (smi_cap or "0").startswith(("10.", "12.")),
+            )
+        )
+        seen_ids.append(gpu.device_id)
+    if not found:
+        for gpu in smi.gpus:
+            model = GPU_MODELS.get(gpu.device_id)
+            found.append(
+                HostGpu(
+                    device_id=gpu.device_id,
+                    name=gpu.name,
+                    compute_cap=gpu.compute_cap,
+                    blackwell=model.blackwell if model else gpu.compute_cap.startswith(("10.", "12.")),
+                )
+            )
+    return found
+
+
+def arch_list(gpus: Iterable[HostGpu]) -> list[str]:
+    """The CUDA architectures ("12.0") of a set of GPUs, sorted and without repeats."""
+    caps = {g.compute_cap for g in gpus if g.compute_cap}
+    return sorted(caps, key=Version)
+
+
+def cuda_repo_dir(os_release: OsRelease, is_wsl: bool) -> str:
+    """NVIDIA's repository directory for this OS."""
+    if is_wsl:
+        return "wsl-ubuntu"
+    if os_release.id == "ubuntu":
+        return "ubuntu" + os_release.version_id.replace(".", "")
+    return os_release.id + os_release.version_id
+
+
+def driver_packages(source: str, branch: str, flavour: str) -> list[str]:
+    """Packages that install the driver, in install order, for the chosen source, branch and flavour."""
+    if source == "ubuntu":
+        suffix = "-open" if flavour == "open" else ""
+        return [f"nvidia-driver-{branch}{suffix}", f"linux-modules-nvidia-{branch}{suffix}-generic"]
+    if int(branch) >= 590:
+        # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch.
+        return [f"nvidia-driver-pinning-{branch}", "nvidia-open" if flavour == "open" else "cuda-drivers"]
+    return [f"nvidia-open-{branch}" if flavour == "open" else f"cuda-drivers-{branch}"]
+
+
+def max_jobs(mem_available: int, cpus: int, per_job_gb: float = 3.0) -> int:
+    """Parallel nvcc jobs that fit in memory: about 3 GB each, at least 1, at most the CPU count."""
+    return max(1, min(cpus, int(mem_available // (per_job_gb * GB))))
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """Everything preflight knows about one host."""
+
+    name: str
+    group: str
+    os: OsRelease
+    is_wsl: bool
+    gpus: list[HostGpu]
+    smi: SmiResult
+    driver: DriverState
+    lspci_missing: bool
+    secure_boot: bool | None
+    mem_total: int
+    mem_available: int
+    cpus: int
+    free_disk: int
+    disk_mount: str
+    is_control_machine: bool
+
+
+def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    """Why this host cannot be provisioned with these settings; empty when it can. Each names the fix."""
+    problems: list[str] = []
+    os_key = (host.os.id, host.os.version_id)
+    if os_key not in SUPPORTED_OS:
+        problems.append(
+            f"{host.os.pretty_name} is not supported; gpufleet runs on Ubuntu 24.04 (bare metal or WSL2) "
+            "and Debian 12. Reinstall the host or remove it from the inventory."
+        )
+    if host.is_wsl and host.os.id != "ubuntu":
+        problems.append("WSL2 is supported with Ubuntu 24.04 only; install the Ubuntu-24.04 WSL distribution.")
+    if host.group == "wsl" and not host.is_wsl:
+        problems.append("is in the inventory's wsl group but is not WSL2; move it to the workstations group.")
+    if host.lspci_missing and not host.is_wsl:
+        problems.append("lspci is missing, so the GPUs cannot be identified; install it: apt-get install pciutils")
+    if host.is_wsl and not host.smi.available:
+        problems.append(
+            "is WSL2 but /usr/lib/wsl/lib/nvidia-smi is missing: install the NVIDIA driver on Windows "
+            "(Game Ready or Studio, 570 or newer) and restart WSL (wsl --shutdown)."
+        )
+    if not host.gpus and not (host.lspci_missing and not host.is_wsl):
+        problems.append(
+            "has no NVIDIA GPU (lspci shows none); if the card is installed, check that it is seated and "
+            "enabled in the firmware, or remove the host from the inventory."
+        )
+    for gpu in host.gpus:
+        if gpu.compute_cap is None:
+            problems.append(
+                f"GPU {gpu.name} [10de:{gpu.device_id}] is unknown to gpufleet and no driver reports its compute "
+                "capability; set xformers_arch_list for this host or report the PCI ID."
+            )
+    blackwell = any(g.blackwell for g in host.gpus)
+    branch = settings["driver_branch"]
+    if blackwell and settings["driver_flavour"] != "open":
+        problems.append(
+            "setting driver_flavour is 'proprietary' but Blackwell GPUs (RTX 50xx) work only with the open "
+            "kernel modules; set driver_flavour: open."
+        )
+    loaded = host.driver.loaded
+    if blackwell and loaded is not None and not loaded.open and not host.is_wsl:
+        problems.append(
+            f"the proprietary NVIDIA kernel module {loaded.version} is loaded, and Blackwell GPUs need the open "
+            "modules (nvidia-smi says 'No devices were found'). Purge the proprietary driver packages "
+            "(apt-get purge 'nvidia-*' 'libnvidia-*' 'cuda-drivers*'), reboot, then run gpufleet again."
+        )
+    if not host.is_wsl and not settings["driver_accept_existing"]:
+        for gpu in host.gpus:
+            model = GPU_MODELS.get(gpu.device_id)
+            if model is None:
+                continue
+            if branch in model.unsupported_branches or Version(branch) < Version(model.min_driver.split(".")[0]):
+                problems.append(
+                    f"setting driver_branch '{branch}' does not know the {model.name} [10de:{gpu.device_id}] "
+                    f"(first supported: {model.min_driver}); set driver_branch: \"580\"."
+                )
+        if host.driver.runfile:
+            problems.append(
+                "has a driver installed by NVIDIA's .run installer (/usr/bin/nvidia-uninstall); packages must not be "
+                "stacked on it. Run nvidia-uninstall, or set driver_accept_existing: true to keep it."
+            )
+        if settings["driver_source"] == "ubuntu" and host.os.id != "ubuntu":
+            problems.append(
+                "setting driver_source is 'ubuntu' but the host runs "
+                f"{host.os.pretty_name}; Ubuntu's archive exists on Ubuntu only: set driver_source: nvidia."
+            )
+        if host.secure_boot and settings["driver_source"] == "nvidia":
+            problems.append(
+                "Secure Boot is on, and NVIDIA's repository builds unsigned DKMS modules that will not load. Either "
+                "set driver_source: ubuntu (Ubuntu's signed precompiled modules), or enrol a MOK key "
+                "(mokutil --import) so DKMS can sign them, then run again."
+            )
+    if settings["driver_accept_existing"] and not host.is_wsl:
+        problems.extend(_existing_driver_problems(host, settings))
+    if (
+        host.os.id == "debian"
+        and settings["python_version"] != "3.11"
+        and settings["python_interpreter"] is None
+        and not settings["venv_adopt"]
+    ):
+        problems.append(
+            f"setting python_version is '{settings['python_version']}' but Debian 12's Python is 3.11; set "
+            "python_version: \"3.11\", or python_interpreter to a Python "
+            f"{settings['python_version']} you installed (e.g. /usr/local/bin/python{settings['python_version']})."
+        )
+    need_disk = settings["min_free_disk_gb"] * GB
+    if host.free_disk < need_disk:
+        problems.append(
+            f"has {host.free_disk / GB:.1f} GB free on {host.disk_mount} and needs {settings['min_free_disk_gb']} GB "
+            "(setting min_free_disk_gb) for the toolkit, torch and the build; free some space."
+        )
+    need_mem = settings["min_memory_gb"] * GB
+    if host.mem_available < need_mem:
+        problems.append(
+            f"has {host.mem_available / GB:.1f} GB of memory available and the xformers build needs "
+            f"{settings['min_memory_gb']} GB (setting min_memory_gb); on WSL raise memory= in .wslconfig."
+        )
+    return problems
+
+
+def _existing_driver_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    loaded = host.driver.loaded
+    if loaded is None:
+        return [
+            "setting driver_accept_existing is true but no NVIDIA kernel module is loaded; install the driver "
+            "first or set driver_accept_existing: false to let gpufleet install it."
+        ]
+    problems = []
+    if not loaded.open and any(g.blackwell for g in host.gpus):
+        return problems  # already reported: proprietary module on Blackwell
+    if Version(loaded.version).major < int(settings["driver_branch"]):
+        problems.append(
+            f"the existing driver {loaded.version} is older than driver_branch {settings['driver_branch']}; "
+            "upgrade it, or set driver_accept_existing: false."
+        )
+    return problems
+
+
+def may_reboot(host: HostProfile, settings: dict[str, Any]) -> bool:
+    """Whether gpufleet may reboot this host: never WSL, never the machine running pyinfra."""
+    return settings["reboot_policy"] == "auto" and not host.is_wsl and not host.is_control_machine
+
+
+def cuda_driver_problem(cuda_version: str, driver_version: str | None) -> str | None:
+    """A too-old driver for the CUDA toolkit, as an error text; None when fine or unknown."""
+    minimum = CUDA_MIN_DRIVER.get(cuda_version)
+    if minimum is None or driver_version is None:
+        return None
+    if Version(driver_version) < Version(minimum):
+        return (
+            f"CUDA {cuda_version} needs driver {minimum} or newer and the host runs {driver_version}; "
+            "raise driver_branch (or update the Windows driver on WSL), then run again."
+        )
+    return None

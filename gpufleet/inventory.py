@@ -1,0 +1,253 @@
+"""Load and validate the YAML inventory before pyinfra connects anywhere.
+
+Every problem in the file is reported at once, each with the file, line, key and fix; nothing is contacted
+while any remains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gpufleet.settings import REPO_ROOT, Setting, load_settings, suggest, validate_value
+
+DEFAULT_INVENTORY = REPO_ROOT / "inventory" / "hosts.yaml"
+INVENTORY_ENV = "GPUFLEET_INVENTORY"
+
+GROUPS = ("workstations", "wsl")
+TOP_KEYS = ("settings", "groups")
+GROUP_KEYS = ("settings", "hosts")
+HOST_KEYS = ("address", "ssh_user", "ssh_port", "ssh_key", "ssh_known_hosts_file", "sudo", "settings")
+_HOST_NAME = re.compile(r"^(@local|[A-Za-z0-9]([A-Za-z0-9.\-_]{0,252}))$")
+
+
+@dataclass
+class HostSpec:
+    name: str
+    group: str
+    line: int
+    connection: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def pyinfra_data(self) -> dict[str, Any]:
+        """Host data for pyinfra: merged settings plus connection keys, host-key checking always strict."""
+        data: dict[str, Any] = dict(self.settings)
+        data["gpufleet_group"] = self.group
+        if self.name == "@local":
+            return data
+        conn = self.connection
+        data["ssh_hostname"] = conn.get("address", self.name)
+        data["ssh_strict_host_key_checking"] = "yes"
+        for key in ("ssh_user", "ssh_port", "ssh_known_hosts_file"):
+            if key in conn:
+                data[key] = conn[key]
+        if "ssh_key" in conn:
+            data["ssh_key"] = os.path.expanduser(conn["ssh_key"])
+        if conn.get("sudo"):
+            data["_sudo"] = True
+        return data
+
+
+@dataclass
+class Inventory:
+    path: Path
+    hosts: list[HostSpec]
+
+    def group(self, name: str) -> list[tuple[str, dict[str, Any]]]:
+        return [(h.name, h.pyinfra_data()) for h in self.hosts if h.group == name]
+
+
+class InventoryError(Exception):
+    def __init__(self, path: Path, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{path}: {len(problems)} problem(s), nothing was contacted:\n{lines}")
+
+
+class _Checker:
+    def __init__(self, path: Path, settings: dict[str, Setting]):
+        self.path = path
+        self.settings = settings
+        self.problems: list[str] = []
+
+    def problem(self, node: yaml.Node, where: str, text: str) -> None:
+        self.problems.append(f"{self.path}:{node.start_mark.line + 1}: {where}: {text}")
+
+    def mapping(self, node: yaml.Node | None, where: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        """The (key, key node, value node) pairs of a mapping; duplicates and non-string keys are problems."""
+        if node is None or (isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null")):
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            self.problem(node, where, "expected a mapping (key: value lines)")
+            return []
+        seen: dict[str, int] = {}
+        pairs = []
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str) or key == "":
+                self.problem(key_node, where, "keys must be plain names")
+                continue
+            if key in seen:
+                self.problem(key_node, where, f"'{key}' appears twice (first on line {seen[key]}); keep one")
+                continue
+            seen[key] = key_node.start_mark.line + 1
+            pairs.append((key, key_node, value_node))
+        return pairs
+
+    def unknown(self, key_node: yaml.Node, where: str, key: str, known: tuple[str, ...] | list[str]) -> None:
+        self.problem(
+            key_node, where, f"unknown key '{key}'.{suggest(key, known)} Known keys: {', '.join(known)}"
+        )
+
+    def settings_block(self, node: yaml.Node, where: str) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key, key_node, value_node in self.mapping(node, f"{where} settings"):
+            if key not in self.settings:
+                self.problem(
+                    key_node,
+                    f"{where} settings",
+                    f"unknown setting '{key}'.{suggest(key, self.settings)} "
+                    "Settings are listed in group_data/all.py and the README",
+                )
+                continue
+            value = _construct(value_node)
+            expected = validate_value(key, value, self.settings)
+            if expected is not None:
+                self.problem(
+                    value_node, f"{where} setting '{key}'", f"got {value!r}; expected {expected}"
+                )
+                continue
+            values[key] = value
+        return values
+
+    def host(self, name: str, name_node: yaml.Node, node: yaml.Node, group: str) -> HostSpec:
+        where = f"host '{name}'"
+        if not _HOST_NAME.match(name):
+            self.problem(name_node, where, "not a valid host name; use a DNS name or set address: to the IP")
+        spec = HostSpec(name=name, group=group, line=name_node.start_mark.line + 1)
+        for key, key_node, value_node in self.mapping(node, where):
+            if key not in HOST_KEYS:
+                hint = suggest(key, list(HOST_KEYS) + list(self.settings))
+                if key in self.settings:
+                    hint = f" Settings go under the host's settings: block ({key} is a setting)."
+                self.problem(key_node, where, f"unknown key '{key}'.{hint} Known keys: {', '.join(HOST_KEYS)}")
+                continue
+            if key == "settings":
+                spec.settings = self.settings_block(value_node, where)
+                continue
+            value = _construct(value_node)
+            expected = _connection_problem(key, value)
+            if expected:
+                self.problem(value_node, f"{where} {key}", f"got {value!r}; expected {expected}")
+            elif name == "@local":
+                self.problem(key_node, where, f"'{key}' does not apply to @local (this machine, no SSH); remove it")
+            else:
+                spec.connection[key] = value
+        return spec
+
+
+def _construct(node: yaml.Node) -> Any:
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def _connection_problem(key: str, value: Any) -> str | None:
+    if key == "ssh_port":
+        ok = isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
+        return None if ok else "a port number from 1 to 65535"
+    if key == "sudo":
+        return None if isinstance(value, bool) else "true or false"
+    if not isinstance(value, str) or not value:
+        return "a non-empty string"
+    return None
+
+
+def load_inventory(path: Path | str | None = None) -> Inventory:
+    """Parse and validate the inventory; raise InventoryError listing every problem."""
+    path = Path(path or os.environ.get(INVENTORY_ENV) or DEFAULT_INVENTORY)
+    if not path.is_file():
+        raise InventoryError(path, [f"{path}: no such file; set {INVENTORY_ENV} or create inventory/hosts.yaml"])
+    try:
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise InventoryError(path, [f"{path}{line}: not valid YAML: {getattr(error, 'problem', error)}"]) from None
+    checker = _Checker(path, load_settings())
+    if root is None:
+        raise InventoryError(path, [f"{path}: the file is empty; see inventory/hosts.yaml for the format"])
+    fleet_settings: dict[str, Any] = {}
+    groups_node = None
+    for key, key_node, value_node in checker.mapping(root, "top level"):
+        if key == "settings":
+            fleet_settings = checker.settings_block(value_node, "fleet")
+        elif key == "groups":
+            groups_node = value_node
+        else:
+            checker.unknown(key_node, "top level", key, TOP_KEYS)
+
+    hosts: list[HostSpec] = []
+    first_seen: dict[str, HostSpec] = {}
+    for group, group_key, group_node in checker.mapping(groups_node, "groups"):
+        if group not in GROUPS:
+            checker.problem(
+                group_key,
+                "groups",
+                f"unknown group '{group}'.{suggest(group, GROUPS)} Groups are: {', '.join(GROUPS)}",
+            )
+            continue
+        group_settings: dict[str, Any] = {}
+        hosts_node = None
+        for key, key_node, value_node in checker.mapping(group_node, f"group '{group}'"):
+            if key == "settings":
+                group_settings = checker.settings_block(value_node, f"group '{group}'")
+            elif key == "hosts":
+                hosts_node = value_node
+            else:
+                checker.unknown(key_node, f"group '{group}'", key, GROUP_KEYS)
+        for name, name_node, host_node in checker.mapping(hosts_node, f"group '{group}' hosts"):
+            spec = checker.host(name, name_node, host_node, group)
+            if name in first_seen:
+                checker.problem(
+                    name_node,
+                    f"host '{name}'",
+                    f"listed twice (first in group '{first_seen[name].group}' on line {first_seen[name].line}); "
+                    "a host belongs to one group",
+                )
+                continue
+            first_seen[name] = spec
+            spec.settings = {**fleet_settings, **group_settings, **spec.settings}
+            hosts.append(spec)
+
+    names = {h.name for h in hosts}
+    for spec in hosts:
+        builder = spec.settings.get("xformers_builder")
+        if builder is not None and builder not in names:
+            checker.problems.append(
+                f"{path}: host '{spec.name}' setting 'xformers_builder': '{builder}' is not a host of this "
+                f"inventory.{suggest(builder, names)}"
+            )
+    if not hosts and not checker.problems:
+        checker.problems.append(f"{path}: no hosts; add some under groups: workstations: hosts:")
+    if checker.problems:
+        raise InventoryError(path, checker.problems)
+    return Inventory(path=path, hosts=hosts)
+
+
+def load_inventory_or_exit(path: Path | str | None = None) -> Inventory:
+    """For inventory.py: print the problems and exit 2, so pyinfra contacts no host."""
+    try:
+        return load_inventory(path)
+    except InventoryError as error:
+        print(f"gpufleet: invalid inventory {error}", file=sys.stderr)
+        raise SystemExit(2) from None

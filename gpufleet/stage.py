@@ -1,0 +1,84 @@
+"""What every stage shares: the host's settings, its profile from facts, refusal, and running a stage alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from pyinfra import host, state
+
+from gpufleet import facts
+from gpufleet.decide import HostProfile, host_gpus
+from gpufleet.operations import refuse
+from gpufleet.settings import load_settings
+
+_SETTINGS = load_settings()
+_LOCAL_ADDRESSES = {"localhost", "127.0.0.1", "::1"}
+
+# Hosts refused in this run: later stages plan nothing for them.
+_refused: set[str] = set()
+
+
+def settings() -> dict[str, Any]:
+    """Every setting for the current host: inventory and group_data values over all.py's defaults."""
+    return {name: host.data.get(name, s.default) for name, s in _SETTINGS.items()}
+
+
+def is_control_machine() -> bool:
+    if host.name.startswith("@local"):
+        return True
+    return str(host.data.get("ssh_hostname", host.name)) in _LOCAL_ADDRESSES
+
+
+def profile() -> HostProfile:
+    """The current host as facts describe it."""
+    config = settings()
+    wsl = host.get_fact(facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
+    pci = host.get_fact(facts.NvidiaPciGpus)
+    smi = host.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
+    mem = host.get_fact(facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
+    disk = host.get_fact(facts.FreeDisk, path=config["work_dir"]) or {"free": 0, "mount": "?"}
+    os_release = host.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
+    return HostProfile(
+        name=host.name,
+        group=host.data.get("gpufleet_group", "workstations"),
+        os=os_release,
+        is_wsl=wsl["is_wsl"],
+        gpus=host_gpus(pci, smi),
+        smi=smi,
+        driver=host.get_fact(facts.DriverStateFact) or facts.DriverState(None, None),
+        lspci_missing=pci is None,
+        secure_boot=host.get_fact(facts.SecureBoot),
+        mem_total=mem["total"],
+        mem_available=mem["available"],
+        cpus=mem["cpus"],
+        free_disk=disk["free"],
+        disk_mount=disk["mount"],
+        is_control_machine=is_control_machine(),
+    )
+
+
+def refuse_host(reasons: list[str]) -> None:
+    """Stop this host with every reason, before anything on it changes; the other hosts go on."""
+    _refused.add(host.name)
+    refuse(reasons=reasons, name=f"Refuse {host.name}: {reasons[0]}")
+
+
+def refused() -> bool:
+    return host.name in _refused
+
+
+def not_implemented(stage: str, issue: int) -> None:
+    """A stage whose issue has not landed stops the host loudly instead of pretending to succeed."""
+    refuse_host([f"stage '{stage}' is not implemented yet (issue #{issue}); the run stops here"])
+
+
+def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
+    """Run preflight then the stages when pyinfra was pointed at this deploy file itself."""
+    current = state.current_deploy_filename
+    if current is None or Path(current).resolve() != Path(module_file).resolve():
+        return
+    for stage in stages:
+        if refused():
+            return
+        stage()
