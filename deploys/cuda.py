@@ -1,17 +1,85 @@
-"""Stage 2, cuda: CUDA toolkit.
+"""Stage 2, cuda: the CUDA toolkit (cuda-toolkit-X-Y only: never `cuda`, `cuda-X-Y` or `cuda-drivers`).
 
 Runs alone (after preflight): pyinfra inventory.py deploys/cuda.py
 """
 
+from io import StringIO
+
+from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
-from gpufleet.stage import not_implemented, run_alone
+from gpufleet import facts
+from gpufleet.decide import cuda_driver_problem, cuda_repo_dir
+from gpufleet.nvidia_repo import ensure_repo
+from gpufleet.stage import profile, refuse_host, run_alone, settings
+
+
+def cuda_home(config: dict) -> str:
+    return config["cuda_existing_home"] or f"/usr/local/cuda-{config['cuda_version']}"
 
 
 @deploy("CUDA toolkit")
 def cuda() -> None:
-    not_implemented("cuda", issue=4)
+    config = settings()
+    me = profile()
+    version = config["cuda_version"]
+    home = cuda_home(config)
+    driver_version = me.driver.loaded.version if me.driver.loaded else None
+    if me.is_wsl and me.smi.gpus:
+        driver_version = me.smi.gpus[0].driver_version
+    problem = cuda_driver_problem(version, driver_version)
+    if problem and (config["driver_accept_existing"] or me.is_wsl):
+        refuse_host([problem])
+        return
+
+    found = host.get_fact(facts.NvccVersion, cuda_home=home)
+    if config["cuda_existing_home"]:
+        if found != version:
+            refuse_host(
+                [
+                    f"setting cuda_existing_home is {home} but its nvcc reports "
+                    f"{found or 'nothing (no bin/nvcc)'}, not cuda_version {version}; fix one of the two settings."
+                ]
+            )
+            return
+    else:
+        repo_dir = cuda_repo_dir(me.os, me.is_wsl)
+        if repo_dir not in config["cuda_keyring_sha256"]:
+            refuse_host(
+                [
+                    f"setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo_dir}' repository; add one "
+                    "after verifying cuda-keyring_1.1-1_all.deb."
+                ]
+            )
+            return
+        if found is not None and found != version:
+            refuse_host([f"{home}/bin/nvcc reports {found}, not {version}; remove the foreign toolkit at {home}."])
+            return
+        ensure_repo(config, repo_dir)
+        package = "cuda-toolkit-" + version.replace(".", "-")
+        install = apt.packages(name=f"Install the CUDA {version} toolkit ({package})", packages=[package])
+        server.shell(
+            name=f"Check that nvcc reports CUDA {version}",
+            commands=[
+                f"{home}/bin/nvcc --version | grep -q 'release {version},' || "
+                f"{{ echo '{package} installed but {home}/bin/nvcc does not report release {version}' >&2; exit 1; }}"
+            ],
+            _if=install.did_change,
+        )
+
+    files.put(
+        name=f"Put CUDA {version} on PATH for login shells",
+        src=StringIO(
+            "# gpufleet: the CUDA toolkit the venv's torch and xformers are built for.\n"
+            f"export CUDA_HOME={home}\n"
+            'export PATH="$CUDA_HOME/bin:$PATH"\n'
+            'export LD_LIBRARY_PATH="$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"\n'
+        ),
+        dest="/etc/profile.d/gpufleet-cuda.sh",
+        mode="644",
+    )
 
 
 run_alone(__file__, preflight, cuda)

@@ -1,17 +1,171 @@
-"""Stage 1, driver: NVIDIA driver (open kernel modules), pinned and held.
+"""Stage 1, driver: NVIDIA's driver with the open kernel modules, pinned to a branch and held.
 
+WSL2 gets no driver (it lives on Windows): only Windows' nvidia-smi put on PATH.
 Runs alone (after preflight): pyinfra inventory.py deploys/driver.py
 """
 
+from io import StringIO
+
+from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.server import Command
+from pyinfra.operations import apt, files, server, systemd
 
 from deploys.preflight import preflight
-from gpufleet.stage import not_implemented, run_alone
+from gpufleet import facts
+from gpufleet.decide import cuda_repo_dir, driver_packages, may_reboot
+from gpufleet.nvidia_repo import apt_settings, ensure_repo
+from gpufleet.operations import refuse
+from gpufleet.stage import profile, refuse_host, run_alone, settings
+
+DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "linux-modules-nvidia-*")
+HOLD_COMMAND = (
+    "dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n' "
+    + " ".join(f"'{p}'" for p in DRIVER_PATTERNS)
+    + " 2>/dev/null | awk '$2 ~ /^ii/ {print $1}' | xargs -r apt-mark hold"
+)
+UNATTENDED_BLACKLIST = """// gpufleet: the driver and CUDA change only when driver_branch / cuda_version do.
+Unattended-Upgrade::Package-Blacklist {
+    "nvidia-";
+    "libnvidia-";
+    "linux-modules-nvidia-";
+    "cuda-";
+};
+"""
+NOUVEAU_BLACKLIST = "# gpufleet: the NVIDIA driver needs nouveau out of the way.\nblacklist nouveau\noptions nouveau modeset=0\n"
 
 
-@deploy("NVIDIA driver (open kernel modules), pinned and held")
+@deploy("NVIDIA driver")
 def driver() -> None:
-    not_implemented("driver", issue=4)
+    config = settings()
+    me = profile()
+    if me.is_wsl:
+        _wsl_driver(me.smi)
+        return
+    if config["hold_driver_updates"]:
+        files.put(
+            name="Keep unattended-upgrades away from the driver and CUDA",
+            src=StringIO(UNATTENDED_BLACKLIST),
+            dest="/etc/apt/apt.conf.d/51gpufleet-driver-hold",
+            mode="644",
+        )
+    if config["driver_accept_existing"]:
+        _handle_mismatch(me, config, installed=None)
+        return
+
+    wanted = driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"])
+    if config["driver_source"] == "nvidia":
+        repo_dir = cuda_repo_dir(me.os, me.is_wsl)
+        if repo_dir not in config["cuda_keyring_sha256"]:
+            refuse_host([_missing_checksum(repo_dir)])
+            return
+        ensure_repo(config, repo_dir)
+    else:
+        apt_settings(config)
+
+    headers = host.get_fact(facts.KernelHeaders)
+    apt.packages(
+        name=f"Install kernel headers for DKMS (linux-headers-{headers['release']})",
+        packages=[f"linux-headers-{headers['release']}"],
+    )
+    nouveau = files.put(
+        name="Blacklist nouveau",
+        src=StringIO(NOUVEAU_BLACKLIST),
+        dest="/etc/modprobe.d/gpufleet-blacklist-nouveau.conf",
+        mode="644",
+    )
+    server.shell(
+        name="Rebuild the initramfs without nouveau",
+        commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u; fi"],
+        _if=nouveau.did_change,
+    )
+
+    held = set(host.get_fact(facts.HeldPackages))
+    stale_holds = sorted(p for p in held if _is_driver_package(p) and p in me.driver.packages and p not in wanted)
+    if stale_holds:
+        server.shell(
+            name=f"Release the holds of the previous driver ({', '.join(stale_holds)})",
+            commands=[f"apt-mark unhold {' '.join(stale_holds)}"],
+        )
+    install = apt.packages(
+        name=f"Install the NVIDIA driver ({', '.join(wanted)})",
+        packages=wanted,
+        no_recommends=False,
+    )
+    unheld = [p for p in me.driver.packages if _is_driver_package(p) and p not in held and p not in stale_holds]
+    server.shell(
+        name="Hold the NVIDIA driver packages",
+        commands=[HOLD_COMMAND],
+        _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change(),
+    )
+    if host.get_fact(Command, command="test -d /run/systemd/system && echo yes || echo no") == "yes":
+        systemd.service(
+            name="Enable the NVIDIA persistence daemon",
+            service="nvidia-persistenced",
+            enabled=True,
+            running=True,
+            _ignore_errors=False,
+        )
+    _handle_mismatch(me, config, installed=install)
+
+
+def _is_driver_package(name: str) -> bool:
+    return name.startswith(("nvidia-", "libnvidia-", "linux-modules-nvidia-"))
+
+
+def _missing_checksum(repo_dir: str) -> str:
+    return (
+        f"setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo_dir}' repository; download "
+        f"cuda-keyring_1.1-1_all.deb from it, verify it, and add {repo_dir}: <sha256> to cuda_keyring_sha256."
+    )
+
+
+def _handle_mismatch(me, config, installed) -> None:
+    """Reboot (or stop with instructions) when the driver was just installed or the loaded module is stale."""
+    state = me.driver
+    mismatch = state.mismatch
+    reason = (
+        f"the loaded NVIDIA module is {state.loaded.version} but {state.on_disk_version} is installed "
+        "(nvidia-smi: 'Driver/library version mismatch')"
+        if mismatch
+        else "the NVIDIA driver was installed or changed"
+    )
+    needs = (lambda: True) if mismatch else (installed.did_change if installed is not None else None)
+    if needs is None:
+        return
+    if may_reboot(me, config):
+        server.reboot(
+            name=f"Reboot: {reason}",
+            reboot_timeout=config["reboot_timeout"],
+            _if=needs,
+        )
+        return
+    why = "reboot_policy is never" if config["reboot_policy"] == "never" else "this is the machine running pyinfra"
+    refuse(
+        name=f"Stop {host.name}: reboot needed",
+        reasons=[
+            f"{reason}; gpufleet does not reboot it ({why}). Reboot the host (or, when nothing uses the GPU, "
+            "unload the modules: rmmod nvidia_uvm nvidia_drm nvidia_modeset nvidia), then run gpufleet again."
+        ],
+        _if=needs,
+    )
+
+
+def _wsl_driver(smi: facts.SmiResult) -> None:
+    if smi.error:
+        refuse_host(
+            [
+                f"Windows' nvidia-smi fails inside WSL ({smi.error}); update the NVIDIA driver on Windows and "
+                "restart WSL (wsl --shutdown)."
+            ]
+        )
+        return
+    files.put(
+        name="Put Windows' nvidia-smi on PATH",
+        src=StringIO('# gpufleet: WSL2 reaches the Windows driver here.\nexport PATH="$PATH:/usr/lib/wsl/lib"\n'),
+        dest="/etc/profile.d/gpufleet-wsl.sh",
+        mode="644",
+    )
 
 
 run_alone(__file__, preflight, driver)

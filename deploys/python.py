@@ -1,17 +1,110 @@
-"""Stage 3, python: Python venv for the build user.
+"""Stage 3, python: a venv of python_version owned by the unprivileged build user, with pip, wheel, setuptools, ninja.
 
 Runs alone (after preflight): pyinfra inventory.py deploys/python.py
 """
 
+from io import StringIO
+
+from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.operations import apt, files, pip, server
 
 from deploys.preflight import preflight
-from gpufleet.stage import not_implemented, run_alone
+from gpufleet import facts
+from gpufleet.stage import refuse_host, run_alone, settings
+
+VENV_TOOLS = ["pip", "wheel", "setuptools", "ninja"]
 
 
-@deploy("Python venv for the build user")
+def venv_owner(config: dict) -> str:
+    """Who installs into the venv: the build user, or the owner of an adopted venv."""
+    if config["venv_adopt"]:
+        return host.get_fact(facts.PathOwner, path=config["venv_path"]) or config["build_user"]
+    return config["build_user"]
+
+
+def pip_conf(config: dict) -> str | None:
+    """The venv's pip.conf for a mirror, or None to use PyPI."""
+    if config["pip_index_url"] is None:
+        return None
+    lines = ["[global]", f"index-url = {config['pip_index_url']}"]
+    if config["pip_trusted_hosts"]:
+        lines.append("trusted-host = " + " ".join(config["pip_trusted_hosts"]))
+    return "\n".join(lines) + "\n"
+
+
+@deploy("Python venv")
 def python() -> None:
-    not_implemented("python", issue=4)
+    config = settings()
+    venv = config["venv_path"]
+    user = config["build_user"]
+    interpreter = config["python_interpreter"] or "/usr/bin/python3"
+    venv_python = f"{venv}/bin/python"
+
+    if config["venv_adopt"]:
+        found = host.get_fact(facts.PythonVersion, python=venv_python)
+        if found != config["python_version"]:
+            refuse_host(
+                [
+                    f"setting venv_adopt is true but {venv_python} is "
+                    f"{'missing' if found is None else 'Python ' + found}, not python_version "
+                    f"{config['python_version']}; point venv_path at the venv or fix python_version."
+                ]
+            )
+            return
+    else:
+        found = host.get_fact(facts.PythonVersion, python=interpreter)
+        if found != config["python_version"]:
+            refuse_host(
+                [
+                    f"{interpreter} is {'missing' if found is None else 'Python ' + found}, not python_version "
+                    f"{config['python_version']}; set python_interpreter to a Python {config['python_version']} "
+                    "or change python_version."
+                ]
+            )
+            return
+
+    server.user(
+        name=f"Create the unprivileged build user {user}",
+        user=user,
+        home=config["work_dir"],
+        shell="/bin/bash",
+        system=True,
+        create_home=False,
+    )
+    files.directory(name=f"Create {config['work_dir']}", path=config["work_dir"], user=user, group=user, mode="755")
+    owner = venv_owner(config)
+    if not config["venv_adopt"]:
+        apt.packages(name="Install Python's venv module", packages=["python3-venv"])
+        parent = venv.rsplit("/", 1)[0] or "/"
+        files.directory(name=f"Create {parent}", path=parent, mode="755")
+        files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
+        has_venv = host.get_fact(facts.PythonVersion, python=venv_python) is not None
+        server.shell(
+            name=f"Create the venv {venv}",
+            commands=[f"{interpreter} -m venv {venv}"],
+            _sudo=True,
+            _sudo_user=user,
+            _if=lambda: not has_venv,
+        )
+    conf = pip_conf(config)
+    if conf:
+        files.put(
+            name="Point the venv's pip at the configured index",
+            src=StringIO(conf),
+            dest=f"{venv}/pip.conf",
+            user=owner,
+            mode="644",
+        )
+    else:
+        files.file(name="Use PyPI in the venv (no mirror set)", path=f"{venv}/pip.conf", present=False)
+    pip.packages(
+        name=f"Install {', '.join(VENV_TOOLS)} in the venv",
+        packages=VENV_TOOLS,
+        pip=f"{venv}/bin/pip",
+        _sudo=True,
+        _sudo_user=owner,
+    )
 
 
 run_alone(__file__, preflight, python)

@@ -337,3 +337,81 @@ class KernelHeaders(_ParsedFact):
 
     def command(self) -> str:
         return 'r=$(uname -r); echo "$r"; if [ -d "/lib/modules/$r/build" ]; then echo yes; else echo no; fi'
+
+
+def parse_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def parse_nvcc_version(text: str) -> str | None:
+    """The toolkit release from `nvcc --version` ("12.8"); None when nvcc is missing."""
+    if NO_TOOL in text:
+        return None
+    match = re.search(r"release (\d+\.\d+)", text)
+    if not match:
+        raise ParseError(f"unexpected nvcc --version output: {text.strip()[-200:]!r}")
+    return match[1]
+
+
+def parse_python_version(text: str) -> str | None:
+    """major.minor printed by the interpreter; None when it does not exist."""
+    if NO_TOOL in text:
+        return None
+    value = text.strip()
+    if not re.match(r"^\d+\.\d+$", value):
+        raise ParseError(f"unexpected Python version output: {value!r}")
+    return value
+
+
+class HeldPackages(_ParsedFact):
+    """Packages apt-mark holds."""
+
+    parser = staticmethod(parse_lines)
+
+    def default(self) -> list[str]:
+        return []
+
+    def command(self) -> str:
+        return "apt-mark showhold"
+
+
+class MissingTools(_ParsedFact):
+    """Which of the commands gpufleet relies on are not installed."""
+
+    parser = staticmethod(parse_lines)
+
+    def default(self) -> list[str]:
+        return []
+
+    def command(self, tools: tuple[str, ...] = ("sudo", "apt-get", "dpkg-query", "tar", "sha256sum")) -> str:
+        return f"for t in {' '.join(tools)}; do command -v $t >/dev/null || echo $t; done"
+
+
+class NvccVersion(_ParsedFact):
+    """CUDA release reported by <cuda_home>/bin/nvcc, or None when it is not there."""
+
+    parser = staticmethod(parse_nvcc_version)
+
+    def command(self, cuda_home: str) -> str:
+        return f"if [ -x {cuda_home}/bin/nvcc ]; then {cuda_home}/bin/nvcc --version; else echo {NO_TOOL}; fi"
+
+
+class PythonVersion(_ParsedFact):
+    """major.minor of an interpreter, or None when it does not exist."""
+
+    parser = staticmethod(parse_python_version)
+
+    def command(self, python: str) -> str:
+        return (
+            f"if [ -x {python} ]; then {python} -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'; "
+            f"else echo {NO_TOOL}; fi"
+        )
+
+
+class PathOwner(_ParsedFact):
+    """Owner of a path, or None when it does not exist."""
+
+    parser = staticmethod(lambda text: None if NO_TOOL in text else text.strip())
+
+    def command(self, path: str) -> str:
+        return f"stat -c %U {path} 2>/dev/null || echo {NO_TOOL}"

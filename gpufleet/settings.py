@@ -148,6 +148,7 @@ VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "pip_trusted_hosts": _check_list_of(re.compile(r"^[\w.\-:\[\]]+$"), '"10.0.0.1"'),
     "xformers_max_jobs": _positive,
     "reboot_timeout": _positive,
+    "apt_lock_timeout": _positive,
     "smoke_heads": _positive,
     "min_free_disk_gb": lambda v: None if v >= 0 else "0 or more",
     "min_memory_gb": lambda v: None if v >= 0 else "0 or more",

@@ -18,6 +18,8 @@ driver_accept_existing: bool = False
 reboot_policy: Literal["auto", "never"] = "auto"
 # Seconds to wait for a rebooted host to come back.
 reboot_timeout: int = 600
+# Seconds apt waits for a package lock held by another process (e.g. unattended-upgrades) before failing.
+apt_lock_timeout: int = 300
 # Add nvidia-, libnvidia- and cuda- to unattended-upgrades' package blacklist so nothing updates the driver behind your back.
 hold_driver_updates: bool = True
 

@@ -1,0 +1,66 @@
+"""NVIDIA's CUDA apt repository, shared by the driver and CUDA stages: checked keyring, signed-by, one source."""
+
+from __future__ import annotations
+
+from io import StringIO
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import File
+from pyinfra.operations import apt, files, server
+
+KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
+KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
+SOURCE_NAME = "gpufleet-cuda"
+
+
+def repo_url(config: dict[str, Any], repo_dir: str) -> str:
+    return f"{config['cuda_repo_url'].rstrip('/')}/{repo_dir}/x86_64/"
+
+
+def apt_settings(config: dict[str, Any]) -> OperationMeta:
+    """apt waits for a lock held by another process, bounded by apt_lock_timeout."""
+    return files.put(
+        name="Make apt wait for package locks held by other processes",
+        src=StringIO(f'DPkg::Lock::Timeout "{config["apt_lock_timeout"]}";\n'),
+        dest="/etc/apt/apt.conf.d/50gpufleet-lock-timeout",
+        mode="644",
+    )
+
+
+def ensure_repo(config: dict[str, Any], repo_dir: str) -> list[OperationMeta]:
+    """Keyring from cuda-keyring (sha256 checked, only its .gpg used) and a deb822 source with signed-by.
+
+    No-op when the downloaded package, the keyring and the source file are already in place.
+    """
+    deb = f"{config['work_dir']}/downloads/{KEYRING_DEB}"
+    files.directory(name="Create the download directory", path=f"{config['work_dir']}/downloads", mode="755")
+    download = files.download(
+        name=f"Download {KEYRING_DEB} (sha256 checked)",
+        src=repo_url(config, repo_dir) + KEYRING_DEB,
+        dest=deb,
+        sha256sum=config["cuda_keyring_sha256"][repo_dir],
+    )
+    keyring_missing = not host.get_fact(File, path=KEYRING)
+    keyring = server.shell(
+        name="Install NVIDIA's repository keyring",
+        commands=[
+            f"dpkg-deb --fsys-tarfile {deb} | tar -xO .{KEYRING} > {KEYRING}.tmp "
+            f"&& test -s {KEYRING}.tmp && chmod 644 {KEYRING}.tmp && mv {KEYRING}.tmp {KEYRING}"
+        ],
+        _if=lambda: keyring_missing or download.did_change(),
+    )
+    source = apt.sources_file(
+        name="Add NVIDIA's CUDA repository",
+        filename=SOURCE_NAME,
+        uris=repo_url(config, repo_dir),
+        suites="/",
+        signed_by=KEYRING,
+    )
+    lock = apt_settings(config)
+    apt.update(
+        name="Update apt lists for NVIDIA's repository",
+        _if=lambda: keyring.did_change() or source.did_change(),
+    )
+    return [download, keyring, source, lock]
