@@ -1,17 +1,75 @@
-"""Stage 4, torch: PyTorch, pinned fleet-wide.
+"""Stage 4, torch: one exact torch build in the venv, the same on every host, validated against the host's GPUs.
 
 Runs alone (after preflight): pyinfra inventory.py deploys/torch.py
 """
 
+import shlex
+from urllib.parse import urlparse
+
+from pyinfra import host, logger
 from pyinfra.api import deploy
+from pyinfra.operations import pip, server
 
+from deploys.python import venv_owner
 from deploys.preflight import preflight
-from gpufleet.stage import not_implemented, run_alone
+from gpufleet import facts
+from gpufleet.decide import arch_list, torch_problems
+from gpufleet.stage import profile, refuse_host, run_alone, settings
+
+FROZEN_CU128_NOTICE = (
+    "torch: PyTorch stopped publishing CUDA 12.8 nightlies in April 2026; gpufleet pins the last one "
+    "(torch_version). To move on, use a cu130 build with cuda_version 13.0 and a 580+ driver (README)."
+)
+_noticed = False
 
 
-@deploy("PyTorch, pinned fleet-wide")
+def install_args(config: dict) -> str:
+    args = ["--index-url", config["torch_index_url"]]
+    if config["torch_channel"] == "nightly":
+        args.insert(0, "--pre")
+    index_host = urlparse(config["torch_index_url"])
+    if index_host.scheme == "http":
+        args += ["--trusted-host", index_host.hostname or ""]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+@deploy("PyTorch")
 def torch() -> None:
-    not_implemented("torch", issue=5)
+    global _noticed
+    config = settings()
+    me = profile()
+    if config["torch_version"].endswith("+cu128") and config["torch_channel"] == "nightly" and not _noticed:
+        _noticed = True
+        logger.warning(FROZEN_CU128_NOTICE)
+    python = f"{config['venv_path']}/bin/python"
+    archs = config["xformers_arch_list"] or arch_list(me.gpus)
+    info = host.get_fact(facts.TorchInfo, python=python)
+    if info is not None and info["version"] == config["torch_version"]:
+        problems = torch_problems(info, config["cuda_version"], arch_list(me.gpus))
+        if problems:
+            refuse_host(problems)
+        return
+    install = pip.packages(
+        name=f"Install torch {config['torch_version']}",
+        packages=[f"torch=={config['torch_version']}"],
+        pip=f"{config['venv_path']}/bin/pip",
+        extra_install_args=install_args(config),
+        _sudo=True,
+        _sudo_user=venv_owner(config),
+    )
+    wanted_sms = " ".join("sm_" + a.replace(".", "") for a in arch_list(me.gpus))
+    check = (
+        "import sys, torch; cuda = torch.version.cuda or 'none'; archs = torch.cuda.get_arch_list(); "
+        f"want = '{config['cuda_version']}'; missing = [a for a in '{wanted_sms}'.split() if a not in archs]; "
+        "ok = '.'.join(cuda.split('.')[:2]) == want and not missing; "
+        "print(f'torch {torch.__version__} CUDA {cuda} archs {archs}; toolkit {want}; missing {missing}', "
+        "file=sys.stdout if ok else sys.stderr); sys.exit(0 if ok else 1)"
+    )
+    server.shell(
+        name=f"Check torch's CUDA version and GPU architectures ({', '.join(archs)})",
+        commands=[f"{python} -c {shlex.quote(check)}"],
+        _if=install.did_change,
+    )
 
 
 run_alone(__file__, preflight, torch)

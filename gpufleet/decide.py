@@ -259,3 +259,25 @@ def cuda_driver_problem(cuda_version: str, driver_version: str | None) -> str | 
             "raise driver_branch (or update the Windows driver on WSL), then run again."
         )
     return None
+
+
+def torch_problems(info: dict[str, Any], cuda_version: str, archs: list[str]) -> list[str]:
+    """Why an installed torch cannot serve this host: CUDA version or a missing GPU architecture."""
+    problems = []
+    if info["cuda"] is None:
+        problems.append(f"torch {info['version']} is a CPU build; install a CUDA {cuda_version} build (torch_index_url).")
+        return problems
+    if ".".join(str(info["cuda"]).split(".")[:2]) != cuda_version:
+        problems.append(
+            f"torch {info['version']} is built for CUDA {info['cuda']} but the toolkit is CUDA {cuda_version}; "
+            "pin a torch_version/torch_index_url for the same CUDA, or change cuda_version."
+        )
+    compiled = set(info["arch_list"])
+    for arch in archs:
+        sm = "sm_" + arch.replace(".", "")
+        if sm not in compiled:
+            problems.append(
+                f"torch {info['version']} has no {sm} code (it has {', '.join(sorted(compiled)) or 'none'}): the GPU "
+                f"would fail with 'no kernel image is available'. Use a CUDA 12.8+ build of torch."
+            )
+    return problems

@@ -415,3 +415,43 @@ class PathOwner(_ParsedFact):
 
     def command(self, path: str) -> str:
         return f"stat -c %U {path} 2>/dev/null || echo {NO_TOOL}"
+
+
+def parse_torch_info(text: str) -> dict[str, Any] | None:
+    """JSON printed by the venv's python about its torch; None when torch is not installed."""
+    import json
+
+    if NO_TOOL in text:
+        return None
+    last = text.strip().splitlines()[-1]
+    info = json.loads(last)
+    if not {"version", "cuda", "arch_list"} <= info.keys():
+        raise ParseError(f"unexpected torch probe output: {last!r}")
+    return info
+
+
+TORCH_PROBE = (
+    "import json, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
+    "'arch_list': torch.cuda.get_arch_list()}))"
+)
+
+
+class TorchInfo(_ParsedFact):
+    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable."""
+
+    parser = staticmethod(parse_torch_info)
+
+    def command(self, python: str) -> str:
+        return (
+            f"if [ -x {python} ] && {python} -c 'import torch' 2>/dev/null; then "
+            f'{python} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
+        )
+
+
+class FileText(_ParsedFact):
+    """A small text file's content, or None when it does not exist."""
+
+    parser = staticmethod(lambda text: None if NO_TOOL in text else text.strip())
+
+    def command(self, path: str) -> str:
+        return f"cat {path} 2>/dev/null || echo {NO_TOOL}"
