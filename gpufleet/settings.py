@@ -173,3 +173,17 @@ def validate_value(name: str, value: Any, settings: dict[str, Setting]) -> str |
     if check is not None and value is not None:
         return check(value)
     return None
+
+
+def markdown_table(settings: dict[str, Setting] | None = None) -> str:
+    """The README's settings table, generated from group_data/all.py."""
+    settings = settings or load_settings()
+    rows = ["| setting | type | default | what it does |", "| --- | --- | --- | --- |"]
+    for s in settings.values():
+        default = repr(s.default).replace("|", "\\|")
+        rows.append(f"| `{s.name}` | {s.type_label().replace('|', 'or')} | `{default}` | {s.comment} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
