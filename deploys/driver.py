@@ -16,7 +16,7 @@ from gpufleet import facts
 from gpufleet.decide import cuda_repo_dir, driver_packages, may_reboot
 from gpufleet.nvidia_repo import apt_settings, ensure_repo
 from gpufleet.operations import refuse
-from gpufleet.stage import profile, refuse_host, run_alone, settings
+from gpufleet.stage import profile, record_stack_change, refuse_host, run_alone, settings
 
 DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "linux-modules-nvidia-*")
 HOLD_COMMAND = (
@@ -92,6 +92,7 @@ def driver() -> None:
         packages=wanted,
         no_recommends=False,
     )
+    record_stack_change(install)
     unheld = [p for p in me.driver.packages if _is_driver_package(p) and p not in held and p not in stale_holds]
     server.shell(
         name="Hold the NVIDIA driver packages",
@@ -134,10 +135,12 @@ def _handle_mismatch(me, config, installed) -> None:
     if needs is None:
         return
     if may_reboot(me, config):
-        server.reboot(
-            name=f"Reboot: {reason}",
-            reboot_timeout=config["reboot_timeout"],
-            _if=needs,
+        record_stack_change(
+            server.reboot(
+                name=f"Reboot: {reason}",
+                reboot_timeout=config["reboot_timeout"],
+                _if=needs,
+            )
         )
         return
     why = "reboot_policy is never" if config["reboot_policy"] == "never" else "this is the machine running pyinfra"

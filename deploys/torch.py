@@ -14,7 +14,7 @@ from deploys.python import venv_owner
 from deploys.preflight import preflight
 from gpufleet import facts
 from gpufleet.decide import arch_list, torch_problems
-from gpufleet.stage import profile, refuse_host, run_alone, settings
+from gpufleet.stage import profile, record_stack_change, refuse_host, run_alone, settings
 
 FROZEN_CU128_NOTICE = (
     "torch: PyTorch stopped publishing CUDA 12.8 nightlies in April 2026; gpufleet pins the last one "
@@ -57,6 +57,7 @@ def torch() -> None:
         _sudo=True,
         _sudo_user=venv_owner(config),
     )
+    record_stack_change(install)
     wanted_sms = " ".join("sm_" + a.replace(".", "") for a in arch_list(me.gpus))
     check = (
         "import sys, torch; cuda = torch.version.cuda or 'none'; archs = torch.cuda.get_arch_list(); "

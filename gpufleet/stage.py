@@ -17,6 +17,8 @@ _LOCAL_ADDRESSES = {"localhost", "127.0.0.1", "::1"}
 
 # Hosts refused in this run: later stages plan nothing for them.
 _refused: set[str] = set()
+# Per host, the operations whose change means the GPU stack is new and must be tested again.
+_stack_changes: dict[str, list[Any]] = {}
 
 
 def settings() -> dict[str, Any]:
@@ -82,3 +84,14 @@ def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
         if refused():
             return
         stage()
+
+
+def record_stack_change(op: Any) -> None:
+    """Remember an operation that changes what the smoke test proves (driver, reboot, torch, xformers)."""
+    _stack_changes.setdefault(host.name, []).append(op)
+
+
+def stack_changed() -> Callable[[], bool]:
+    """For _if=: true at execution time when any recorded operation of this host changed something."""
+    ops = list(_stack_changes.get(host.name, []))
+    return lambda: any(op.did_change() for op in ops)

@@ -1,0 +1,36 @@
+"""Print the fleet report once pyinfra has finished with every host (to stderr, so --json stays clean)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyinfra import state
+from pyinfra.api.state import BaseStateCallback, StateStage
+
+_registered: set[int] = set()
+
+
+class _ReportAtEnd(BaseStateCallback):
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.disconnected = 0
+
+    def host_disconnect(self, state, host) -> None:  # type: ignore[override]
+        self.disconnected += 1
+        if self.disconnected < len(state.activated_hosts) or not self.directory.is_dir():
+            return
+        if state.current_stage != StateStage.Disconnect:
+            return
+        from gpufleet import report
+
+        summary = report.write_report(self.directory)
+        if summary["hosts"]:
+            report.print_report(summary)
+
+
+def print_report_when_run_ends(directory: Path) -> None:
+    """Register (once per run) the callback that prints the fleet table when the last host disconnects."""
+    if id(state) in _registered:
+        return
+    _registered.add(id(state))
+    state.add_callback_handler(_ReportAtEnd(directory))
