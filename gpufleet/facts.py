@@ -455,3 +455,15 @@ class FileText(_ParsedFact):
 
     def command(self, path: str) -> str:
         return f"cat {path} 2>/dev/null || echo {NO_TOOL}"
+
+
+class PythonHeaders(_ParsedFact):
+    """Whether an interpreter's Python.h is installed (needed to compile extensions)."""
+
+    parser = staticmethod(lambda text: text.strip() == "yes")
+
+    def command(self, python: str) -> str:
+        return (
+            f"if [ -x {python} ] && [ -f \"$({python} -c 'import sysconfig; print(sysconfig.get_paths()[\"include\"])')"
+            '/Python.h" ]; then echo yes; else echo no; fi'
+        )

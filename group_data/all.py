@@ -66,6 +66,8 @@ xformers_arch_list: Optional[list] = None
 xformers_builder: Optional[str] = None
 # Parallel compile jobs; None = from available memory (about 3 GB a job), at most the CPU count.
 xformers_max_jobs: Optional[int] = None
+# Directory on the control machine where built wheels are kept by fingerprint (relative to the repository root).
+wheel_cache_dir: str = ".cache/wheels"
 # Use ccache for nvcc so a rebuild with unchanged sources takes seconds.
 xformers_ccache: bool = False
 
