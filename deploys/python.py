@@ -11,7 +11,7 @@ from pyinfra.operations import apt, files, pip, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
-from gpufleet.stage import refuse_host, run_alone, settings
+from gpufleet.stage import as_user, refuse_host, run_alone, settings
 
 VENV_TOOLS = ["pip", "wheel", "setuptools", "ninja"]
 
@@ -83,8 +83,7 @@ def python() -> None:
         server.shell(
             name=f"Create the venv {venv}",
             commands=[f"{interpreter} -m venv {venv}"],
-            _sudo=True,
-            _sudo_user=user,
+            **as_user(user),
             _if=lambda: not has_venv,
         )
     conf = pip_conf(config)
@@ -102,8 +101,7 @@ def python() -> None:
         name=f"Install {', '.join(VENV_TOOLS)} in the venv",
         packages=VENV_TOOLS,
         pip=f"{venv}/bin/pip",
-        _sudo=True,
-        _sudo_user=owner,
+        **as_user(owner),
     )
 
 

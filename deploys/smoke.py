@@ -18,7 +18,7 @@ from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from gpufleet.fleet_report import print_report_when_run_ends
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import run_alone, settings, stack_changed
+from gpufleet.stage import as_user, run_alone, settings, stack_changed
 
 SCRIPT = REPO_ROOT / "files" / "smoke" / "gpufleet_smoke.py"
 
@@ -63,8 +63,7 @@ def smoke() -> None:
             f"--heads {config['smoke_heads']} --nvcc {cuda_home(config)}/bin/nvcc --host-label {host.name}; "
             f"echo $? > {result[:-5]}.rc; mv {result}.tmp {result}"
         ],
-        _sudo=True,
-        _sudo_user=user,
+        **as_user(user),
         _if=needed,
     )
     local = Path(state.cwd or REPO_ROOT) / config["report_dir"] / "latest" / f"{host.name}.json"

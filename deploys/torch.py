@@ -14,7 +14,7 @@ from deploys.python import venv_owner
 from deploys.preflight import preflight
 from gpufleet import facts
 from gpufleet.decide import arch_list, torch_problems
-from gpufleet.stage import profile, record_stack_change, refuse_host, run_alone, settings
+from gpufleet.stage import as_user, profile, record_stack_change, refuse_host, run_alone, settings
 
 FROZEN_CU128_NOTICE = (
     "torch: PyTorch stopped publishing CUDA 12.8 nightlies in April 2026; gpufleet pins the last one "
@@ -54,8 +54,7 @@ def torch() -> None:
         packages=[f"torch=={config['torch_version']}"],
         pip=f"{config['venv_path']}/bin/pip",
         extra_install_args=install_args(config),
-        _sudo=True,
-        _sudo_user=venv_owner(config),
+        **as_user(venv_owner(config)),
     )
     record_stack_change(install)
     wanted_sms = " ".join("sm_" + a.replace(".", "") for a in arch_list(me.gpus))

@@ -30,6 +30,10 @@ GPU_MODELS: dict[str, GpuModel] = {
     "2330": GpuModel("NVIDIA H100 80GB HBM3", "9.0", False, "525.60.13"),
 }
 
+# Which package brings a missing command.
+TOOL_PACKAGES = {"apt-get": "apt", "dpkg-query": "dpkg", "tar": "tar", "sha256sum": "coreutils", "su": "util-linux",
+                 "curl|wget": "curl"}
+
 SUPPORTED_OS = {("ubuntu", "24.04"), ("debian", "12")}
 
 # Lowest driver each CUDA toolkit runs on (12.8: NVIDIA's release notes via secondary sources, unverified).
@@ -124,6 +128,7 @@ class HostProfile:
     free_disk: int
     disk_mount: str
     is_control_machine: bool
+    missing_tools: tuple[str, ...] = ()
 
 
 def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
@@ -139,6 +144,9 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
         problems.append("WSL2 is supported with Ubuntu 24.04 only; install the Ubuntu-24.04 WSL distribution.")
     if host.group == "wsl" and not host.is_wsl:
         problems.append("is in the inventory's wsl group but is not WSL2; move it to the workstations group.")
+    for tool in host.missing_tools:
+        package = TOOL_PACKAGES.get(tool, tool)
+        problems.append(f"needs the command {tool.replace('|', ' or ')}; install it: apt-get install {package}")
     if host.lspci_missing and not host.is_wsl:
         problems.append("lspci is missing, so the GPUs cannot be identified; install it: apt-get install pciutils")
     if host.is_wsl and not host.smi.available:

@@ -57,6 +57,7 @@ def profile() -> HostProfile:
         free_disk=disk["free"],
         disk_mount=disk["mount"],
         is_control_machine=is_control_machine(),
+        missing_tools=tuple(host.get_fact(facts.MissingTools)),
     )
 
 
@@ -95,3 +96,8 @@ def stack_changed() -> Callable[[], bool]:
     """For _if=: true at execution time when any recorded operation of this host changed something."""
     ops = list(_stack_changes.get(host.name, []))
     return lambda: any(op.did_change() for op in ops)
+
+
+def as_user(user: str) -> dict[str, Any]:
+    """Global arguments that run an operation as user (su from root; sudo first where the inventory says sudo)."""
+    return {} if user == "root" else {"_su_user": user}
