@@ -1,17 +1,138 @@
-"""Stage 5, xformers: xformers built from source, once per fleet.
+"""Stage 5, xformers: built from the sdist with our patch series, once per fleet, installed everywhere.
 
+For each wheel fingerprint (xformers source, patches, torch, CUDA, Python, arch list) one host builds: the
+configured xformers_builder, else the first host that needs it. The wheel comes back to this machine's cache
+(wheel_cache_dir) and goes from there to every other host, which only installs it. A host whose installed
+xformers carries the same fingerprint does nothing.
 Runs alone (after preflight): pyinfra inventory.py deploys/xformers.py
 """
 
+from pathlib import Path
+
+from pyinfra import host, state
 from pyinfra.api import deploy
+from pyinfra.operations import apt, files, server
 
+from deploys.cuda import cuda_home
 from deploys.preflight import preflight
-from gpufleet.stage import not_implemented, run_alone
+from deploys.python import venv_owner
+from gpufleet import facts
+from gpufleet.buildplan import BUILD_SCRIPT, CUBIN_READER, WheelBuild, build_shell_command, max_jobs
+from gpufleet.operations import fetch_built_wheel, push_built_wheel
+from gpufleet.settings import REPO_ROOT
+from gpufleet.stage import as_user, profile, record_stack_change, run_alone, settings
+from gpufleet.xformers_fleet import builder_for, fleet_wheels, host_wheel, patch_dir
 
 
-@deploy("xformers built from source, once per fleet")
+def local_cache(config: dict, fp: str) -> Path:
+    root = Path(config["wheel_cache_dir"])
+    return (root if root.is_absolute() else Path(state.cwd or REPO_ROOT) / root) / fp
+
+
+@deploy("xformers")
 def xformers() -> None:
-    not_implemented("xformers", issue=5)
+    config = settings()
+    mine = host_wheel(host)
+    if not mine.needs_install:
+        return
+    fp = mine.fingerprint
+    work = f"{config['work_dir']}/xformers"
+    out_dir = f"{work}/{fp}"
+    user = config["build_user"]
+    python = f"{config['venv_path']}/bin/python"
+    cache = local_cache(config, fp)
+    cached = (cache / "manifest.json").is_file()
+    builder = None if cached else builder_for(fp, fleet_wheels(), config["xformers_builder"])
+    files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
+
+    if builder == host.name:
+        _build(config, mine, work, out_dir, python)
+        fetch_built_wheel(
+            name="Fetch the built wheel to this machine's cache",
+            remote_dir=out_dir,
+            local_dir=str(cache),
+        )
+    else:
+        push_built_wheel(
+            name=f"Upload the xformers wheel built {'earlier' if cached else 'by ' + str(builder)}",
+            local_dir=str(cache),
+            remote_dir=out_dir,
+            owner=user,
+        )
+
+    owner = venv_owner(config)
+    install = server.shell(
+        name=f"Install xformers {config['xformers_version']} ({fp}) and prove its sm code",
+        commands=[
+            f"{python} -m pip install --no-deps --no-index --force-reinstall {out_dir}/xformers-*.whl",
+            f"{python} {work}/cubins.py --require '{';'.join(mine.arch_list)}' "
+            f"\"$({python} -c 'import os, xformers; print(os.path.dirname(xformers.__file__))')/_C.so\" "
+            f"> {out_dir}/installed-cubins.json",
+            f"echo {fp} > {work}/installed",
+        ],
+        **as_user(owner),
+    )
+    record_stack_change(install)
+
+
+def _build(config: dict, mine, work: str, out_dir: str, python: str) -> None:
+    """Sources, patches and tools on the builder, then the build, gated on the finished manifest."""
+    me = profile()
+    user = config["build_user"]
+    sdist = f"{work}/{Path(config['xformers_source_url']).name}"
+    has_headers = host.get_fact(facts.PythonHeaders, python=python)
+    tools = ("g++", "make", "patch") + (("ccache",) if config["xformers_ccache"] else ())
+    packages = sorted(host.get_fact(facts.MissingTools, tools=tools))
+    if not has_headers:
+        packages.append(f"python{config['python_version']}-dev")
+    if packages:
+        apt.packages(name=f"Install the build tools ({', '.join(packages)})", packages=packages)
+    files.download(
+        name=f"Download {Path(sdist).name} (sha256 checked)",
+        src=config["xformers_source_url"],
+        dest=sdist,
+        sha256sum=config["xformers_source_sha256"],
+        user=user,
+        group=user,
+    )
+    files.sync(
+        name="Upload the patch series",
+        src=str(patch_dir(config)),
+        dest=f"{work}/patches",
+        user=user,
+        group=user,
+        delete=True,
+    )
+    for local, remote in ((BUILD_SCRIPT, "build_wheel.sh"), (CUBIN_READER, "cubins.py")):
+        files.put(
+            name=f"Upload {remote}",
+            src=str(REPO_ROOT / local),
+            dest=f"{work}/{remote}",
+            user=user,
+            group=user,
+            mode="755",
+        )
+    finished = host.get_fact(facts.FileText, path=f"{out_dir}/manifest.json")
+    jobs = config["xformers_max_jobs"] or max_jobs(me.mem_available, me.cpus)
+    build = WheelBuild(
+        sdist=sdist,
+        sdist_sha256=config["xformers_source_sha256"],
+        patch_dir=f"{work}/patches",
+        arch_list=mine.arch_list,
+        max_jobs=jobs,
+        python=python,
+        cuda_home=cuda_home(config),
+        out_dir=out_dir,
+        fingerprint=mine.fingerprint,
+        ccache=config["xformers_ccache"],
+        cubins_reader=f"{work}/cubins.py",
+    )
+    server.shell(
+        name=f"Build xformers for {', '.join(mine.arch_list)} with {jobs} jobs (log: {out_dir}/build.log)",
+        commands=[build_shell_command(f"{work}/build_wheel.sh", build)],
+        **as_user(user),
+        _if=lambda: finished is None,
+    )
 
 
 run_alone(__file__, preflight, xformers)

@@ -32,7 +32,7 @@ GPU_MODELS: dict[str, GpuModel] = {
 
 # Which package brings a missing command.
 TOOL_PACKAGES = {"apt-get": "apt", "dpkg-query": "dpkg", "tar": "tar", "sha256sum": "coreutils", "su": "util-linux",
-                 "curl|wget": "curl"}
+                 "curl/wget": "curl"}
 
 SUPPORTED_OS = {("ubuntu", "24.04"), ("debian", "12")}
 
@@ -146,7 +146,7 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
         problems.append("is in the inventory's wsl group but is not WSL2; move it to the workstations group.")
     for tool in host.missing_tools:
         package = TOOL_PACKAGES.get(tool, tool)
-        problems.append(f"needs the command {tool.replace('|', ' or ')}; install it: apt-get install {package}")
+        problems.append(f"needs the command {tool.replace('/', ' or ')}; install it: apt-get install {package}")
     if host.lspci_missing and not host.is_wsl:
         problems.append("lspci is missing, so the GPUs cannot be identified; install it: apt-get install pciutils")
     if host.is_wsl and not host.smi.available:

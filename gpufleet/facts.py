@@ -12,8 +12,8 @@ from pyinfra.api.exceptions import FactProcessError
 NO_TOOL = "__GPUFLEET_NO_TOOL__"
 WSL_NVIDIA_SMI = "/usr/lib/wsl/lib/nvidia-smi"
 NVIDIA_VENDOR = "10de"
-# Commands every stage relies on; "a|b" means either.
-BASE_TOOLS = ("apt-get", "dpkg-query", "tar", "sha256sum", "su", "curl|wget")
+# Commands every stage relies on; "a/b" means either.
+BASE_TOOLS = ("apt-get", "dpkg-query", "tar", "sha256sum", "su", "curl/wget")
 
 
 class ParseError(ValueError):
@@ -386,10 +386,10 @@ class MissingTools(_ParsedFact):
         return []
 
     def command(self, tools: tuple[str, ...] = BASE_TOOLS) -> str:
-        # "a|b" is satisfied by either command.
+        # "a/b" is satisfied by either command.
         checks = " ".join(tools)
         return (
-            f"for t in {checks}; do ok=; for c in $(echo $t | tr '|' ' '); do "
+            f"for t in {checks}; do ok=; for c in $(echo $t | tr '/' ' '); do "
             "command -v $c >/dev/null && ok=1; done; [ -n \"$ok\" ] || echo $t; done"
         )
 
