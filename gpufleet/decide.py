@@ -148,7 +148,7 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
         package = TOOL_PACKAGES.get(tool, tool)
         problems.append(f"needs the command {tool.replace('/', ' or ')}; install it: apt-get install {package}")
     if host.lspci_missing and not host.is_wsl:
-        problems.append("lspci is missing, so the GPUs cannot be identified; install it: apt-get install pciutils")
+        problems.append("neither lspci nor /sys/bus/pci is available, so the GPUs cannot be identified; install pciutils (apt-get install pciutils)")
     if host.is_wsl and not host.smi.available:
         problems.append(
             "is WSL2 but /usr/lib/wsl/lib/nvidia-smi is missing: install the NVIDIA driver on Windows "

@@ -264,16 +264,22 @@ class WslInfo(_ParsedFact):
 
 
 class NvidiaPciGpus(_ParsedFact):
-    """NVIDIA display devices by PCI ID, from lspci; None when lspci is missing."""
+    """NVIDIA display devices by PCI ID: `lspci -nn`, or the same fields read from sysfs where lspci is missing."""
 
     parser = staticmethod(parse_lspci)
 
     def default(self) -> list[PciGpu]:
-        # No output at all: lspci is there and lists no NVIDIA device.
+        # No output at all: no NVIDIA device.
         return []
 
     def command(self) -> str:
-        return f"if command -v lspci >/dev/null; then lspci -nn | grep -i '\\[10de:' || true; else echo {NO_TOOL}; fi"
+        return (
+            "if command -v lspci >/dev/null; then lspci -nn | grep -i '\\[10de:' || true; "
+            "elif [ -d /sys/bus/pci/devices ]; then for d in /sys/bus/pci/devices/*; do "
+            '[ "$(cat $d/vendor)" = 0x10de ] || continue; c=$(cut -c3-6 $d/class); '
+            'echo "${d##*/} PCI device [$c]: sysfs [10de:$(cut -c3-6 $d/device)]"; done; '
+            f"else echo {NO_TOOL}; fi"
+        )
 
 
 class NvidiaSmi(_ParsedFact):
