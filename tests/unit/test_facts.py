@@ -103,11 +103,15 @@ def test_lspci_of_a_machine_without_nvidia_lists_no_gpu():
     assert parse_lspci(text) == []
 
 
-def test_lspci_shows_a_5090_d_by_pci_id_through_a_fake_sysfs(tmp_path):
-    fake_pci_device(tmp_path, "01:00.0", 0x2B87, 0x030000)
+@pytest.mark.parametrize(
+    "device, name", [(0x2B87, "fake-sysfs-lspci-5090d.txt"), (0x2B8C, "fake-sysfs-lspci-5090dv2.txt")], ids=["5090d", "5090dv2"]
+)
+def test_lspci_shows_a_5090_d_by_pci_id_through_a_fake_sysfs(tmp_path, device, name):
+    # The plan profiles use these captured lines, so they must stay what the real lspci prints.
+    fake_pci_device(tmp_path, "01:00.0", device, 0x030000)
     text = real_lspci(tmp_path)
-    assert text == captured("fake-sysfs-lspci-5090d.txt")
-    assert parse_lspci(text) == [PciGpu("01:00.0", "2b87", "NVIDIA Corporation Device")]
+    assert text == captured(name)
+    assert parse_lspci(text) == [PciGpu("01:00.0", f"{device:04x}", "NVIDIA Corporation Device")]
 
 
 def test_lspci_skips_the_gpu_audio_function_and_keeps_3d_controllers(tmp_path):

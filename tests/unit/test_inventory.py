@@ -358,6 +358,14 @@ def test_missing_builder_is_reported_once_at_its_line(tmp_path):
     assert problems[0].startswith(f"{path}:2: ")
 
 
+@pytest.mark.xfail(strict=True, reason="sudo is refused on @local, though pyinfra's local connector honours _sudo")
+def test_sudo_on_local_is_passed_to_pyinfra(tmp_path):
+    # The shipped inventory's only host is @local; a user who is not root needs sudo there.
+    path = write(tmp_path, 'groups:\n  workstations:\n    hosts:\n      "@local":\n        sudo: true\n')
+    (host,) = load_inventory(path).hosts
+    assert host.pyinfra_data()["_sudo"] is True
+
+
 def test_builder_naming_a_host_of_the_inventory_is_accepted(tmp_path):
     path = write(tmp_path, "settings:\n  xformers_builder: ws01\n" + ONE_HOST)
     (host,) = load_inventory(path).hosts
