@@ -33,7 +33,7 @@ def _text(value) -> str:
     return value or ""
 
 
-def _fact_outputs(profile: dict) -> dict[str, str]:
+def fact_outputs(profile: dict) -> dict[str, str]:
     """Command substring of each gpufleet fact -> the stdout its shell command would print on this host."""
     lspci = profile["lspci"]
     pci = NO_TOOL if lspci is None else "\n".join(
@@ -77,19 +77,19 @@ def load_profile(path: Path) -> dict:
     return profile
 
 
-def _host(path: Path) -> tuple[str, dict]:
-    profile = load_profile(path)
+def _host(path: Path, profile: dict) -> tuple[str, dict]:
     data = {
         **profile["settings"],
         "gpufleet_group": profile["group"],
-        "fake_responses": _fact_outputs(profile),
+        "fake_responses": fact_outputs(profile),
         "fake_delay": 0,
         "fake_delay_jitter": 0,
     }
     return f"@fake/{path.stem}", data
 
 
-_hosts = [(_host(path), load_profile(path)["group"]) for path in sorted(_PROFILES.glob("*.yaml"))]
+_profiles = {path: load_profile(path) for path in sorted(_PROFILES.glob("*.yaml"))}
 
-workstations = [host for host, group in _hosts if group == "workstations"]
-wsl = [host for host, group in _hosts if group == "wsl"]
+# One pyinfra group per gpufleet group, so group_data/wsl.py applies to the WSL profiles.
+workstations = [_host(path, p) for path, p in _profiles.items() if p["group"] == "workstations"]
+wsl = [_host(path, p) for path, p in _profiles.items() if p["group"] == "wsl"]

@@ -89,14 +89,14 @@ def test_every_profile_gives_every_output_and_valid_settings():
 
 def test_every_gpufleet_fact_command_is_answered_by_exactly_one_profile_output():
     # A fact whose command no profile output matches would read as empty output and pass unnoticed.
-    outputs = fake_inventory._fact_outputs(fake_inventory.load_profile(PROFILES / "ubuntu2404-5090d.yaml"))
+    outputs = fake_inventory.fact_outputs(fake_inventory.load_profile(PROFILES / "ubuntu2404-5090d.yaml"))
     fact_classes = facts._ParsedFact.__subclasses__()
     assert len(fact_classes) >= 9
     for fact_class in fact_classes:
         fact = fact_class()
         command = fact.command("/var/lib/gpufleet") if fact_class is facts.FreeDisk else fact.command()
         matching = [key for key in outputs if key in command]
-        assert len(matching) == 1, f"{fact_class.__name__}: {matching}; give it one key in fake_inventory._fact_outputs"
+        assert len(matching) == 1, f"{fact_class.__name__}: {matching}; give it one key in fake_inventory.fact_outputs"
 
 
 @pytest.mark.parametrize("profile", sorted(EXPECTED_PLAN))

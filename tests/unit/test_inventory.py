@@ -386,12 +386,16 @@ def test_file_of_only_comments_counts_as_empty(tmp_path):
 
 
 def test_invalid_yaml_names_the_line_and_the_parser_problem(tmp_path):
+    path = write(tmp_path, "groups:\n  workstations:\n    hosts:\n      ws01: {address: [192.0.2.11}\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:4: not valid YAML: expected ',' or ']'")
+
+
+@pytest.mark.xfail(strict=True, reason="an unterminated quote is reported at the end of the file, past its last line")
+def test_unterminated_quote_names_the_line_it_starts_on(tmp_path):
     path = write(tmp_path, 'groups:\n  workstations:\n    hosts:\n      ws01: {address: "192.0.2.11}\n')
     (problem,) = problems_of(path)
-    assert problem.startswith(f"{path}:")
-    assert "not valid YAML" in problem
-    line = int(problem[len(str(path)) + 1 :].split(":")[0])
-    assert line >= 4
+    assert problem.startswith(f"{path}:4: not valid YAML")
 
 
 def test_tab_indentation_names_the_line(tmp_path):
