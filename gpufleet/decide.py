@@ -156,11 +156,12 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
         )
     if not host.gpus and not (host.lspci_missing and not host.is_wsl):
         problems.append(
-            "has no NVIDIA GPU (lspci shows none); if the card is installed, check that it is seated and "
+            "has no NVIDIA GPU (" + ("nvidia-smi shows none" if host.is_wsl else "the PCI bus shows none")
+            + "); if the card is installed, check that it is seated and "
             "enabled in the firmware, or remove the host from the inventory."
         )
     for gpu in host.gpus:
-        if gpu.compute_cap is None:
+        if gpu.compute_cap is None and not settings["xformers_arch_list"]:
             problems.append(
                 f"GPU {gpu.name} [10de:{gpu.device_id}] is unknown to gpufleet and no driver reports its compute "
                 "capability; set xformers_arch_list for this host or report the PCI ID."

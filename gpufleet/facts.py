@@ -4,6 +4,7 @@ into a FactProcessError, which fails that host alone, never the whole run."""
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Any, Callable, NamedTuple
 
 from pyinfra.api import FactBase
@@ -207,7 +208,7 @@ def parse_secure_boot(text: str) -> bool | None:
     lowered = text.lower()
     if "secureboot enabled" in lowered:
         return True
-    if "secureboot disabled" in lowered or "not supported" in lowered or "efi variables are not supported" in lowered:
+    if "secureboot disabled" in lowered or "not supported" in lowered or "doesn't support secure boot" in lowered:
         return False
     if NO_TOOL in text:
         return None
@@ -326,7 +327,7 @@ class FreeDisk(_ParsedFact):
     parser = staticmethod(parse_df)
 
     def command(self, path: str) -> str:
-        return f"p={path}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\""
+        return f"p={shlex.quote(path)}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; df -Pk \"$p\""
 
 
 class SecureBoot(_ParsedFact):

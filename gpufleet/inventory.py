@@ -39,9 +39,11 @@ class HostSpec:
         """Host data for pyinfra: merged settings plus connection keys, host-key checking always strict."""
         data: dict[str, Any] = dict(self.settings)
         data["gpufleet_group"] = self.group
+        conn = self.connection
+        if conn.get("sudo"):
+            data["_sudo"] = True
         if self.name == "@local":
             return data
-        conn = self.connection
         data["ssh_hostname"] = conn.get("address", self.name)
         data["ssh_strict_host_key_checking"] = "yes"
         for key in ("ssh_user", "ssh_port", "ssh_known_hosts_file"):
@@ -49,8 +51,6 @@ class HostSpec:
                 data[key] = conn[key]
         if "ssh_key" in conn:
             data["ssh_key"] = os.path.expanduser(conn["ssh_key"])
-        if conn.get("sudo"):
-            data["_sudo"] = True
         return data
 
 
@@ -76,6 +76,8 @@ class _Checker:
         self.path = path
         self.settings = settings
         self.problems: list[str] = []
+        # Where each xformers_builder value is set, checked once the hosts are known.
+        self.builder_values: list[tuple[yaml.Node, str, str]] = []
 
     def problem(self, node: yaml.Node, where: str, text: str) -> None:
         self.problems.append(f"{self.path}:{node.start_mark.line + 1}: {where}: {text}")
@@ -125,6 +127,8 @@ class _Checker:
                 )
                 continue
             values[key] = value
+            if key == "xformers_builder" and value is not None:
+                self.builder_values.append((value_node, where, value))
         return values
 
     def host(self, name: str, name_node: yaml.Node, node: yaml.Node, group: str) -> HostSpec:
@@ -146,7 +150,7 @@ class _Checker:
             expected = _connection_problem(key, value)
             if expected:
                 self.problem(value_node, f"{where} {key}", f"got {value!r}; expected {expected}")
-            elif name == "@local":
+            elif name == "@local" and key != "sudo":
                 self.problem(key_node, where, f"'{key}' does not apply to @local (this machine, no SSH); remove it")
             else:
                 spec.connection[key] = value
@@ -180,7 +184,7 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
     try:
         root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
+        mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise InventoryError(path, [f"{path}{line}: not valid YAML: {getattr(error, 'problem', error)}"]) from None
     checker = _Checker(path, load_settings())
@@ -230,12 +234,10 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
             hosts.append(spec)
 
     names = {h.name for h in hosts}
-    for spec in hosts:
-        builder = spec.settings.get("xformers_builder")
-        if builder is not None and builder not in names:
-            checker.problems.append(
-                f"{path}: host '{spec.name}' setting 'xformers_builder': '{builder}' is not a host of this "
-                f"inventory.{suggest(builder, names)}"
+    for node, where, builder in checker.builder_values:
+        if builder not in names:
+            checker.problem(
+                node, f"{where} setting 'xformers_builder'", f"'{builder}' is not a host of this inventory.{suggest(builder, names)}"
             )
     if not hosts and not checker.problems:
         checker.problems.append(f"{path}: no hosts; add some under groups: workstations: hosts:")

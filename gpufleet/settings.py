@@ -92,7 +92,7 @@ def check_type(annotation: Any, value: Any) -> str | None:
     if annotation is int:
         return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
     if annotation is str:
-        return None if isinstance(value, str) else "a string (quote numbers: \"580\")"
+        return None if isinstance(value, str) else f'a string (quote it: "{value}")'
     if annotation is list:
         return None if isinstance(value, list) else "a list"
     if annotation is dict:

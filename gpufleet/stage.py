@@ -39,7 +39,9 @@ def profile() -> HostProfile:
     pci = host.get_fact(facts.NvidiaPciGpus)
     smi = host.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
     mem = host.get_fact(facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
-    disk = host.get_fact(facts.FreeDisk, path=config["work_dir"]) or {"free": 0, "mount": "?"}
+    disks = [host.get_fact(facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
+    # Both trees may share a filesystem; the smaller free space is what the install can count on.
+    disk = min(disks, key=lambda d: d["free"])
     os_release = host.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
     return HostProfile(
         name=host.name,

@@ -149,7 +149,7 @@ def test_garbage_fact_output_fails_that_host_only(tmp_path):
     assert any(name.startswith(healthy_start) for name in names), names
 
 
-@pytest.mark.xfail(strict=True, reason="preflight measures free disk under work_dir only; all.py promises work_dir and venv_path")
+
 def test_preflight_measures_free_disk_under_venv_path_too():
     result = run_pyinfra(
         "-y", "--dry", "--json", "--debug", "--limit", "@fake/ubuntu2404-5090d", INVENTORY, "deploys/preflight.py"

@@ -221,7 +221,7 @@ def test_unknown_gpu_without_compute_capability_asks_for_arch_list():
     only(preflight_problems(workstation(gpus=[unknown]), settings()), "[10de:2bff]", "set xformers_arch_list")
 
 
-@pytest.mark.xfail(strict=True, reason="the problem tells the user to set xformers_arch_list, but setting it does not clear it")
+
 def test_unknown_gpu_is_accepted_once_xformers_arch_list_is_set():
     unknown = HostGpu("2bff", "NVIDIA Corporation Device", None, False)
     assert preflight_problems(workstation(gpus=[unknown]), settings(xformers_arch_list=["12.0"])) == []

@@ -284,7 +284,7 @@ def test_secure_boot_state_from_mokutil(name, state):
     assert parse_secure_boot(captured(name)) is state
 
 
-@pytest.mark.xfail(strict=True, reason="mokutil's 'This system doesn't support Secure Boot' (UEFI without SB) is a parse error")
+
 def test_firmware_without_secure_boot_support_is_secure_boot_off():
     assert parse_secure_boot(captured("mokutil-no-secure-boot-support.txt")) is False
 

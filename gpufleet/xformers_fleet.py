@@ -1,0 +1,85 @@
+"""The fleet's xformers plan: each host's wheel fingerprint, and which host builds each fingerprint.
+
+Computed from every connected host's settings and facts, in inventory order, so every host's deploy code reaches
+the same answer without talking to the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyinfra import state
+from pyinfra.api.host import Host
+
+from gpufleet import facts
+from gpufleet.buildplan import arch_union, normalise_arch_list
+from gpufleet.decide import arch_list, host_gpus
+from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
+from gpufleet.settings import REPO_ROOT, load_settings
+
+_SETTINGS = load_settings()
+
+
+@dataclass(frozen=True)
+class HostWheel:
+    host: str
+    fingerprint: str
+    arch_list: list[str]
+    needs_install: bool
+
+
+def host_settings(h: Host) -> dict[str, Any]:
+    return {name: h.data.get(name, s.default) for name, s in _SETTINGS.items()}
+
+
+def patch_dir(config: dict[str, Any]) -> Path:
+    path = Path(config["xformers_patch_dir"])
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def fleet_hosts() -> list[Host]:
+    """Connected hosts in inventory order."""
+    return [h for h in state.inventory if h in state.activated_hosts]
+
+
+def _host_archs(h: Host) -> list[str]:
+    pci = h.get_fact(facts.NvidiaPciGpus)
+    smi = h.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
+    return arch_list(host_gpus(pci, smi))
+
+
+def fleet_arch_list() -> list[str]:
+    """The union of every connected host's GPU architectures."""
+    return arch_union(_host_archs(h) for h in fleet_hosts())
+
+
+def host_wheel(h: Host) -> HostWheel:
+    config = host_settings(h)
+    archs = normalise_arch_list(config["xformers_arch_list"] or fleet_arch_list())
+    fp = fingerprint(
+        WheelInputs(
+            xformers_version=config["xformers_version"],
+            source_sha256=config["xformers_source_sha256"],
+            patches=read_patch_series(patch_dir(config)),
+            torch_version=config["torch_version"],
+            cuda_version=config["cuda_version"],
+            python_version=config["python_version"],
+            arch_list=archs,
+        )
+    )
+    installed = h.get_fact(facts.FileText, path=f"{config['work_dir']}/xformers/installed")
+    return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp)
+
+
+def builder_for(fp: str, wheels: list[HostWheel], configured: str | None) -> str | None:
+    """The host that builds fp: the configured builder when it shares fp, else the first host needing it."""
+    sharing = [w for w in wheels if w.fingerprint == fp]
+    if configured and any(w.host == configured for w in sharing):
+        return configured
+    return next((w.host for w in sharing if w.needs_install), None)
+
+
+def fleet_wheels() -> list[HostWheel]:
+    return [host_wheel(h) for h in fleet_hosts()]
