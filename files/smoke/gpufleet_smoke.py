@@ -306,7 +306,7 @@ def rung_driver(doc: dict, args: argparse.Namespace) -> str:
     except ImportError:
         problems.append("nvidia-ml-py is not installed")
     except Exception as exc:
-        problems.append(f"NVML failed: {str(exc).rstrip('.')}.{driver_hint(str(exc))}")
+        problems.append(f"NVML failed: {str(exc).rstrip('.')}{driver_hint(str(exc))}")
     if not gpus:
         smi = find_nvidia_smi()
         if smi is None:
