@@ -446,7 +446,10 @@ def rung_xformers_cpp(doc: dict, args: argparse.Namespace) -> str:
                             "arch_list": build.build_env.get("TORCH_CUDA_ARCH_LIST"),
                             "package_from": build.build_env.get("XFORMERS_PACKAGE_FROM")}
     if not xformers._has_cpp_library:
-        found = " ".join(str(error).split()) if error is not None else "unknown reason"
+        found = " ".join(str(error).split()).rstrip(".") if error is not None else "unknown reason"
+        if error is not None and error.__cause__ is not None:
+            # The loader's own error (e.g. an undefined symbol or a missing libcudart) is the real diagnosis.
+            found += f" (loader: {' '.join(str(error.__cause__).split())[:400]})"
         raise RungFailed(f"xformers {xformers.__version__} cannot load its C++ part next to torch {torch.__version__}:"
                          f" {found}. Build xformers from source on this host against this torch (deploys/xformers.py)",
                          details)

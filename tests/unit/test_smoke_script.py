@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "files" / "smoke" / "gpufleet_smoke.py"
 VENV = Path("/tmp/gpufleet-smoke-cpu-torch-venv")
 TORCH_PIN = "torch==2.13.0"
+PYPI_XFORMERS = Path("/tmp/gpufleet-smoke-pypi-xformers-0.0.35")
 
 # Stand-ins for tools this machine lacks; each prints what the real tool prints on an H100 host (FACTS.md).
 STANDIN_NVIDIA_SMI = ("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 0x233010DE, 00000000:19:00.0, 9.0, 580.159.04, "
@@ -62,6 +63,44 @@ def torch_python() -> str:
             pytest.skip(f"no torch to run the smoke script with: `pip install {TORCH_PIN}` into {VENV} failed: "
                         f"{install.stderr.strip()[-300:]}")
     return python
+
+
+@pytest.fixture(scope="session")
+def pypi_xformers(torch_python: str) -> Path:
+    """PyPI's official xformers 0.0.35 wheel unpacked into its own --target directory (no sm_120, other torch)."""
+    if not (PYPI_XFORMERS / "xformers" / "_C.so").exists():
+        install = subprocess.run([torch_python, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                                  str(PYPI_XFORMERS), "xformers==0.0.35"], capture_output=True, text=True,
+                                 timeout=600, check=False)
+        if install.returncode != 0:
+            pytest.skip(f"PyPI's xformers 0.0.35 wheel could not be installed: {install.stderr.strip()[-300:]}")
+    return PYPI_XFORMERS
+
+
+RUN_XFORMERS_RUNG = """
+import argparse, importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("gpufleet_smoke", sys.argv[1])
+smoke = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(smoke)
+doc = smoke.new_document("cpu-box", [])
+try:
+    print(json.dumps({"passed": smoke.rung_xformers_cpp(doc, argparse.Namespace(device=0))}))
+except smoke.RungFailed as exc:
+    print(json.dumps({"failed": str(exc), "details": smoke.rung_entry(doc, "xformers_cpp")["details"]}))
+"""
+
+
+def test_pypi_xformers_beside_another_torch_fails_the_cpp_rung(torch_python: str, pypi_xformers: Path) -> None:
+    # The ladder cannot reach this rung without a GPU, so the rung's own function runs on the real wheel.
+    env = dict(os.environ, PYTHONPATH=str(pypi_xformers))
+    proc = subprocess.run([torch_python, "-c", RUN_XFORMERS_RUNG, str(SCRIPT)], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "cannot load its C++ part next to torch" in result["failed"]
+    assert "xFormers was built for: PyTorch 2.10.0+cu128" in result["failed"]
+    assert "Build xformers from source on this host" in result["failed"]
+    assert result["details"]["xformers_file"].startswith(str(pypi_xformers))
+    assert result["details"]["build"]["arch_list"] == "7.5 8.0+PTX 8.0 9.0a"
 
 
 def standin_dir(tmp_path: Path, **scripts: str) -> Path:
