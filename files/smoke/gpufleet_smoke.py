@@ -126,8 +126,19 @@ def finish_document(doc: dict) -> dict:
     return doc
 
 
+def json_safe(value: Any) -> Any:
+    """The value with inf/nan floats as strings: strict JSON readers (jq, browsers) reject Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_document(doc: dict, output: Optional[str]) -> None:
-    text = json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n"
+    text = json.dumps(json_safe(doc), indent=2, default=str, allow_nan=False) + "\n"
     if not output:
         sys.stdout.write(text)
         sys.stdout.flush()
@@ -430,9 +441,14 @@ def rung_matmul(doc: dict, args: argparse.Namespace) -> str:
 
 def rung_xformers_cpp(doc: dict, args: argparse.Namespace) -> str:
     import torch
-    import xformers
-    import xformers.info  # noqa: F401  (what `python -m xformers.info` imports)
-    from xformers import _cpp_lib
+
+    try:
+        import xformers
+        import xformers.info  # noqa: F401  (what `python -m xformers.info` imports)
+        from xformers import _cpp_lib
+    except ImportError as exc:
+        raise RungFailed(f"xformers is not importable next to torch {torch.__version__} ({exc}): install our build"
+                         " (deploys/xformers.py)")
 
     doc["versions"]["xformers"] = xformers.__version__
     details = rung_entry(doc, "xformers_cpp")["details"]
@@ -551,7 +567,7 @@ def sp24_probe(device_index: int) -> dict:
     sparse = sp24.sparsify24(x)
     dense = sp24.SparsifyApplyDenseOutput.OPERATOR(x, sparse.threads_masks)
     torch.cuda.synchronize(device)
-    groups = dense.view(128, 32, 4)
+    groups = dense.reshape(128, 32, 4)
     kept = dense != 0
     per_group = int(groups.ne(0).sum(-1).max())
     matches = bool(torch.equal(dense[kept], x[kept]))
@@ -572,6 +588,8 @@ def list_cubins(nvcc: Optional[str], library: str) -> Optional[list[str]]:
     try:
         proc = run_command([cuobjdump, "--list-elf", library])
     except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
         return None
     return sorted(set(re.findall(r"\.(sm_\d+[af]?)\.cubin", proc.stdout)))
 
@@ -782,9 +800,11 @@ def start_watchdog(doc: dict, args: argparse.Namespace) -> threading.Timer:
         if running is not None:
             running["status"] = "failed"
             running["message"] = f"timed out: the run exceeded --timeout {args.timeout} s during this rung"
-        finish_document(doc)
         try:
+            finish_document(doc)
             write_document(doc, args.output)
+        except Exception as exc:
+            log(f"watchdog: could not write the document: {exc}")
         finally:
             log(f"watchdog: --timeout {args.timeout} s exceeded; wrote what was known")
             os._exit(3)

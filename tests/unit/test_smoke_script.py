@@ -225,3 +225,13 @@ def test_document_names_the_first_failed_rung_and_skips_the_rest() -> None:
     assert doc["status"] == "failed" and doc["failed_rung"] == "xformers_cpp"
     assert doc["message"].startswith("rung 'xformers_cpp' (xformers loads its C++ part) failed: xformers 0.0.35")
     assert doc["rungs"][5]["message"] == "not run: rung 'xformers_cpp' failed first"
+
+
+def test_non_finite_errors_are_written_as_strict_json(tmp_path: Path) -> None:
+    doc = smoke.new_document("ws01", [])
+    doc["rungs"][5]["details"] = {"relative_error": {"out": float("inf"), "grad_q": float("nan")}}
+    out = tmp_path / "doc.json"
+    smoke.write_document(doc, str(out))
+    text = out.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert json.loads(text)["rungs"][5]["details"]["relative_error"] == {"out": "inf", "grad_q": "nan"}
