@@ -13,6 +13,7 @@ Runs on Python >= 3.10.
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib.metadata
 import json
 import math
@@ -345,6 +346,10 @@ def rung_driver(doc: dict, args: argparse.Namespace) -> str:
             f" (via {gpu['source']}" + (f"; {problems[0]}" if problems else "") + ")")
 
 
+def version_key(path: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", path))
+
+
 def find_nvcc(explicit: Optional[str]) -> tuple[Optional[str], list[str]]:
     """nvcc from --nvcc, else $CUDA_HOME/bin, else PATH, else /usr/local/cuda/bin; also the places tried."""
     candidates = []
@@ -356,6 +361,8 @@ def find_nvcc(explicit: Optional[str]) -> tuple[Optional[str], list[str]]:
                 candidates.append(os.path.join(os.environ[var], "bin", "nvcc"))
         candidates.append(shutil.which("nvcc") or "nvcc on PATH")
         candidates.append("/usr/local/cuda/bin/nvcc")
+        # Toolkits from NVIDIA's packages live in /usr/local/cuda-X.Y; take the newest when nothing else names one.
+        candidates += sorted(glob.glob("/usr/local/cuda-*/bin/nvcc"), key=version_key, reverse=True)
     for path in candidates:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path, candidates

@@ -51,6 +51,10 @@ def real_runs(python: str) -> None:
                     "--output", str(FLEET / "real-cpu-no-driver.json")], env=env, check=False, timeout=300)
     with tempfile.TemporaryDirectory() as tmp:
         write_standins(Path(tmp))
+        real_nvcc = load_script().find_nvcc(None)[0]
+        if real_nvcc:
+            # The build machine has a real nvcc (CUDA 13.0); only nvidia-smi needs a stand-in then.
+            (Path(tmp) / "nvcc").unlink()
         env["PATH"] = f"{tmp}:/usr/bin:/bin"
         subprocess.run([python, str(SCRIPT), "--host-label", "cpu-box-standin-h100",
                         "--output", str(FLEET / "real-cpu-torch-without-cuda.json")], env=env, check=False,
