@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
 """GPU smoke test that gpufleet ships to every host: a ladder of checks, then attention throughput.
 
-Each rung (driver, CUDA toolkit, torch, matmul, xformers C++ part, attention correctness, SASS proof)
-runs only when the one before it passed; the first failure stops the ladder and names itself. The result
-is one JSON document (see SCHEMA_VERSION) written to --output; the exit code is 0 when every rung passed,
-1 when one failed, 3 when the watchdog (--timeout) stopped a hung run. Progress goes to stderr.
+    <venv>/bin/python gpufleet_smoke.py --output /var/lib/gpufleet/smoke/smoke.json \
+        [--nvcc /usr/local/cuda-12.8/bin/nvcc] [--heads 1] [--quick] [--device 0] [--host-label NAME] [--timeout 1200]
 
-Needs only the standard library, torch and xformers; nvidia-ml-py is used when importable.
-Runs on Python >= 3.10.
+Rungs, in order (the first failure stops the ladder and names itself): driver (NVML, else nvidia-smi, also at
+/usr/lib/wsl/lib/nvidia-smi), cuda_toolkit (nvcc --version), torch_cuda (torch sees the GPU, its sm_N is in
+torch.cuda.get_arch_list()), matmul, xformers_cpp (the C++ part loads), attention (memory_efficient_attention
+forward+backward against an fp32 reference in fp16, bf16, fp32, with the op that dispatched), sp24_sass
+(xformers.ops.sp24.sparsify24 in a child with CUDA_DISABLE_PTX_JIT=1), throughput (xformers, SDPA, naive).
+
+Output: one JSON document (schema_version SCHEMA_VERSION) to --output, else stdout; progress on stderr.
+Exit code: 0 every rung passed, 1 a rung failed (the document says which and why), 2 bad arguments,
+3 the --timeout watchdog stopped a hung run (the document names the rung that hung).
+
+Needs only the standard library, torch and xformers; nvidia-ml-py is used when importable. Python >= 3.10.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import math
 import os
 import platform
 import re
+import signal
 import shutil
 import socket
 import statistics
@@ -351,7 +359,8 @@ def version_key(path: str) -> tuple[int, ...]:
 
 
 def find_nvcc(explicit: Optional[str]) -> tuple[Optional[str], list[str]]:
-    """nvcc from --nvcc, else $CUDA_HOME/bin, else PATH, else /usr/local/cuda/bin; also the places tried."""
+    """nvcc from --nvcc, else $CUDA_HOME/bin, PATH, /usr/local/cuda/bin, the newest /usr/local/cuda-X.Y/bin;
+    also the places tried."""
     candidates = []
     if explicit:
         candidates.append(explicit)
@@ -799,6 +808,14 @@ def run_ladder(doc: dict, args: argparse.Namespace) -> dict:
     return finish_document(doc)
 
 
+class Terminated(Exception):
+    """SIGTERM arrived; raised in the running rung so the document still gets written."""
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated("the run received SIGTERM")
+
+
 def start_watchdog(doc: dict, args: argparse.Namespace) -> threading.Timer:
     """After --timeout seconds, write the document with the running rung failed and exit 3, whatever hangs."""
 
@@ -851,6 +868,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if result["ok"] else 1
     doc = new_document(args.host_label or socket.gethostname(), argv)
     watchdog = start_watchdog(doc, args)
+    signal.signal(signal.SIGTERM, on_sigterm)
     run_ladder(doc, args)
     watchdog.cancel()
     write_document(doc, args.output)
