@@ -71,6 +71,14 @@ class RungFailed(Exception):
         self.details = details or {}
 
 
+def squeeze(text: Any, limit: int = 600) -> str:
+    """One line of at most `limit` characters keeping head and tail: xformers puts the decisive reason last."""
+    flat = " ".join(str(text).split())
+    if len(flat) <= limit:
+        return flat
+    return flat[: limit // 3] + " ... " + flat[-(limit - limit // 3):]
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -481,7 +489,7 @@ def rung_xformers_cpp(doc: dict, args: argparse.Namespace) -> str:
         found = " ".join(str(error).split()).rstrip(".") if error is not None else "unknown reason"
         if error is not None and error.__cause__ is not None:
             # The loader's own error (e.g. an undefined symbol or a missing libcudart) is the real diagnosis.
-            found += f" (loader: {' '.join(str(error.__cause__).split())[:400]})"
+            found += f" (loader: {squeeze(error.__cause__, 400)})"
         raise RungFailed(f"xformers {xformers.__version__} cannot load its C++ part next to torch {torch.__version__}:"
                          f" {found}. Build xformers from source on this host against this torch (deploys/xformers.py)",
                          details)
@@ -504,14 +512,14 @@ def dispatched_ops(q: Any, k: Any, v: Any) -> tuple[str, str]:
         inp.normalize_bmhk()
         fw = dispatch._dispatch_fw(inp, True).NAME
     except Exception as exc:
-        fw = f"none ({' '.join(str(exc).split())[:300]})"
+        fw = f"none ({squeeze(exc)})"
     try:
         inp = fmha.Inputs(query=q, key=k, value=v)
         inp.validate_inputs()
         inp.normalize_bmhk()
         bw = dispatch._dispatch_bw(inp, None).NAME
     except Exception as exc:
-        bw = f"none ({' '.join(str(exc).split())[:300]})"
+        bw = f"none ({squeeze(exc)})"
     return fw, bw
 
 
@@ -543,7 +551,7 @@ def rung_attention(doc: dict, args: argparse.Namespace) -> str:
             out = xops.memory_efficient_attention(q, k, v)
             out.backward(grad_out)
         except Exception as exc:
-            entry["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}"
+            entry["error"] = f"{type(exc).__name__}: {squeeze(exc, 900)}"
             failures.append(f"{name}: {entry['error']}")
             continue
         # The reference sees the same rounded inputs, so only the kernel's own error is measured.
@@ -753,9 +761,9 @@ def rung_throughput(doc: dict, args: argparse.Namespace) -> str:
                         entry[name] = measure(fn, (batch, seq, heads, dim), gemm["tflops"], args.quick)
                     except torch.cuda.OutOfMemoryError as exc:
                         torch.cuda.empty_cache()
-                        entry[name] = {"skipped": f"out of memory: {' '.join(str(exc).split())[:200]}"}
+                        entry[name] = {"skipped": f"out of memory: {squeeze(exc, 200)}"}
                     except Exception as exc:
-                        entry[name] = {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+                        entry[name] = {"error": f"{type(exc).__name__}: {squeeze(exc, 400)}"}
                         if name != "naive":
                             errors.append(f"{name} at {batch}x{seq}x{heads}x{dim}: {entry[name]['error']}")
             if "tflops" in entry.get("xformers", {}) and "tflops" in entry.get("sdpa", {}):
@@ -799,7 +807,7 @@ def run_ladder(doc: dict, args: argparse.Namespace) -> dict:
         except BaseException as exc:
             # Anything a rung raises, even an import error or Ctrl-C, is that rung's failure, not a crash.
             entry["status"] = "failed"
-            entry["message"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:1000]}"
+            entry["message"] = f"{type(exc).__name__}: {squeeze(exc, 1000)}"
             entry["details"]["traceback"] = traceback.format_exc(limit=8)
         entry["seconds"] = round(time.monotonic() - start, 3)
         log(f"{rung_id}: {entry['status']}: {entry['message']}")
@@ -863,7 +871,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             result = sp24_probe(args.device)
         except Exception as exc:
             result = {"ok": False, "message": "sparsify24 failed",
-                      "error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:800]}"}
+                      "error": f"{type(exc).__name__}: {squeeze(exc, 800)}"}
         print(json.dumps(result), flush=True)
         return 0 if result["ok"] else 1
     doc = new_document(args.host_label or socket.gethostname(), argv)

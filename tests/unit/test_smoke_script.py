@@ -240,3 +240,13 @@ def test_non_finite_errors_are_written_as_strict_json(tmp_path: Path) -> None:
     text = out.read_text()
     assert "Infinity" not in text and "NaN" not in text
     assert json.loads(text)["rungs"][5]["details"]["relative_error"] == {"out": "inf", "grad_q": "nan"}
+
+
+def test_long_xformers_errors_keep_their_last_reason() -> None:
+    # xformers lists every op's refusal; the cutlass cap on sm_120 comes last and is the one that matters.
+    error = "No operator found for `memory_efficient_attention_forward` " + "x " * 800 + (
+        "`cutlassF-pt` is not supported because: requires device with capability <= (9, 0) but your GPU has (12, 0)")
+    short = smoke.squeeze(error, 600)
+    assert len(short) <= 605
+    assert short.startswith("No operator found")
+    assert short.endswith("but your GPU has (12, 0)")
