@@ -51,7 +51,7 @@ def write_5090_fleet(directory: Path, scales: dict[str, float]) -> None:
         (directory / f"{host}.json").write_text(json.dumps(doc))
 
 
-def test_fleet_median_is_taken_per_gpu_model(summary: dict) -> None:
+def test_fleet_median_is_taken_per_gpu_model_in_a_mixed_fleet(summary: dict) -> None:
     hosts = hosts_by_name(summary)
     # ws01-ws04 are the passed 5090 D hosts: median of 130.0, 126.1, 132.6, 97.5.
     for name in ("ws01", "ws02", "ws03", "ws04"):
