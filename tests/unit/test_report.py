@@ -1,0 +1,197 @@
+"""The fleet report over recorded smoke documents (tests/data/smoke/fleet; see its README for which are synthetic)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gpufleet import cli, report
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "smoke"
+FLEET = DATA / "fleet"
+
+
+def load_fixture_maker():
+    spec = importlib.util.spec_from_file_location("make_fixtures", DATA / "make_fixtures.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture()
+def fleet_dir(tmp_path: Path) -> Path:
+    target = tmp_path / "fleet"
+    shutil.copytree(FLEET, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def summary() -> dict:
+    return report.build_summary(FLEET)
+
+
+def hosts_by_name(summary: dict) -> dict:
+    return {h["host"]: h for h in summary["hosts"]}
+
+
+def write_5090_fleet(directory: Path, scales: dict[str, float]) -> None:
+    """RTX 5090 D hosts whose attention speed is `scale` times the same baseline, via the fixture maker."""
+    maker = load_fixture_maker()
+    smoke = maker.load_script()
+    gpu = maker.gpu_info("NVIDIA GeForce RTX 5090 D", "2B87", "12.0", "580.95.05", 575.0, 32607)
+    seed = dict(report.SEED_REFERENCE_TOK_S)
+    directory.mkdir(parents=True, exist_ok=True)
+    for host, scale in scales.items():
+        doc = maker.synthetic_doc(smoke, host, gpu, torch_version="2.12.0.dev20260407+cu128", scale=scale,
+                                  gemm_tflops=209.5, seed_tok_s=seed, wide_tflops=100.0, vs_sdpa=0.62)
+        (directory / f"{host}.json").write_text(json.dumps(doc))
+
+
+def test_fleet_median_is_taken_per_gpu_model_in_a_mixed_fleet(summary: dict) -> None:
+    hosts = hosts_by_name(summary)
+    # ws01-ws04 are the passed 5090 D hosts: median of 130.0, 126.1, 132.6, 97.5.
+    for name in ("ws01", "ws02", "ws03", "ws04"):
+        assert hosts[name]["model_median_tflops"] == pytest.approx((126.1 + 130.0) / 2, abs=0.05)
+    assert hosts["h100-a"]["model_median_tflops"] == hosts["h100-a"]["attention_tflops"]
+    assert hosts["ws05"]["model_median_tflops"] == hosts["ws05"]["attention_tflops"]
+
+
+def test_host_more_than_15_percent_below_its_model_median_is_flagged(summary: dict) -> None:
+    hosts = hosts_by_name(summary)
+    assert hosts["ws04"]["flagged_slow"]
+    assert hosts["ws04"]["status_text"].startswith("SLOW: 24% below the NVIDIA GeForce RTX 5090 D median")
+    assert [h["host"] for h in summary["hosts"] if h["flagged_slow"]] == ["ws04"]
+    assert summary["counts"]["flagged_slow"] == 1
+
+
+@pytest.mark.parametrize(("slow_scale", "flagged"), [(0.86, False), (0.84, True)])
+def test_outlier_threshold_is_15_percent_below_the_median(tmp_path: Path, slow_scale: float, flagged: bool) -> None:
+    write_5090_fleet(tmp_path, {"a": 1.0, "b": 1.0, "c": 1.0, "slow": slow_scale})
+    hosts = hosts_by_name(report.build_summary(tmp_path))
+    assert hosts["slow"]["flagged_slow"] is flagged
+    assert not any(hosts[n]["flagged_slow"] for n in "abc")
+
+
+def test_a_gpu_model_alone_in_the_fleet_is_never_flagged(summary: dict) -> None:
+    hosts = hosts_by_name(summary)
+    # The H100 is three times the 5090 D speed and the 5090 D v2 slower than the 5090 D median: other models.
+    assert not hosts["h100-a"]["flagged_slow"]
+    assert not hosts["ws05"]["flagged_slow"]
+    assert hosts["ws05"]["attention_tflops"] < 0.95 * hosts["ws01"]["model_median_tflops"]
+
+
+def test_failed_hosts_show_their_failed_rung_and_its_message(summary: dict) -> None:
+    hosts = hosts_by_name(summary)
+    driver = hosts["cpu-box-no-driver"]
+    assert driver["status"] == "failed"
+    assert driver["failed_rung"] == "driver"
+    assert driver["status_text"] == "FAILED at driver"
+    assert "nvidia-smi is neither on PATH nor at /usr/lib/wsl/lib/nvidia-smi" in driver["message"]
+    torch_row = hosts["cpu-box-standin-h100"]
+    assert torch_row["failed_rung"] == "torch_cuda"
+    assert "is a build without CUDA" in torch_row["message"]
+    assert torch_row["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert hosts["ws06"]["failed_rung"] == "sp24_sass"
+    assert hosts["ws06"]["sm_code"] == "no sm_120"
+    assert summary["counts"] == {"hosts": 9, "passed": 6, "failed": 3, "flagged_slow": 1}
+
+
+def test_failed_hosts_take_no_part_in_the_median(summary: dict) -> None:
+    hosts = hosts_by_name(summary)
+    assert hosts["ws06"]["model_median_tflops"] is None
+    assert hosts["ws06"]["attention_tflops"] is None
+    assert not hosts["ws06"]["flagged_slow"]
+
+
+def test_sm_code_column_says_what_the_sass_rung_proved(summary: dict) -> None:
+    hosts = hosts_by_name(summary)
+    assert hosts["ws01"]["sm_code"] == "sm_120"
+    assert hosts["h100-a"]["sm_code"] == "sm_90"
+    assert hosts["cpu-box-no-driver"]["sm_code"] is None
+
+
+def test_seed_reference_applies_only_to_rtx_5090_d_models(summary: dict) -> None:
+    hosts = hosts_by_name(summary)
+    assert hosts["ws01"]["vs_seed"] == pytest.approx(1.0, abs=0.01)
+    assert hosts["ws04"]["vs_seed"] == pytest.approx(0.75, abs=0.01)
+    assert hosts["ws05"]["vs_seed"] == pytest.approx(0.9, abs=0.01)
+    assert hosts["h100-a"]["vs_seed"] is None
+    seed_table = report.seed_rows(summary)
+    assert [row[0] for row in seed_table] == ["ws01", "ws02", "ws03", "ws04", "ws05", "seed RTX 5090 D (published)"]
+    assert seed_table[-1][1:] == ["19.9M", "46.4M", "60.4M", "61.1M", "42.0M"]
+
+
+def test_headline_is_the_mean_over_the_16_head_shapes(summary: dict) -> None:
+    doc = json.loads((FLEET / "synthetic-h100-a.json").read_text())
+    wide = [e for e in doc["figures"]["attention"] if e["heads"] == 16]
+    tflops, vs_sdpa = report.headline(doc["figures"])
+    assert tflops == pytest.approx(sum(e["xformers"]["tflops"] for e in wide) / len(wide), abs=0.01)
+    assert vs_sdpa == pytest.approx(0.62, abs=0.005)
+
+
+def test_report_writes_markdown_and_json_into_the_directory(fleet_dir: Path) -> None:
+    summary = report.write_report(fleet_dir)
+    written = json.loads((fleet_dir / report.JSON_NAME).read_text())
+    assert written["counts"] == summary["counts"]
+    markdown = (fleet_dir / report.MARKDOWN_NAME).read_text()
+    assert "| ws04 (synthetic) |" in markdown and "SLOW: 24% below" in markdown
+    assert "| seed RTX 5090 D (published) | 19.9M | 46.4M | 60.4M | 61.1M | 42.0M |" in markdown
+    assert "- **cpu-box-standin-h100** (torch_cuda): torch 2.13.0+cpu is a build without CUDA" in markdown
+
+
+def test_running_the_report_twice_ignores_its_own_summary(fleet_dir: Path) -> None:
+    first = report.write_report(fleet_dir)
+    second = report.write_report(fleet_dir)
+    assert first["counts"] == second["counts"]
+
+
+def test_the_latest_document_of_a_host_wins(tmp_path: Path) -> None:
+    older = json.loads((FLEET / "synthetic-ws06-no-sm120.json").read_text())
+    newer = json.loads((FLEET / "synthetic-ws01.json").read_text())
+    older["host"] = newer["host"] = "ws-rerun"
+    older["finished_at"], newer["finished_at"] = "2026-11-27T10:00:00+00:00", "2026-11-27T11:00:00+00:00"
+    (tmp_path / "b-older.json").write_text(json.dumps(older))
+    (tmp_path / "a-newer.json").write_text(json.dumps(newer))
+    summary = report.build_summary(tmp_path)
+    assert [h["status"] for h in summary["hosts"]] == ["passed"]
+    assert summary["superseded_files"] == ["b-older.json"]
+
+
+def test_unreadable_and_foreign_files_do_not_stop_the_report(tmp_path: Path) -> None:
+    shutil.copy(FLEET / "synthetic-ws01.json", tmp_path)
+    (tmp_path / "broken.json").write_text('{"schema_version": 1, "tool": "gpufleet_sm')
+    (tmp_path / "inventory-dump.json").write_text('{"hosts": []}')
+    future = json.loads((FLEET / "synthetic-ws02.json").read_text())
+    future["schema_version"] = 99
+    (tmp_path / "future.json").write_text(json.dumps(future))
+    hosts = hosts_by_name(report.build_summary(tmp_path))
+    assert set(hosts) == {"ws01", "broken", "ws02"}
+    assert hosts["broken"]["status_text"] == "UNREADABLE"
+    assert "broken.json is not valid JSON" in hosts["broken"]["message"]
+    assert "schema_version 99" in hosts["ws02"]["message"]
+
+
+def test_report_command_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    write_5090_fleet(tmp_path / "good", {"a": 1.0, "b": 0.99})
+    assert cli.main(["report", str(tmp_path / "good")]) == 0
+    shutil.copy(FLEET / "real-cpu-no-driver.json", tmp_path / "good")
+    assert cli.main(["report", str(tmp_path / "good")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["report", str(tmp_path / "empty")]) == 2
+    assert cli.main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "no smoke documents" in err and "is not a directory" in err
+
+
+def test_report_command_prints_the_fleet_table(fleet_dir: Path, capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    cli.main(["report", str(fleet_dir)])
+    out = capsys.readouterr().out
+    assert "gpufleet smoke report" in out
+    assert "FAILED at torch_cuda" in out
+    assert "cpu-box-no-driver failed at driver: no NVIDIA driver answered" in " ".join(out.split())
