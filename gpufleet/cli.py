@@ -27,6 +27,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 1 if summary["counts"]["failed"] else 0
 
 
+def cmd_check_inventory(args: argparse.Namespace) -> int:
+    """Validate the inventory without contacting any host; exit 2 with every problem listed."""
+    from gpufleet.inventory import InventoryError, load_inventory
+
+    try:
+        inventory = load_inventory(args.file)
+    except InventoryError as error:
+        print(f"gpufleet: invalid inventory {error}", file=sys.stderr)
+        return 2
+    groups: dict[str, list[str]] = {}
+    for spec in inventory.hosts:
+        groups.setdefault(spec.group, []).append(spec.name)
+    listing = "; ".join(f"{group}: {', '.join(names)}" for group, names in groups.items())
+    print(f"{inventory.path}: valid, {len(inventory.hosts)} host(s) ({listing})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Provision and check a fleet of GPU workstations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "passed, 1 when any failed, 2 when DIR holds no smoke document.")
     p.add_argument("dir", help="directory holding one smoke JSON document per host")
     p.set_defaults(handler=cmd_report)
+    c = sub.add_parser("check-inventory", help="validate the inventory without contacting any host",
+                       description="Validate the inventory (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml) "
+                                   "and list every problem with file, line, key and fix. Exit 0 when valid, 2 when not.")
+    c.add_argument("file", nargs="?", help="inventory YAML (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml)")
+    c.set_defaults(handler=cmd_check_inventory)
     return parser
 
 

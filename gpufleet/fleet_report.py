@@ -25,7 +25,7 @@ class _ReportAtEnd(BaseStateCallback):
 
         summary = report.write_report(self.directory)
         if summary["hosts"]:
-            report.print_report(summary)
+            report.print_report(summary, stderr=True)
 
 
 def print_report_when_run_ends(directory: Path) -> None:

@@ -8,6 +8,7 @@ the hosts with the same GPU model is flagged; failed hosts show the rung they fa
 from __future__ import annotations
 
 import json
+import sys
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -289,13 +290,16 @@ def write_report(directory: Path) -> dict:
     return summary
 
 
-def print_report(summary: dict) -> None:
-    """The fleet table on the terminal; the Markdown text where rich is not installed (e.g. a bare GPU venv)."""
+def print_report(summary: dict, stderr: bool = False) -> None:
+    """The fleet table on the terminal; the Markdown text where rich is not installed (e.g. a bare GPU venv).
+
+    stderr=True keeps stdout clean, as inside a `pyinfra --json` run.
+    """
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:
-        print(render_markdown(summary), end="")
+        print(render_markdown(summary), end="", file=sys.stderr if stderr else sys.stdout)
         return
     table = Table(title="gpufleet smoke report")
     for name in TABLE_COLUMNS:
@@ -303,7 +307,7 @@ def print_report(summary: dict) -> None:
     for h, row in zip(summary["hosts"], table_rows(summary)):
         style = "red" if h["status"] != "passed" else ("yellow" if h["flagged_slow"] else None)
         table.add_row(*row, style=style)
-    console = Console()
+    console = Console(stderr=stderr)
     console.print(table)
     for host, where, message in problem_rows(summary):
         console.print(f"[red]{host}[/red] failed at [bold]{where}[/bold]: {message}", markup=True, highlight=False)
