@@ -66,12 +66,14 @@ def _sha256(path: Path) -> str:
 
 
 def ensure_venv() -> Path:
-    """Build venv with torch, ninja, wheel, setuptools and cuobjdump; reused while its torch imports at the pin."""
+    """Build venv with torch, ninja, wheel, setuptools and cuobjdump; pip leaves what is already satisfied alone."""
     python = venv_dir() / "bin/python"
-    probe = f"import torch; assert torch.__version__.split('+')[0] == {TORCH_VERSION!r}; import ninja"
-    if python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
+    probe = f"import torch, ninja; assert torch.__version__.split('+')[0] == {TORCH_VERSION!r}"
+    if python.exists() and find_cuobjdump(python) and subprocess.run(
+            [str(python), "-c", probe], capture_output=True).returncode == 0:
         return python
-    _run([PYTHON, "-m", "venv", "--clear", str(venv_dir())])
+    if not python.exists():
+        _run([PYTHON, "-m", "venv", str(venv_dir())])
     _run([str(python), "-m", "pip", "install", "--quiet", f"torch=={TORCH_VERSION}", "ninja", "wheel", "setuptools",
           CUOBJDUMP_PACKAGE])
     return python

@@ -149,6 +149,8 @@ command -v ninja >/dev/null 2>&1 || die 2 "ninja not found in $VENV_BIN or PATH 
 if [ "$CCACHE" = 1 ]; then
     command -v ccache >/dev/null 2>&1 || die 2 "--ccache 1 but ccache is not installed"
     export PYTORCH_NVCC="ccache $NVCC"
+    # Every build unpacks into a new directory: hash paths relative to it, or no rebuild would ever hit.
+    export CCACHE_BASEDIR="${CCACHE_BASEDIR:-$WORK}" CCACHE_NOHASHDIR="${CCACHE_NOHASHDIR:-1}"
     [ -d /usr/lib/ccache ] && export PATH="/usr/lib/ccache:$PATH"
 fi
 {
