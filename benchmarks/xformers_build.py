@@ -10,14 +10,17 @@ With --ccache it builds twice with an empty ccache directory: cold, then warm.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Optional
-import json
-import subprocess
+from typing import IO, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
@@ -52,36 +55,44 @@ def _rss_and_name(pid: int) -> tuple[int, str]:
             argv = handle.read().split(b"\0")
     except (OSError, IndexError, ValueError):
         return 0, ""
-    name = next((a.decode(errors="replace") for a in reversed(argv) if a.endswith((b".cu", b".cpp"))), "")
-    return rss, name or (argv[0].decode(errors="replace") if argv else "")
+    source = next((a.decode(errors="replace") for a in reversed(argv) if a.endswith((b".cu", b".cpp"))), "")
+    # Name compiler processes by their source file relative to the unpacked sdist.
+    name = re.sub(r"^.*/src/[^/]+/", "", source) if source else (argv[0].decode(errors="replace") if argv else "")
+    return rss, name
+
+
+def _echo(stream: IO[str]) -> None:
+    for line in stream:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def measure(argv: list[str], env: dict[str, str]) -> dict[str, object]:
     """Run argv, sampling the RSS of its whole process tree; return wall time and peaks."""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    os.set_blocking(proc.stdout.fileno(), False)  # type: ignore[union-attr]
+    # Own session, so an interrupted benchmark can stop the whole build with one signal to its group.
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    echo = threading.Thread(target=_echo, args=(proc.stdout,), daemon=True)
+    echo.start()
     peak_total, peak_single, peak_single_name = 0, 0, ""
-    while True:
-        chunk = proc.stdout.read()  # type: ignore[union-attr]
-        if chunk:
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-        if proc.poll() is not None:
-            break
-        tree, total, todo = _children(), 0, [proc.pid]
-        while todo:
-            pid = todo.pop()
-            rss, name = _rss_and_name(pid)
-            total += rss
-            if rss > peak_single:
-                peak_single, peak_single_name = rss, name
-            todo += tree.get(pid, [])
-        peak_total = max(peak_total, total)
-        time.sleep(0.2)
-    rest = proc.stdout.read()  # type: ignore[union-attr]
-    if rest:
-        sys.stdout.write(rest)
+    try:
+        while proc.poll() is None:
+            tree, total, todo = _children(), 0, [proc.pid]
+            while todo:
+                pid = todo.pop()
+                rss, name = _rss_and_name(pid)
+                total += rss
+                if rss > peak_single:
+                    peak_single, peak_single_name = rss, name
+                todo += tree.get(pid, [])
+            peak_total = max(peak_total, total)
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+    echo.join()
     return {"exit": proc.returncode, "wall_s": round(time.monotonic() - start, 1), "peak_tree_rss": peak_total,
             "peak_process_rss": peak_single, "peak_process": peak_single_name}
 
@@ -93,6 +104,14 @@ def run_once(label: str, build: WheelBuild, env: dict[str, str]) -> dict[str, ob
     figures["build_seconds"] = manifest.get("build_seconds")
     figures["label"] = label
     return figures
+
+
+def ccache_counts(env: dict[str, str]) -> str:
+    """Hits and misses so far in the benchmark's own ccache directory."""
+    out = subprocess.run(["ccache", "--print-stats"], env=env, capture_output=True, text=True, check=True).stdout
+    stats = dict(line.split("\t", 1) for line in out.splitlines() if "\t" in line)
+    hits = int(stats.get("direct_cache_hit", 0)) + int(stats.get("preprocessed_cache_hit", 0))
+    return f"{hits} hits / {stats.get('cache_miss', '0')} misses (cumulative)"
 
 
 def gib(value: object) -> str:
@@ -119,12 +138,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                                ccache=args.ccache, cubins_reader=str(REPO / CUBIN_READER),
                                cuobjdump=find_cuobjdump(python))
             results.append(run_once(label, build, env))
+            if args.ccache:
+                results[-1]["ccache"] = ccache_counts(env)
     print(f"\nxformers 0.0.35 build, arch {args.arch_list}, MAX_JOBS={args.max_jobs}, {os.cpu_count()} CPUs, "
           f"CUDA {args.cuda_home}")
     print(f"{'run':<12} {'exit':>4} {'wall':>8} {'build':>7} {'peak tree RSS':>14} {'peak process':>13}  largest process")
     for r in results:
         print(f"{r['label']:<12} {r['exit']:>4} {r['wall_s']:>7}s {str(r['build_seconds']) + 's':>7} "
               f"{gib(r['peak_tree_rss']):>14} {gib(r['peak_process_rss']):>13}  {r['peak_process']}")
+        if "ccache" in r:
+            print(f"{'':<12} ccache: {r['ccache']}")
     return 0 if all(r["exit"] == 0 for r in results) else 1
 
 

@@ -101,3 +101,35 @@ def build_command(script: str, build: WheelBuild) -> list[str]:
 def build_shell_command(script: str, build: WheelBuild) -> str:
     """`build_command` quoted for a shell (pyinfra's server.shell)."""
     return shlex.join(build_command(script, build))
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """Where the xformers build lives on a host, under the `work_dir` setting (all owned by build_user)."""
+
+    script: str
+    cubins_reader: str
+    patch_dir: str
+    sdist: str
+    out_dir: str
+
+    @property
+    def manifest(self) -> str:
+        """Present only after a finished build; its fingerprint and wheel name say what was built."""
+        return f"{self.out_dir}/manifest.json"
+
+    @property
+    def log(self) -> str:
+        return f"{self.out_dir}/build.log"
+
+
+def host_layout(work_dir: str, xformers_version: str, fingerprint: str) -> HostLayout:
+    """Host paths for one fingerprint: the script and cubins.py are shipped side by side, wheels per fingerprint."""
+    base = f"{work_dir.rstrip('/')}/xformers"
+    return HostLayout(
+        script=f"{base}/build_wheel.sh",
+        cubins_reader=f"{base}/cubins.py",
+        patch_dir=f"{base}/patches-{xformers_version}",
+        sdist=f"{base}/xformers-{xformers_version}.tar.gz",
+        out_dir=f"{base}/wheels/{fingerprint}",
+    )

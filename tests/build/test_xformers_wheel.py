@@ -1,7 +1,10 @@
 """The real xformers 0.0.35 wheel CI builds with nvcc for sm_120 (cached by fingerprint after the first run)."""
 
+import dataclasses
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -9,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.ci_build import CUDA_HOME, CiWheel, ensure_wheel, find_cuobjdump, nvcc_version
+from gpufleet.buildplan import BUILD_SCRIPT, WheelBuild, build_command
+from gpufleet.ci_build import (
+    CUDA_HOME, PATCH_DIR, SDIST_SHA256, CiWheel, ensure_wheel, find_cuobjdump, nvcc_version, sdist_path,
+)
 from gpufleet.cubins import parse_cuobjdump_listing, read_elf_device_code
 
 pytestmark = pytest.mark.build
@@ -96,3 +102,27 @@ def test_c_extension_loads_beside_the_torch_it_was_built_with(ci_wheel: CiWheel,
     major, minor = nvcc_version(CUDA_HOME).split(".")
     assert nvcc.startswith(f"({major}, {minor}, ")
     assert op == "xformers.sparse24_sparsify_both_ways"
+
+
+def test_killed_build_leaves_nothing_that_looks_finished(ci_wheel: CiWheel, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    build = WheelBuild(sdist=str(sdist_path()), sdist_sha256=SDIST_SHA256, patch_dir=str(PATCH_DIR), arch_list=["12.0"],
+                       max_jobs=1, python=str(ci_wheel.venv_python), cuda_home=CUDA_HOME, out_dir=str(out),
+                       fingerprint="killed")
+    argv = build_command(str(REPO / BUILD_SCRIPT), build)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("[1/"):
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.whl"))
+    assert list(out.glob(".build.*")), "the killed run's work directory is left behind for the next run to remove"
+    # The next run starts over: here with a venv that has no torch, so it stops right after the cleanup.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "bare")], check=True)
+    bare = dataclasses.replace(build, python=str(tmp_path / "bare/bin/python"))
+    rerun = subprocess.run(build_command(str(REPO / BUILD_SCRIPT), bare), capture_output=True, text=True)
+    assert rerun.returncode == 2 and "cannot import torch" in rerun.stderr
+    assert not list(out.glob(".build.*"))

@@ -109,12 +109,16 @@ def test_missing_option_is_named(tmp_path: Path) -> None:
 
 
 def build_args(tmp_path: Path, sdist: Path, sha: str, fingerprint: str) -> list[str]:
+    # A venv without torch: the script stops at its torch check, before any compiling.
+    bare = tmp_path / "bare"
+    if not bare.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
     empty_series = tmp_path / "no-patches"
     empty_series.mkdir(exist_ok=True)
     (empty_series / "series").write_text("")
     return ["--sdist", str(sdist), "--sha256", sha, "--patch-dir", str(empty_series), "--arch-list", "12.0",
-            "--max-jobs", "1", "--python", sys.executable, "--cuda-home", NVCC_HOME, "--out-dir", str(tmp_path / "out"),
-            "--fingerprint", fingerprint]
+            "--max-jobs", "1", "--python", str(bare / "bin/python"), "--cuda-home", NVCC_HOME,
+            "--out-dir", str(tmp_path / "out"), "--fingerprint", fingerprint]
 
 
 def finished_build(out: Path, fingerprint: str) -> Path:
@@ -141,7 +145,7 @@ def test_changed_wheel_or_fingerprint_leaves_nothing_that_looks_finished(tmp_pat
     mini, sha = mini_sdist(tmp_path, "x = 1\n")
     wheel = finished_build(tmp_path / "out", "old")
     (tmp_path / "out/.build.killed").mkdir()
-    # This interpreter has no torch, so the run stops before compiling: after the cleanup it must do first.
+    # The run stops at the torch check, after the cleanup it must do first.
     result = run(*build_args(tmp_path, mini, sha, "new"))
     assert result.returncode == 2 and "cannot import torch" in result.stderr
     assert not wheel.exists() and not (tmp_path / "out/manifest.json").exists()

@@ -10,6 +10,7 @@ from gpufleet.buildplan import (
     arch_union,
     build_command,
     build_shell_command,
+    host_layout,
     max_jobs,
     normalise_arch_list,
     torch_cuda_arch_list,
@@ -78,3 +79,13 @@ def test_shell_command_quotes_the_arch_list() -> None:
                        python="py", cuda_home="c", out_dir="o", fingerprint="f")
     assert "--arch-list '9.0;12.0'" in build_shell_command("b.sh", build)
     assert shlex.split(build_shell_command("b.sh", build)) == build_command("b.sh", build)
+
+
+def test_host_layout_keeps_one_wheel_directory_per_fingerprint() -> None:
+    a = host_layout("/var/lib/gpufleet/", "0.0.35", "aaaa")
+    b = host_layout("/var/lib/gpufleet", "0.0.35", "bbbb")
+    assert a.out_dir == "/var/lib/gpufleet/xformers/wheels/aaaa" and a.out_dir != b.out_dir
+    assert a.manifest == "/var/lib/gpufleet/xformers/wheels/aaaa/manifest.json"
+    # build_wheel.sh finds cubins.py beside itself when --cubins is not given.
+    assert a.cubins_reader.rsplit("/", 1)[0] == a.script.rsplit("/", 1)[0]
+    assert a.sdist == "/var/lib/gpufleet/xformers/xformers-0.0.35.tar.gz" and a.script == b.script
