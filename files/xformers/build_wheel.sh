@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build an xformers wheel from a verified sdist plus a patch series, prove its sm code and write a manifest.
 # Runs as the unprivileged build user on a host (and in CI, unchanged). Finished means OUT_DIR/manifest.json
-# exists: it is moved into place last, after the wheel; a killed build leaves neither and the next run starts over.
+# exists: it is moved into place last, after the wheel. A killed build leaves no manifest, and the next run removes
+# whatever it left (work directory, wheel) and starts over.
 #
 # Exit codes: 0 built or already up to date, 2 bad arguments or missing tool, 3 sdist sha256 mismatch,
 # 4 a patch does not apply, 5 the build failed, 6 the wheel lacks a cubin for a requested arch,
