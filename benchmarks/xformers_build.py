@@ -141,10 +141,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.ccache:
                 results[-1]["ccache"] = ccache_counts(env)
     print(f"\nxformers 0.0.35 build, arch {args.arch_list}, MAX_JOBS={args.max_jobs}, {os.cpu_count()} CPUs, "
-          f"CUDA {args.cuda_home}")
+          f"CUDA {args.cuda_home}, load average at the end {os.getloadavg()[0]:.1f}")
     print(f"{'run':<12} {'exit':>4} {'wall':>8} {'build':>7} {'peak tree RSS':>14} {'peak process':>13}  largest process")
     for r in results:
-        print(f"{r['label']:<12} {r['exit']:>4} {r['wall_s']:>7}s {str(r['build_seconds']) + 's':>7} "
+        print(f"{r['label']:<12} {r['exit']:>4} {r['wall_s']:>7}s {(str(r['build_seconds']) + 's') if r['build_seconds'] is not None else '-':>7} "
               f"{gib(r['peak_tree_rss']):>14} {gib(r['peak_process_rss']):>13}  {r['peak_process']}")
         if "ccache" in r:
             print(f"{'':<12} ccache: {r['ccache']}")

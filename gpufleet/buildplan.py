@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -133,3 +134,17 @@ def host_layout(work_dir: str, xformers_version: str, fingerprint: str) -> HostL
         sdist=f"{base}/xformers-{xformers_version}.tar.gz",
         out_dir=f"{base}/wheels/{fingerprint}",
     )
+
+
+def finished_wheel(manifest_json: Optional[str], fingerprint: str) -> Optional[str]:
+    """Wheel file name a finished build left for `fingerprint`, from manifest.json's text; None means build it."""
+    if not manifest_json:
+        return None
+    try:
+        manifest = json.loads(manifest_json)
+    except ValueError:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
+        return None
+    wheel = manifest.get("wheel")
+    return wheel if isinstance(wheel, str) and wheel.endswith(".whl") else None

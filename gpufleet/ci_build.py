@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("GPUFLEET_BUILD_CACHE", "/var/cache/gpufleet-build"))
 CUDA_HOME = os.environ.get("GPUFLEET_CI_CUDA_HOME", "/usr/local/cuda-13.0")
-XFORMERS_VERSION = "0.0.35"
-SDIST_SHA256 = "f7fc183a58e4bf0e2ae339a18fb1b1d4a37854c0f2545b4f360fef001646ab76"
-PATCH_DIR = REPO / "files/patches/xformers-0.0.35"
+# Version, checksum and patch series are the deploy's own defaults, so CI builds exactly what hosts build.
+_DEFAULTS = runpy.run_path(str(REPO / "group_data/all.py"))
+XFORMERS_VERSION: str = _DEFAULTS["xformers_version"]
+SDIST_SHA256: str = _DEFAULTS["xformers_source_sha256"]
+PATCH_DIR = REPO / _DEFAULTS["xformers_patch_dir"]
 # The torch wheel for Python 3.11 that lies on this machine's disk (a CUDA 13.0 build).
 TORCH_VERSION = "2.14.1"
 PYTHON = "python3.11"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build an xformers wheel from a verified sdist plus a patch series, prove its sm code and write a manifest.
 # Runs as the unprivileged build user on a host (and in CI, unchanged). Finished means OUT_DIR/manifest.json
-# exists: it is moved into place last, after the wheel; a killed build leaves neither and the next run starts over.
+# exists: it is moved into place last, after the wheel. A killed build leaves no manifest, and the next run removes
+# whatever it left (work directory, wheel) and starts over.
 #
 # Exit codes: 0 built or already up to date, 2 bad arguments or missing tool, 3 sdist sha256 mismatch,
 # 4 a patch does not apply, 5 the build failed, 6 the wheel lacks a cubin for a requested arch,
@@ -81,6 +82,11 @@ if [ "$UNPACK_ONLY" = 0 ]; then
     [ -n "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || true)
 fi
 
+for tool in tar patch sha256sum; do
+    command -v "$tool" >/dev/null 2>&1 || die 2 "$tool is not installed (apt-get install $tool)"
+done
+[ "$UNPACK_ONLY" = 1 ] || command -v c++ >/dev/null 2>&1 || die 2 "no C++ compiler (apt-get install build-essential)"
+
 mkdir -p "$OUT_DIR" || die 2 "cannot create $OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 MANIFEST="$OUT_DIR/manifest.json"
@@ -146,7 +152,10 @@ fi
 export TORCH_CUDA_ARCH_LIST="$ARCH_LIST" MAX_JOBS XFORMERS_BUILD_TYPE=Release FORCE_CUDA=1
 export CUDA_HOME="$CUDA_HOME_ARG" PATH="$VENV_BIN:$CUDA_HOME_ARG/bin:$PATH"
 command -v ninja >/dev/null 2>&1 || die 2 "ninja not found in $VENV_BIN or PATH (pip install ninja into the build venv)"
-if [ "$CCACHE" = 1 ]; then
+if [ "$CCACHE" = 0 ]; then
+    # torch >= 2.14 puts ccache/sccache in front of the compilers by itself whenever one is on PATH.
+    export TORCH_NO_COMPILER_WRAPPER=1
+else
     command -v ccache >/dev/null 2>&1 || die 2 "--ccache 1 but ccache is not installed"
     export PYTORCH_NVCC="ccache $NVCC"
     # Every build unpacks into a new directory: hash paths relative to it, or no rebuild would ever hit.
@@ -158,6 +167,7 @@ fi
     "$NVCC" --version | tail -n 1
     "$PYTHON" -W ignore -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
 } >>"$LOG" 2>&1 || die 2 "the build venv cannot import torch (see $LOG)"
+"$PYTHON" -c 'import setuptools, wheel' 2>/dev/null || die 2 "the build venv lacks setuptools or wheel (pip install setuptools wheel)"
 
 log "building xformers for $ARCH_LIST with $MAX_JOBS jobs; full log: $LOG"
 start=$(date +%s)
@@ -167,8 +177,13 @@ start=$(date +%s)
 status=${PIPESTATUS[0]}
 seconds=$(( $(date +%s) - start ))
 if [ "$status" -ne 0 ]; then
-    echo "build_wheel: build failed after ${seconds}s (exit $status); last lines of $LOG:" >&2
-    tail -n 60 "$LOG" >&2
+    {
+        echo "build_wheel: build failed after ${seconds}s (exit $status); first errors in $LOG:"
+        # The compiler's own message sits far above pip's closing traceback: show both.
+        grep -n -A 3 -E '^ *FAILED: |[Ee]rror:|fatal' "$LOG" | grep -v 'UserWarning' | head -n 40
+        echo "build_wheel: last lines of $LOG:"
+        tail -n 25 "$LOG"
+    } >&2
     exit 5
 fi
 set -- "$WORK"/dist/xformers-*.whl

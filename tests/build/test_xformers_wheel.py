@@ -126,3 +126,16 @@ def test_killed_build_leaves_nothing_that_looks_finished(ci_wheel: CiWheel, tmp_
     rerun = subprocess.run(build_command(str(REPO / BUILD_SCRIPT), bare), capture_output=True, text=True)
     assert rerun.returncode == 2 and "cannot import torch" in rerun.stderr
     assert not list(out.glob(".build.*"))
+
+
+def test_failed_build_exits_5_with_the_compiler_error_and_keeps_the_log(ci_wheel: CiWheel, tmp_path: Path) -> None:
+    # nvcc 13 no longer knows sm_50: the first compile step fails within seconds.
+    build = WheelBuild(sdist=str(sdist_path()), sdist_sha256=SDIST_SHA256, patch_dir=str(PATCH_DIR), arch_list=["5.0"],
+                       max_jobs=1, python=str(ci_wheel.venv_python), cuda_home=CUDA_HOME, out_dir=str(tmp_path),
+                       fingerprint="fails")
+    result = subprocess.run(build_command(str(REPO / BUILD_SCRIPT), build), capture_output=True, text=True)
+    assert result.returncode == 5
+    assert "Unsupported gpu architecture 'compute_50'" in result.stderr
+    assert "Unsupported gpu architecture" in (tmp_path / "build.log").read_text()
+    assert not (tmp_path / "manifest.json").exists() and not list(tmp_path.glob("*.whl"))
+    assert not list(tmp_path.glob(".build.*"))

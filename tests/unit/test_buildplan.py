@@ -1,5 +1,6 @@
 """Pure build decisions: arch lists, compile jobs, the build script's command line."""
 
+import json
 import shlex
 
 import pytest
@@ -10,6 +11,7 @@ from gpufleet.buildplan import (
     arch_union,
     build_command,
     build_shell_command,
+    finished_wheel,
     host_layout,
     max_jobs,
     normalise_arch_list,
@@ -89,3 +91,16 @@ def test_host_layout_keeps_one_wheel_directory_per_fingerprint() -> None:
     # build_wheel.sh finds cubins.py beside itself when --cubins is not given.
     assert a.cubins_reader.rsplit("/", 1)[0] == a.script.rsplit("/", 1)[0]
     assert a.sdist == "/var/lib/gpufleet/xformers/xformers-0.0.35.tar.gz" and a.script == b.script
+
+
+def test_finished_wheel_is_read_from_a_manifest_of_the_same_fingerprint() -> None:
+    manifest = json.dumps({"fingerprint": "fp1", "wheel": "xformers-0.0.35-py39-none-linux_x86_64.whl"})
+    assert finished_wheel(manifest, "fp1") == "xformers-0.0.35-py39-none-linux_x86_64.whl"
+
+
+@pytest.mark.parametrize("manifest", [
+    None, "", "{not json", "[]", json.dumps({"fingerprint": "fp0", "wheel": "x.whl"}),
+    json.dumps({"fingerprint": "fp1"}), json.dumps({"fingerprint": "fp1", "wheel": "build.log"}),
+], ids=["absent", "empty", "corrupt", "not-an-object", "other-fingerprint", "no-wheel", "not-a-wheel"])
+def test_anything_but_a_finished_manifest_means_build(manifest: str) -> None:
+    assert finished_wheel(manifest, "fp1") is None
