@@ -55,7 +55,7 @@ torch_version: str = "2.12.0.dev20260407+cu128"
 # xformers release built from source.
 xformers_version: str = "0.0.35"
 # Where the xformers sdist is downloaded from (PyPI by default; point it at a mirror).
-xformers_source_url: str = "https://files.pythonhosted.org/packages/source/x/xformers/xformers-0.0.35.tar.gz"
+xformers_source_url: str = "https://files.pythonhosted.org/packages/de/5a/6e27734bd793adc44d0b8d294e67cfacf4ec590572c1aef51d683fc7a791/xformers-0.0.35.tar.gz"
 # sha256 the downloaded sdist must have.
 xformers_source_sha256: str = "f7fc183a58e4bf0e2ae339a18fb1b1d4a37854c0f2545b4f360fef001646ab76"
 # Patch series applied before the build, relative to the repository root (a `series` file lists the patches in order).
