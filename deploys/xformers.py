@@ -17,7 +17,7 @@ from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from deploys.python import venv_owner
 from gpufleet import facts
-from gpufleet.buildplan import BUILD_SCRIPT, CUBIN_READER, WheelBuild, build_shell_command, max_jobs
+from gpufleet.buildplan import BUILD_SCRIPT, CUBIN_READER, WheelBuild, build_shell_command, finished_wheel, host_layout, max_jobs
 from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, profile, record_stack_change, run_alone, settings
@@ -36,27 +36,28 @@ def xformers() -> None:
     if not mine.needs_install:
         return
     fp = mine.fingerprint
+    layout = host_layout(config["work_dir"], config["xformers_version"], fp)
     work = f"{config['work_dir']}/xformers"
-    out_dir = f"{work}/{fp}"
     user = config["build_user"]
     python = f"{config['venv_path']}/bin/python"
     cache = local_cache(config, fp)
     cached = (cache / "manifest.json").is_file()
     builder = None if cached else builder_for(fp, fleet_wheels(), config["xformers_builder"])
     files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
+    _upload(CUBIN_READER, layout.cubins_reader, user)
 
     if builder == host.name:
-        _build(config, mine, work, out_dir, python)
+        _build(config, mine, layout, python)
         fetch_built_wheel(
             name="Fetch the built wheel to this machine's cache",
-            remote_dir=out_dir,
+            remote_dir=layout.out_dir,
             local_dir=str(cache),
         )
     else:
         push_built_wheel(
             name=f"Upload the xformers wheel built {'earlier' if cached else 'by ' + str(builder)}",
             local_dir=str(cache),
-            remote_dir=out_dir,
+            remote_dir=layout.out_dir,
             owner=user,
         )
 
@@ -64,10 +65,10 @@ def xformers() -> None:
     install = server.shell(
         name=f"Install xformers {config['xformers_version']} ({fp}) and prove its sm code",
         commands=[
-            f"{python} -m pip install --no-deps --no-index --force-reinstall {out_dir}/xformers-*.whl",
-            f"{python} {work}/cubins.py --require '{';'.join(mine.arch_list)}' "
+            f"{python} -m pip install --no-deps --no-index --force-reinstall {layout.out_dir}/xformers-*.whl",
+            f"{python} {layout.cubins_reader} --require '{';'.join(mine.arch_list)}' "
             f"\"$({python} -c 'import os, xformers; print(os.path.dirname(xformers.__file__))')/_C.so\" "
-            f"> {out_dir}/installed-cubins.json",
+            f"> {layout.out_dir}/installed-cubins.json",
             f"echo {fp} > {work}/installed",
         ],
         **as_user(owner),
@@ -75,11 +76,14 @@ def xformers() -> None:
     record_stack_change(install)
 
 
-def _build(config: dict, mine, work: str, out_dir: str, python: str) -> None:
-    """Sources, patches and tools on the builder, then the build, gated on the finished manifest."""
+def _upload(local: str, remote: str, user: str) -> None:
+    files.put(name=f"Upload {Path(remote).name}", src=str(REPO_ROOT / local), dest=remote, user=user, group=user, mode="755")
+
+
+def _build(config: dict, mine, layout, python: str) -> None:
+    """Sources, patches and tools on the builder, then the build, gated on a finished manifest for this fingerprint."""
     me = profile()
     user = config["build_user"]
-    sdist = f"{work}/{Path(config['xformers_source_url']).name}"
     has_headers = host.get_fact(facts.PythonHeaders, python=python)
     tools = ("g++", "make", "patch") + (("ccache",) if config["xformers_ccache"] else ())
     packages = sorted(host.get_fact(facts.MissingTools, tools=tools))
@@ -88,9 +92,9 @@ def _build(config: dict, mine, work: str, out_dir: str, python: str) -> None:
     if packages:
         apt.packages(name=f"Install the build tools ({', '.join(packages)})", packages=packages)
     files.download(
-        name=f"Download {Path(sdist).name} (sha256 checked)",
+        name=f"Download {config['xformers_source_url']} (sha256 checked)",
         src=config["xformers_source_url"],
-        dest=sdist,
+        dest=layout.sdist,
         sha256sum=config["xformers_source_sha256"],
         user=user,
         group=user,
@@ -98,38 +102,30 @@ def _build(config: dict, mine, work: str, out_dir: str, python: str) -> None:
     files.sync(
         name="Upload the patch series",
         src=str(patch_dir(config)),
-        dest=f"{work}/patches",
+        dest=layout.patch_dir,
         user=user,
         group=user,
         delete=True,
     )
-    for local, remote in ((BUILD_SCRIPT, "build_wheel.sh"), (CUBIN_READER, "cubins.py")):
-        files.put(
-            name=f"Upload {remote}",
-            src=str(REPO_ROOT / local),
-            dest=f"{work}/{remote}",
-            user=user,
-            group=user,
-            mode="755",
-        )
-    finished = host.get_fact(facts.FileText, path=f"{out_dir}/manifest.json")
+    _upload(BUILD_SCRIPT, layout.script, user)
+    finished = finished_wheel(host.get_fact(facts.FileText, path=layout.manifest), mine.fingerprint)
     jobs = config["xformers_max_jobs"] or max_jobs(me.mem_available, me.cpus)
     build = WheelBuild(
-        sdist=sdist,
+        sdist=layout.sdist,
         sdist_sha256=config["xformers_source_sha256"],
-        patch_dir=f"{work}/patches",
+        patch_dir=layout.patch_dir,
         arch_list=mine.arch_list,
         max_jobs=jobs,
         python=python,
         cuda_home=cuda_home(config),
-        out_dir=out_dir,
+        out_dir=layout.out_dir,
         fingerprint=mine.fingerprint,
         ccache=config["xformers_ccache"],
-        cubins_reader=f"{work}/cubins.py",
+        cubins_reader=layout.cubins_reader,
     )
     server.shell(
-        name=f"Build xformers for {', '.join(mine.arch_list)} with {jobs} jobs (log: {out_dir}/build.log)",
-        commands=[build_shell_command(f"{work}/build_wheel.sh", build)],
+        name=f"Build xformers for {', '.join(mine.arch_list)} with {jobs} jobs (log: {layout.log})",
+        commands=[build_shell_command(layout.script, build)],
         **as_user(user),
         _if=lambda: finished is None,
     )
