@@ -16,7 +16,13 @@ from gpufleet import facts
 from gpufleet.decide import cuda_repo_dir, driver_packages, may_reboot
 from gpufleet.nvidia_repo import apt_settings, ensure_repo
 from gpufleet.operations import refuse
-from gpufleet.stage import profile, record_stack_change, refuse_host, run_alone, settings
+from gpufleet.stage import (
+    profile,
+    record_stack_change,
+    refuse_host,
+    run_alone,
+    settings,
+)
 
 DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "linux-modules-nvidia-*")
 HOLD_COMMAND = (

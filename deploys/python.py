@@ -7,10 +7,11 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files, pip, server
+from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
+from gpufleet.operations import pip_packages
 from gpufleet.stage import as_user, refuse_host, run_alone, settings
 
 VENV_TOOLS = ["pip", "wheel", "setuptools", "ninja"]
@@ -97,10 +98,10 @@ def python() -> None:
         )
     else:
         files.file(name="Use PyPI in the venv (no mirror set)", path=f"{venv}/pip.conf", present=False)
-    pip.packages(
+    pip_packages(
         name=f"Install {', '.join(VENV_TOOLS)} in the venv",
         packages=VENV_TOOLS,
-        pip=f"{venv}/bin/pip",
+        python=venv_python,
         **as_user(owner),
     )
 

@@ -8,13 +8,21 @@ from urllib.parse import urlparse
 
 from pyinfra import host, logger
 from pyinfra.api import deploy
-from pyinfra.operations import pip, server
+from pyinfra.operations import server
 
-from deploys.python import venv_owner
 from deploys.preflight import preflight
+from deploys.python import venv_owner
 from gpufleet import facts
 from gpufleet.decide import arch_list, torch_problems
-from gpufleet.stage import as_user, profile, record_stack_change, refuse_host, run_alone, settings
+from gpufleet.operations import pip_packages
+from gpufleet.stage import (
+    as_user,
+    profile,
+    record_stack_change,
+    refuse_host,
+    run_alone,
+    settings,
+)
 
 FROZEN_CU128_NOTICE = (
     "torch: PyTorch stopped publishing CUDA 12.8 nightlies in April 2026; gpufleet pins the last one "
@@ -49,11 +57,11 @@ def torch() -> None:
         if problems:
             refuse_host(problems)
         return
-    install = pip.packages(
+    install = pip_packages(
         name=f"Install torch {config['torch_version']}",
         packages=[f"torch=={config['torch_version']}"],
-        pip=f"{config['venv_path']}/bin/pip",
-        extra_install_args=install_args(config),
+        python=python,
+        extra_args=install_args(config),
         **as_user(venv_owner(config)),
     )
     record_stack_change(install)

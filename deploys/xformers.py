@@ -17,7 +17,15 @@ from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from deploys.python import venv_owner
 from gpufleet import facts
-from gpufleet.buildplan import BUILD_SCRIPT, CUBIN_READER, WheelBuild, build_shell_command, finished_wheel, host_layout, max_jobs
+from gpufleet.buildplan import (
+    BUILD_SCRIPT,
+    CUBIN_READER,
+    WheelBuild,
+    build_shell_command,
+    finished_wheel,
+    host_layout,
+    max_jobs,
+)
 from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, profile, record_stack_change, run_alone, settings

@@ -481,3 +481,24 @@ class PythonHeaders(_ParsedFact):
             f"if [ -x {python} ] && [ -f \"$({python} -c 'import sysconfig; print(sysconfig.get_paths()[\"include\"])')"
             '/Python.h" ]; then echo yes; else echo no; fi'
         )
+
+
+def parse_pip_freeze(text: str) -> dict[str, str] | None:
+    """Normalised project name -> version from `pip freeze --all`; None when the interpreter is missing."""
+    if NO_TOOL in text:
+        return None
+    packages = {}
+    for line in text.splitlines():
+        name, sep, version = line.strip().partition("==")
+        if sep:
+            packages[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return packages
+
+
+class PipFreeze(_ParsedFact):
+    """What `python -m pip freeze --all` lists in an interpreter's environment (venvs without a pip script too)."""
+
+    parser = staticmethod(parse_pip_freeze)
+
+    def command(self, python: str) -> str:
+        return f"if [ -x {python} ]; then {python} -m pip freeze --all; else echo {NO_TOOL}; fi"

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from pathlib import Path
 
+from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
+
+from gpufleet.facts import PipFreeze
 
 
 @operation(is_idempotent=False)
@@ -77,3 +81,23 @@ def push_built_wheel(local_dir: str, remote_dir: str, owner: str):
         return host.put_file(str(manifest_path), f"{remote_dir}/manifest.json")
 
     yield FunctionCommand(push, (), {})
+
+
+def _requirement(spec: str) -> tuple[str, str | None]:
+    name, _, version = spec.partition("==")
+    return re.sub(r"[-_.]+", "-", name).lower(), version or None
+
+
+@operation()
+def pip_packages(python: str, packages: list[str], extra_args: str = ""):
+    """Install packages with `python -m pip`; a no-op when each is present (at the pinned version, if given).
+
+    pyinfra's pip.packages needs a pip script, which some venvs (e.g. images built with ensurepip only) lack.
+    """
+    installed = host.get_fact(PipFreeze, python=python) or {}
+    missing = [spec for spec in packages if _requirement(spec)[0] not in installed
+               or (_requirement(spec)[1] is not None and installed[_requirement(spec)[0]] != _requirement(spec)[1])]
+    if not missing:
+        host.noop(f"{', '.join(packages)} already installed")
+        return
+    yield f"{python} -m pip install {extra_args} {' '.join(shlex.quote(m) for m in missing)}".replace("  ", " ")

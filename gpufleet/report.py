@@ -8,8 +8,8 @@ the hosts with the same GPU model is flagged; failed hosts show the rung they fa
 from __future__ import annotations
 
 import json
-import sys
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional

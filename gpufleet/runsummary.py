@@ -20,7 +20,11 @@ def summarise(document: dict[str, Any]) -> dict[str, dict[str, list[str]]]:
 
 
 def main(path: str) -> int:
-    document = json.loads(Path(path).read_text())
+    text = Path(path).read_text()
+    if not text.strip():
+        print(f"{path}: no JSON (pyinfra stopped before printing results; see its stderr)")
+        return 1
+    document = json.loads(text)
     summary = summarise(document)
     for name, buckets in sorted(summary.items()):
         print(f"{name}: {len(buckets['changed'])} changed, {len(buckets['no_change'])} unchanged, "

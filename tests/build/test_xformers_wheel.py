@@ -14,7 +14,14 @@ import pytest
 
 from gpufleet.buildplan import BUILD_SCRIPT, WheelBuild, build_command
 from gpufleet.ci_build import (
-    CUDA_HOME, PATCH_DIR, SDIST_SHA256, CiWheel, ensure_wheel, find_cuobjdump, nvcc_version, sdist_path,
+    CUDA_HOME,
+    PATCH_DIR,
+    SDIST_SHA256,
+    CiWheel,
+    ensure_wheel,
+    find_cuobjdump,
+    nvcc_version,
+    sdist_path,
 )
 from gpufleet.cubins import parse_cuobjdump_listing, read_elf_device_code
 

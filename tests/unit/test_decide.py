@@ -19,7 +19,14 @@ from gpufleet.decide import (
     may_reboot,
     preflight_problems,
 )
-from gpufleet.facts import DriverState, LoadedModule, OsRelease, PciGpu, SmiGpu, SmiResult
+from gpufleet.facts import (
+    DriverState,
+    LoadedModule,
+    OsRelease,
+    PciGpu,
+    SmiGpu,
+    SmiResult,
+)
 from gpufleet.settings import load_settings
 
 UBUNTU_2404 = OsRelease("ubuntu", "24.04", "noble", "Ubuntu 24.04.3 LTS")

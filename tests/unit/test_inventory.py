@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.inventory import DEFAULT_INVENTORY, INVENTORY_ENV, InventoryError, load_inventory
+from gpufleet.inventory import (
+    DEFAULT_INVENTORY,
+    INVENTORY_ENV,
+    InventoryError,
+    load_inventory,
+)
 from gpufleet.settings import load_settings, validate_value
 from tests.conftest import REPO_ROOT, run_pyinfra
 
