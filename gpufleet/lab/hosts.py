@@ -101,6 +101,18 @@ def unmount_all(prefix: Path) -> None:
             run(["umount", "--lazy", point], check=False)
 
 
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; reaps it when it is our own exited child (hosts started by this process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
     for pid in pids:
         try:
@@ -108,7 +120,9 @@ def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise LabError(f"processes {[p for p in pids if _alive(p)]} survived SIGKILL for {timeout:.0f} s")
         time.sleep(0.02)
 
 

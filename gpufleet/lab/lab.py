@@ -2,7 +2,7 @@
 local mirrors; `Lab().down()` removes everything the lab ever created, also what a crashed run left behind."""
 
 import hashlib
-import json
+import pprint
 import os
 import shutil
 import subprocess
@@ -135,6 +135,30 @@ class Lab:
         """Add stand-in driver packages `version` (e.g. "580.105.08-1") to the CUDA repos, re-signed."""
         mirrors.publish_driver(self.www, self.keys, version, branch)
 
+    def processes(self, host: Host) -> dict[int, str]:
+        """PID (as seen here) -> command line of every process running in `host`."""
+        found = {}
+        for pid in network.netns_pids(host.netns):
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+        return found
+
+    def cut_ssh_sessions(self, host: Host) -> list[int]:
+        """Kill, by PID, every process of the host's SSH sessions (all but its sshd listener): a dropped link."""
+        victims = []
+        for pid in network.netns_pids(host.netns):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            nspids = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
+            if len(nspids) > 1 and nspids[-1] != "1":  # inside the host's PID namespace, not its PID 1
+                victims.append(pid)
+        hosts.kill_pids(victims)
+        return victims
+
     def ssh_command(self, host: Host, command: str) -> list[str]:
         return ["ssh", "-i", str(self.control_key), "-o", f"UserKnownHostsFile={self.known_hosts}",
                 "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
@@ -185,5 +209,5 @@ class Lab:
         entries = [(h.name, {"ssh_hostname": h.ip, **common}) for h in (selected or self.hosts())]
         entries += [(name, {"ssh_hostname": address, **common}) for name, address in (extra_hosts or {}).items()]
         path.write_text("# written by gpufleet.lab; lab hosts are stand-ins, see gpufleet/lab\n"
-                        f"workstations = {json.dumps(entries, indent=1)}\n")
+                        f"workstations = {pprint.pformat(entries, width=110)}\n")
         return path

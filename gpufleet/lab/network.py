@@ -54,6 +54,8 @@ def veth_name(host: str) -> str:
 
 def create_host_netns(host: str, ip: str) -> str:
     ns = netns_name(host)
+    # A removed host with the same address may still be cached with its old MAC; forget it.
+    run(["ip", "neigh", "flush", "to", ip, "dev", BRIDGE_NAME], check=False)
     run(["ip", "netns", "add", ns])
     run(["ip", "link", "add", veth_name(host), "type", "veth", "peer", "name", "eth0", "netns", ns])
     run(["ip", "link", "set", veth_name(host), "master", BRIDGE_NAME, "up"])
