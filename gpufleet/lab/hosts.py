@@ -207,6 +207,7 @@ def stop(host_name: str, host_dir: Path) -> None:
         kill_pids(network.netns_pids(ns))
     unmount_all(host_dir)
     network.delete_netns(ns)
+    run(["ip", "link", "del", network.veth_name(host_name)], check=False)  # gone with the namespace, unless pinned
     leftover = mounts_under(host_dir)
     if leftover:
         raise LabError(f"lab host {host_name}: still mounted after teardown: {leftover}; unmount them by hand")

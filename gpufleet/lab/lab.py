@@ -108,6 +108,7 @@ class Lab:
             network.delete_netns(ns)
         mirrors.stop_server(self.server_pid, self.www)
         hosts.unmount_all(self.state_dir)
+        network.delete_stray_veths()
         network.delete_bridge()
         leftover = hosts.mounts_under(self.state_dir)
         if leftover:

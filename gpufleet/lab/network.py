@@ -48,14 +48,25 @@ def lab_namespaces() -> list[str]:
     return [ns["name"] for ns in json.loads(listing or "[]") if ns["name"].startswith(NETNS_PREFIX)]
 
 
+VETH_PREFIX = "gfl"
+
+
 def veth_name(host: str) -> str:
-    return f"gfl{host}"[:15]  # interface names are limited to 15 characters
+    return f"{VETH_PREFIX}{host}"[:15]  # interface names are limited to 15 characters
+
+
+def delete_stray_veths() -> None:
+    """Delete lab veths whose namespace is gone but still pinned (e.g. by orphaned TCP sockets of a killed host)."""
+    for link in json.loads(run(["ip", "-j", "link", "show", "type", "veth"]).stdout or "[]"):
+        if link["ifname"].startswith(VETH_PREFIX):
+            run(["ip", "link", "del", link["ifname"]], check=False)
 
 
 def create_host_netns(host: str, ip: str) -> str:
     ns = netns_name(host)
     # A removed host with the same address may still be cached with its old MAC; forget it.
     run(["ip", "neigh", "flush", "to", ip, "dev", BRIDGE_NAME], check=False)
+    run(["ip", "link", "del", veth_name(host)], check=False)  # left by a host whose namespace outlived it
     run(["ip", "netns", "add", ns])
     run(["ip", "link", "add", veth_name(host), "type", "veth", "peer", "name", "eth0", "netns", ns])
     run(["ip", "link", "set", veth_name(host), "master", BRIDGE_NAME, "up"])
