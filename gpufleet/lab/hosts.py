@@ -1,9 +1,11 @@
 """Test hosts: an overlay over the cached Debian base, its own network namespace, sshd as PID 1 of its own
 PID/mount/UTS/IPC namespaces, chrooted into the overlay.
 
-Inside a host: /proc is its own (its PIDs only) with /proc/sys read-only; /sys is read-only with the lab's
-fake PCI tree over /sys/bus/pci; /proc/driver is the lab's writable tmpfs (see hardware.py); /dev is a small
-tmpfs with its own devpts. Everything a host runs lives in its network namespace, so
+Inside a host: /proc is its own (its PIDs only) with /proc/sys read-only and sysrq-trigger/kcore masked; /sys
+is read-only with the lab's fake PCI tree over /sys/bus/pci; /proc/driver is the lab's writable tmpfs (see
+hardware.py); /dev is a small tmpfs with its own devpts. Root on a host cannot load kernel modules, set the
+clock or touch raw I/O (dropped from its capability bounding set), so nothing it runs reaches this machine's
+kernel state; `reboot -f` on a host only ends that host (reboot(2) in a PID namespace kills its PID 1). Everything a host runs lives in its network namespace, so
 `ip netns pids <ns>` finds every process to kill, also after the lab itself crashed.
 """
 
@@ -43,7 +45,10 @@ ln -s pts/ptmx "$R/dev/ptmx"; ln -s /proc/self/fd "$R/dev/fd"
 ln -s /proc/self/fd/0 "$R/dev/stdin"; ln -s /proc/self/fd/1 "$R/dev/stdout"; ln -s /proc/self/fd/2 "$R/dev/stderr"
 mount -t tmpfs -o mode=755 tmpfs "$R/run"
 mkdir -p "$R/run/sshd" "$R/run/lock"
-exec chroot "$R" /usr/sbin/sshd -D -e
+for masked in sysrq-trigger kcore; do
+  if [ -e "$R/proc/$masked" ]; then mount --bind /dev/null "$R/proc/$masked"; fi
+done
+exec setpriv --bounding-set -sys_module,-sys_time,-sys_rawio,-syslog chroot "$R" /usr/sbin/sshd -D -e
 """
 
 SSHD_CONFIG = """# gpufleet lab: key-only root login, one host key per host

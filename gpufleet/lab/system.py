@@ -15,7 +15,7 @@ REQUIRED_TOOLS: dict[str, str] = {
     "ssh": "openssh-client",
     "ip": "iproute2",
     "unshare": "util-linux",
-    "nsenter": "util-linux",
+    "setpriv": "util-linux",
     "lspci": "pciutils",
 }
 
