@@ -20,6 +20,7 @@ from pathlib import Path
 
 from gpufleet.lab import hardware, network
 from gpufleet.lab.paths import mirror_base_url
+from gpufleet.lab.rootfs import SUDO_USER
 from gpufleet.lab.system import LabError, run
 
 OS_KEYRING = "/usr/share/keyrings/gpufleet-lab-archive.gpg"
@@ -153,6 +154,13 @@ def personalise(host: Host, control_pubkey: str, keyring: bytes, kernel_release:
     _write(root / "etc/ssh/sshd_config.d/gpufleet-lab.conf", SSHD_CONFIG)
     (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
     _write(root / "root/.ssh/authorized_keys", control_pubkey, 0o600)
+    admin = next(line.split(":") for line in (root / "etc/passwd").read_text().splitlines()
+                 if line.startswith(f"{SUDO_USER}:"))
+    admin_ssh = root / "home" / SUDO_USER / ".ssh"
+    admin_ssh.mkdir(mode=0o700, exist_ok=True)
+    _write(admin_ssh / "authorized_keys", control_pubkey, 0o600)
+    for path in (admin_ssh, admin_ssh / "authorized_keys"):
+        os.chown(path, int(admin[2]), int(admin[3]))
     _write(root / OS_KEYRING.lstrip("/"), keyring)
     _write(root / "etc/apt/sources.list.d/gpufleet-lab-debian.list",
            f"deb [signed-by={OS_KEYRING}] {mirror_base_url()}/debian/ /\n")

@@ -182,15 +182,16 @@ class Lab:
             "xformers_source_url": f"{base}/files/xformers-{downloads.XFORMERS_VERSION}.tar.gz",
         }
 
-    def connection(self, host: Host) -> dict[str, object]:
-        return {"address": host.ip, "ssh_user": "root", "ssh_port": 22, "ssh_key": str(self.control_key),
-                "ssh_known_hosts_file": str(self.known_hosts), "sudo": False}
+    def connection(self, host: Host, user: str = "root") -> dict[str, object]:
+        """A YAML inventory host entry; `user` is "root" or rootfs.SUDO_USER (then with sudo)."""
+        return {"address": host.ip, "ssh_user": user, "ssh_port": 22, "ssh_key": str(self.control_key),
+                "ssh_known_hosts_file": str(self.known_hosts), "sudo": user != "root"}
 
     def write_inventory_yaml(self, path: Path, selected: list[Host] | None = None,
-                             extra_hosts: dict[str, dict[str, object]] | None = None) -> Path:
+                             extra_hosts: dict[str, dict[str, object]] | None = None, user: str = "root") -> Path:
         """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings on top."""
         import yaml
-        entries = {h.name: {**self.connection(h), "settings": {}} for h in (selected or self.hosts())}
+        entries = {h.name: {**self.connection(h, user), "settings": {}} for h in (selected or self.hosts())}
         entries.update(extra_hosts or {})
         document = {"settings": self.mirror_settings(),
                     "groups": {"workstations": {"settings": {}, "hosts": entries}}}
@@ -199,12 +200,14 @@ class Lab:
         return path
 
     def write_inventory_py(self, path: Path, selected: list[Host] | None = None,
-                           extra_hosts: dict[str, str] | None = None) -> Path:
+                           extra_hosts: dict[str, str] | None = None, user: str = "root") -> Path:
         """pyinfra-native inventory: strict host key checking against the lab's known_hosts, mirror settings as data.
 
-        `extra_hosts` maps a name to an address with no lab host behind it (to test unreachable hosts).
+        `extra_hosts` maps a name to an address with no lab host behind it (to test unreachable hosts);
+        `user` other than root (rootfs.SUDO_USER) connects as that user and runs operations with sudo.
         """
-        common = {"ssh_user": "root", "ssh_key": str(self.control_key),
+        sudo: dict[str, object] = {"_sudo": True} if user != "root" else {}
+        common = {"ssh_user": user, **sudo, "ssh_key": str(self.control_key),
                   "ssh_known_hosts_file": str(self.known_hosts), "ssh_strict_host_key_checking": "yes",
                   "ssh_connect_timeout": 5, **self.mirror_settings()}
         entries = [(h.name, {"ssh_hostname": h.ip, **common}) for h in (selected or self.hosts())]

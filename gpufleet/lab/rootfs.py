@@ -14,12 +14,17 @@ BASE_PACKAGES: tuple[str, ...] = (
     "kmod", "pciutils", "procps", "iproute2", "curl", "apt-utils", "less",
 )
 
-# Hooks keep the image free of anything that would try to reach the real archive or start services.
+SUDO_USER = "labadmin"
+
+# Hooks: no host keys, no source that could reach the real archive, no services starting; one sudo admin.
 CUSTOMIZE: tuple[str, ...] = (
     'rm -f "$1"/etc/ssh/ssh_host_*',
     'rm -f "$1"/etc/apt/sources.list "$1"/etc/apt/sources.list.d/*',
     'rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/archives/*.deb',
     'printf "#!/bin/sh\\nexit 101\\n" > "$1"/usr/sbin/policy-rc.d && chmod 755 "$1"/usr/sbin/policy-rc.d',
+    # An admin with passwordless sudo, for inventories with `sudo: true`; "*" (not "!") so sshd lets keys in.
+    f'chroot "$1" useradd --create-home --shell /bin/bash --groups sudo --password "*" {SUDO_USER}',
+    f'echo "{SUDO_USER} ALL=(ALL) NOPASSWD:ALL" > "$1"/etc/sudoers.d/{SUDO_USER} && chmod 440 "$1"/etc/sudoers.d/{SUDO_USER}',
 )
 
 

@@ -5,7 +5,8 @@ lspci, modinfo and pyinfra are real.
   lab          session-scoped running Lab (3 shared hosts), torn down at the end
   lab_hosts    the 3 shared hosts (other tests may have changed them)
   fresh_hosts  3 new hosts from the cached base, removed after the test
-  make_inventory(hosts, kind="py"|"yaml", extra_hosts=None) -> Path  inventory file for those hosts
+  make_inventory(hosts, kind="py"|"yaml", extra_hosts=None, user="root"|"labadmin") -> Path
+               inventory for those hosts (labadmin: passwordless sudo, operations run with sudo)
   run_pyinfra(inventory, deploy, *extra) -> PyinfraRun  the real pyinfra CLI, results parsed
 """
 
@@ -67,13 +68,14 @@ def fresh_hosts(lab: Lab) -> Iterator[list[Host]]:
 
 @pytest.fixture
 def make_inventory(lab: Lab, tmp_path: Path) -> Callable[..., Path]:
-    def make(hosts: list[Host], kind: str = "py", extra_hosts: dict[str, str] | None = None) -> Path:
+    def make(hosts: list[Host], kind: str = "py", extra_hosts: dict[str, str] | None = None,
+             user: str = "root") -> Path:
         if kind == "yaml":
             extra = {name: {"address": address, "ssh_user": "root", "ssh_key": str(lab.control_key),
                             "ssh_known_hosts_file": str(lab.known_hosts)}
                      for name, address in (extra_hosts or {}).items()}
-            return lab.write_inventory_yaml(tmp_path / "inventory.yaml", hosts, extra)
-        return lab.write_inventory_py(tmp_path / "lab_inventory.py", hosts, extra_hosts)
+            return lab.write_inventory_yaml(tmp_path / "inventory.yaml", hosts, extra, user)
+        return lab.write_inventory_py(tmp_path / "lab_inventory.py", hosts, extra_hosts, user)
     return make
 
 

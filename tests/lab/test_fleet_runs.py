@@ -12,6 +12,7 @@ import pytest
 
 from gpufleet.lab import Lab
 from gpufleet.lab.hosts import Host
+from gpufleet.lab.rootfs import SUDO_USER
 from gpufleet.lab.runner import REPO_ROOT, PyinfraRun
 
 pytestmark = pytest.mark.lab
@@ -30,6 +31,16 @@ def test_deploy_converges_then_reruns_with_zero_changes_on_three_hosts(
     for host in fresh_hosts:
         assert "release 12.8" in lab.ssh(host, "/usr/local/cuda-12.8/bin/nvcc --version").stdout
         assert lab.ssh(host, "dpkg-query -W tree cuda-toolkit-12-8").returncode == 0
+    run_pyinfra(inventory, DEPLOYS / "basic.py").assert_no_changes(names)
+
+
+def test_deploy_as_a_sudo_user_converges_then_reruns_with_zero_changes(
+        lab: Lab, fresh_hosts: list[Host], make_inventory: Callable[..., Path],
+        run_pyinfra: Callable[..., PyinfraRun]) -> None:
+    names = [h.name for h in fresh_hosts]
+    inventory = make_inventory(fresh_hosts, user=SUDO_USER)
+    run_pyinfra(inventory, DEPLOYS / "basic.py").assert_converged(names)
+    assert lab.ssh(fresh_hosts[0], "stat -c %U /etc/gpufleet-lab-test.conf").stdout.strip() == "root"
     run_pyinfra(inventory, DEPLOYS / "basic.py").assert_no_changes(names)
 
 
