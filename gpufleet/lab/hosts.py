@@ -18,14 +18,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpufleet.lab import hardware, network
+from gpufleet.lab import hardware, network, standins
 from gpufleet.lab.paths import mirror_base_url
 from gpufleet.lab.rootfs import SUDO_USER
 from gpufleet.lab.system import LabError, run
 
 OS_KEYRING = "/usr/share/keyrings/gpufleet-lab-archive.gpg"
 
-# Runs in the new namespaces before sshd: $1 root, $2 hostname, $3 /proc/driver source, $4 /sys/bus/pci source.
+# Runs in the new namespaces before sshd: $1 root, $2 hostname, $3 /proc/driver source, $4 /sys/bus/pci source,
+# $5 a file to show as /proc/sys/kernel/osrelease, or "" for the real one.
 NAMESPACE_SETUP = r"""
 set -e
 R="$1"
@@ -33,6 +34,7 @@ hostname "$2"
 mount -t proc proc "$R/proc"
 mount --bind "$R/proc/sys" "$R/proc/sys"
 mount -o remount,bind,ro "$R/proc/sys"
+if [ -n "$5" ]; then mount --bind "$5" "$R/proc/sys/kernel/osrelease"; fi
 mount --bind "$3" "$R/proc/driver"
 mount -t sysfs -o ro sysfs "$R/sys"
 mount --bind "$4" "$R/sys/bus/pci"
@@ -70,6 +72,7 @@ class Host:
     gpu: str
     loaded_driver: str | None
     dir: str
+    platform: str = "metal"  # or "wsl": WSL2 as the deploys see it (hardware.py)
     pid: int | None = None
 
     @property
@@ -171,6 +174,17 @@ def personalise(host: Host, control_pubkey: str, keyring: bytes, kernel_release:
     return f"{host.ip} {kind} {blob}"
 
 
+def make_wsl(host: Host) -> None:
+    """What WSL2 adds: its kernel release string and Windows' driver tools under /usr/lib/wsl/lib (stand-ins)."""
+    (host.path / "osrelease").write_text(hardware.WSL_KERNEL_RELEASE + "\n")
+    spec = hardware.GPUS[host.gpu]
+    if spec is None:
+        return
+    lib = host.root / "usr/lib/wsl/lib"
+    _write(lib / "nvidia-smi", standins.nvidia_smi_script(hardware.WSL_DRIVER_VERSION, spec.device_id), 0o755)
+    _write(lib / "libcuda.so.1", b"gpufleet lab stand-in for the WSL libcuda stub\n")
+
+
 def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_release: str) -> str:
     """Build and start one host; return its known_hosts line. Stops halfway only by raising."""
     path = host.path
@@ -182,9 +196,11 @@ def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_r
          f"lowerdir={base},upperdir={path / 'upper'},workdir={path / 'work'}", str(host.root)])
     run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs", str(path / "pci")])
     run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs", str(path / "procdriver")])
-    hardware.write_pci_tree(path / "pci", host.gpu)
+    hardware.write_pci_tree(path / "pci", host.gpu, wsl=host.platform == "wsl")
     hardware.write_loaded_driver(path / "procdriver", host.loaded_driver)
     known_host = personalise(host, control_pubkey, keyring, kernel_release)
+    if host.platform == "wsl":
+        make_wsl(host)
     start(host)
     return known_host
 
@@ -194,7 +210,8 @@ def start(host: Host) -> None:
         proc = subprocess.Popen(
             ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork",
              "--kill-child", "--propagation", "private", "sh", "-c", NAMESPACE_SETUP, "gpufleet-lab-host",
-             str(host.root), host.name, str(host.path / "procdriver"), str(host.path / "pci")],
+             str(host.root), host.name, str(host.path / "procdriver"), str(host.path / "pci"),
+             str(host.path / "osrelease") if host.platform == "wsl" else ""],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     host.pid = proc.pid
     host.save()

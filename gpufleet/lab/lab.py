@@ -63,15 +63,22 @@ class Lab:
             hosts.wait_ready(host)
         return created
 
-    def add_host(self, gpu: str = "5090d", loaded_driver: str | None = None, wait: bool = True) -> Host:
-        """Create and start one fresh host from the cached base; `gpu` is a key of hardware.GPUS."""
+    def add_host(self, gpu: str = "5090d", loaded_driver: str | None = None, wait: bool = True,
+                 platform: str = "metal") -> Host:
+        """Create and start one fresh host from the cached base; `gpu` is a key of hardware.GPUS,
+        `platform` "metal" or "wsl" (WSL2 as the deploys see it; never a loaded Linux module)."""
+        if not network.bridge_exists() or not self.control_key.exists():
+            raise LabError("the lab is not up (no bridge or control key); start it with `python -m gpufleet.lab up`")
         if gpu not in hardware.GPUS:
             raise LabError(f"unknown lab GPU {gpu!r}; choose one of {sorted(hardware.GPUS)}")
+        if platform not in ("metal", "wsl") or (platform == "wsl" and loaded_driver):
+            raise LabError(f"lab platform {platform!r} with loaded_driver={loaded_driver!r}: use metal, or wsl "
+                           "without a loaded driver (WSL's driver lives on Windows)")
         used = {h.index for h in self.hosts()}
         index = next(i for i in range(1, 241) if i not in used)
         name = f"lab{index:02d}"
         host = Host(name=name, index=index, ip=host_ip(index), gpu=gpu, loaded_driver=loaded_driver,
-                    dir=str(self.hosts_dir / name))
+                    dir=str(self.hosts_dir / name), platform=platform)
         known = hosts.create(host, rootfs.base_dir(), self.control_key.with_suffix(".pub").read_text(),
                              (self.keys / "archive-keyring.gpg").read_bytes(), self.kernel_release)
         with open(self.known_hosts, "a") as f:
@@ -121,7 +128,8 @@ class Lab:
             "base": str(rootfs.base_dir()) if (rootfs.base_dir() / ".complete").exists() else None,
             "bridge": f"{network.BRIDGE_NAME} {BRIDGE_IP}" if network.bridge_exists() else None,
             "mirror": mirror_base_url() if self.server_pid.exists() else None,
-            "hosts": [{"name": h.name, "ip": h.ip, "gpu": h.gpu, "loaded_driver": h.loaded_driver,
+            "hosts": [{"name": h.name, "ip": h.ip, "platform": h.platform, "gpu": h.gpu,
+                       "loaded_driver": h.loaded_driver,
                        "processes": len(network.netns_pids(h.netns))} for h in self.hosts()],
             "stray_namespaces": sorted(set(network.lab_namespaces()) - {h.netns for h in self.hosts()}),
         }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 DRIVER_VERSION = "@DRIVER_VERSION@"
 GPUS = @GPUS@
+# On a WSL host the GPU is Windows': no /proc/driver/nvidia and no NVIDIA PCI device; this names its device id.
+WSL_GPU = @WSL_GPU@
 
 
 def loaded_module() -> tuple[str, bool] | None:
@@ -49,6 +51,8 @@ def field(name: str, slot: str, device: int) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if WSL_GPU is not None:
+        return report([("0000:01:00.0", WSL_GPU)], argv)
     module = loaded_module()
     if module is None:
         print("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
@@ -63,6 +67,10 @@ def main(argv: list[str]) -> int:
     if not gpus:
         print("No devices were found")
         return 6
+    return report(gpus, argv)
+
+
+def report(gpus: list[tuple[str, int]], argv: list[str]) -> int:
     query = next((a.split("=", 1)[1] for a in argv if a.startswith("--query-gpu=")), None)
     if query is not None:
         for slot, device in gpus:

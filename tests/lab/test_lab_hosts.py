@@ -32,6 +32,19 @@ def test_real_lspci_sees_the_simulated_gpu_chosen_per_host(lab: Lab) -> None:
             lab.remove_host(host)
 
 
+def test_wsl_host_looks_like_wsl2_to_the_deploys_facts(lab: Lab) -> None:
+    host = lab.add_host(gpu="5090d", platform="wsl")
+    try:
+        assert ok(lab, host, "cat /proc/sys/kernel/osrelease").strip().endswith("microsoft-standard-WSL2")
+        assert "10de:" not in ok(lab, host, "lspci -nn")  # WSL2 shows Microsoft's render device only
+        assert lab.ssh(host, "test -e /proc/driver/nvidia/version").returncode == 1
+        assert lab.ssh(host, "command -v nvidia-smi").returncode == 1  # off PATH, as in WSL
+        query = "/usr/lib/wsl/lib/nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader"
+        assert ok(lab, host, query).strip() == "NVIDIA GeForce RTX 5090 D, 12.0"
+    finally:
+        lab.remove_host(host)
+
+
 def test_hosts_reach_the_lab_mirror_and_nothing_else(lab: Lab, lab_hosts: list[Host]) -> None:
     host = lab_hosts[0]
     probe = "python3 -c 'import socket; socket.create_connection((\"{}\", {}), timeout=3)'"
