@@ -53,23 +53,30 @@ def test_yaml_inventory_through_root_inventory_converges_and_reruns_clean(
     run_pyinfra(inventory, DEPLOYS / "basic.py").assert_no_changes(names)
 
 
+def run_and_cut(lab: Lab, run_pyinfra: Callable[..., PyinfraRun], inventory: Path, deploy: Path,
+                victim: Host, in_step: Callable[[str], bool]) -> PyinfraRun:
+    """Run pyinfra and, once a process on `victim` matches `in_step`, kill that host's SSH sessions by PID."""
+    outcome: list[PyinfraRun] = []
+    runner = threading.Thread(target=lambda: outcome.append(run_pyinfra(inventory, deploy)))
+    runner.start()
+    deadline = time.monotonic() + 120
+    while not any(in_step(cmd) for cmd in lab.processes(victim).values()):
+        assert time.monotonic() < deadline and runner.is_alive(), f"the step never started on {victim.name}"
+        time.sleep(0.05)
+    time.sleep(1)
+    assert lab.cut_ssh_sessions(victim), f"no SSH session processes found on {victim.name}"
+    runner.join(300)
+    return outcome[0]
+
+
 def test_connection_cut_mid_operation_is_repaired_by_the_next_run(
         lab: Lab, fresh_hosts: list[Host], make_inventory: Callable[..., Path],
         run_pyinfra: Callable[..., PyinfraRun]) -> None:
     names = [h.name for h in fresh_hosts]
     victim, others = fresh_hosts[0], names[1:]
     inventory = make_inventory(fresh_hosts)
-    outcome: list[PyinfraRun] = []
-    runner = threading.Thread(target=lambda: outcome.append(run_pyinfra(inventory, DEPLOYS / "slow.py")))
-    runner.start()
-    deadline = time.monotonic() + 60
-    while not any("payload.done" in cmd and "sleep" in cmd for cmd in lab.processes(victim).values()):
-        assert time.monotonic() < deadline and runner.is_alive(), "the slow step never started on the victim"
-        time.sleep(0.1)
-    killed = lab.cut_ssh_sessions(victim)
-    runner.join(120)
-    cut = outcome[0]
-    assert killed
+    cut = run_and_cut(lab, run_pyinfra, inventory, DEPLOYS / "slow.py", victim,
+                      lambda cmd: "payload.done" in cmd and "sleep" in cmd)
     assert victim.name in cut.failed_hosts or cut.errors(victim.name), cut.explain()
     cut.assert_converged(others)
     assert lab.ssh(victim, "cat /var/lib/gpufleet-lab-test/payload").stdout.strip() == "partial"
@@ -79,6 +86,24 @@ def test_connection_cut_mid_operation_is_repaired_by_the_next_run(
     assert repair.changes(victim.name) and not any(repair.changes(name) for name in others)
     assert lab.ssh(victim, "cat /var/lib/gpufleet-lab-test/payload").stdout.strip() == "complete"
     run_pyinfra(inventory, DEPLOYS / "slow.py").assert_no_changes(names)
+
+
+def test_package_install_cut_mid_dpkg_is_finished_by_the_next_run(
+        lab: Lab, make_inventory: Callable[..., Path], run_pyinfra: Callable[..., PyinfraRun]) -> None:
+    host = lab.add_host()
+    try:
+        inventory = make_inventory([host])
+        run_and_cut(lab, run_pyinfra, inventory, DEPLOYS / "packages.py", host,
+                    lambda cmd: cmd.startswith("/usr/bin/dpkg") and "--unpack" in cmd)
+        audit = lab.ssh(host, "find /var/lib/dpkg/updates -type f | head -n 1; dpkg --audit").stdout
+        assert audit.strip(), "the cut came too late: dpkg finished cleanly, nothing to repair"
+        repair = run_pyinfra(inventory, DEPLOYS / "packages.py")
+        repair.assert_converged([host.name])
+        assert "Finish the package installation a dropped connection interrupted" in repair.changes(host.name)
+        assert lab.ssh(host, "dpkg --audit && gcc --version").returncode == 0
+        run_pyinfra(inventory, DEPLOYS / "packages.py").assert_no_changes([host.name])
+    finally:
+        lab.remove_host(host)
 
 
 UNREACHABLE = {"lab-gone": "10.213.47.250"}  # inside the lab network, no host behind it
