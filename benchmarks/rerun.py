@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpufleet.lab import Lab, prepare  # noqa: E402
-from gpufleet.lab.runner import REPO_ROOT, run_pyinfra  # noqa: E402
+from gpufleet.lab import Lab, prepare
+from gpufleet.lab.runner import REPO_ROOT, run_pyinfra
 
 
 def measure(lab: Lab, size: int, deploy: Path, workdir: Path) -> tuple[float, float, float]:

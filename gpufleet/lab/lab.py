@@ -2,13 +2,13 @@
 local mirrors; `Lab().down()` removes everything the lab ever created, also what a crashed run left behind."""
 
 import hashlib
-import pprint
 import os
+import pprint
 import shutil
 import subprocess
 from pathlib import Path
 
-from gpufleet.lab import downloads, hardware, hosts, mirrors, network, rootfs
+from gpufleet.lab import downloads, hardware, hosts, mirrors, network, rootfs, standins
 from gpufleet.lab.hosts import Host
 from gpufleet.lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
 from gpufleet.lab.system import LabError, ensure_tools, run
@@ -52,7 +52,6 @@ class Lab:
     def _build_mirrors(self, keyring: bytes) -> None:
         mirrors.build_cuda_repos(self.www, self.keys, keyring, self.kernel_release, DEFAULT_DRIVER_VERSION)
         mirrors.build_os_repo(self.www, self.keys, downloads.os_packages())
-        from gpufleet.lab import standins
         torch = standins.torch_wheel(self.state_dir / "built")
         mirrors.build_simple_index(self.www, [*sorted(downloads.wheels().glob("*.whl")), torch])
         mirrors.place_file(self.www, downloads.xformers_sdist())
@@ -174,7 +173,8 @@ class Lab:
                 f"root@{host.ip}", command]
 
     def ssh(self, host: Host, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.ssh_command(host, command), capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self.ssh_command(host, command), capture_output=True, text=True, timeout=timeout,
+                              check=False)
 
     def mirror_settings(self) -> dict[str, object]:
         """gpufleet settings (names from group_data/all.py) that point a host at the lab's mirrors."""

@@ -2,14 +2,15 @@
 """gpufleet lab STAND-IN for nvidia-smi: no GPU exists on test hosts, so this answers from the lab's
 simulated hardware (/sys/bus/pci, /proc/driver/nvidia/version) the way the real tool would."""
 
+import json
 import re
 import sys
 from pathlib import Path
 
 DRIVER_VERSION = "@DRIVER_VERSION@"
-GPUS = @GPUS@
+GPUS: dict[str, list] = json.loads("""@GPUS@""")
 # On a WSL host the GPU is Windows': no /proc/driver/nvidia and no NVIDIA PCI device; this names its device id.
-WSL_GPU = @WSL_GPU@
+WSL_GPU: int | None = json.loads("@WSL_GPU@")
 
 
 def loaded_module() -> tuple[str, bool] | None:

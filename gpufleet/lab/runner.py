@@ -76,5 +76,6 @@ def run_pyinfra(inventory: Path, deploy: str | Path, *extra: str, timeout: float
         env["GPUFLEET_INVENTORY"] = str(inventory)
         target = "inventory.py"
     command = ["pyinfra", "-y", "--json", *extra, target, str(deploy)]
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
     return parse(command, proc)

@@ -109,8 +109,8 @@ def nvidia_smi_script(upstream_version: str, wsl_device_id: int | None = None) -
     """The stand-in nvidia-smi; with `wsl_device_id` it answers as WSL's /usr/lib/wsl/lib/nvidia-smi does."""
     template = (Path(__file__).parent / "nvidia_smi_standin.py").read_text()
     table = {f"{g.device_id:04x}": [g.name, g.memory_mib] for g in GPUS.values() if g is not None}
-    return (template.replace("@DRIVER_VERSION@", upstream_version).replace("@GPUS@", repr(table))
-            .replace("@WSL_GPU@", repr(wsl_device_id)))
+    return (template.replace("@DRIVER_VERSION@", upstream_version).replace("@GPUS@", json.dumps(table))
+            .replace("@WSL_GPU@", json.dumps(wsl_device_id)))
 
 
 def dkms_postinst(upstream_version: str) -> str:

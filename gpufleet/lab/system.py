@@ -29,7 +29,7 @@ def run(cmd: Sequence[str], *, check: bool = True, input: str | None = None,
         cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(list(cmd), input=input, text=True, env=env, cwd=cwd,
                           stdout=subprocess.PIPE if capture else None,
-                          stderr=subprocess.PIPE if capture else None)
+                          stderr=subprocess.PIPE if capture else None, check=False)
     if check and proc.returncode != 0:
         raise LabError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr or ''}{proc.stdout or ''}")
     return proc

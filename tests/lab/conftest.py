@@ -20,7 +20,8 @@ import pytest
 
 from gpufleet.lab import Lab, rootfs
 from gpufleet.lab.hosts import Host
-from gpufleet.lab.runner import PyinfraRun, run_pyinfra as _run_pyinfra
+from gpufleet.lab.runner import PyinfraRun
+from gpufleet.lab.runner import run_pyinfra as _run_pyinfra
 from gpufleet.lab.system import missing_tools
 
 DEPLOYS = Path(__file__).parent / "deploys"
@@ -33,7 +34,7 @@ def _why_lab_cannot_run() -> str | None:
         return f"lab tools missing ({', '.join(missing_tools())}); run `python -m gpufleet.lab prepare` first"
     if not (rootfs.base_dir() / ".complete").exists() and shutil.which("mmdebstrap") is None:
         return "no cached Debian base and no mmdebstrap; run `python -m gpufleet.lab prepare` first"
-    if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode != 0:
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
         return "cannot create network namespaces here (unshare --net failed)"
     return None
 

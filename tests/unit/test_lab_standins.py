@@ -20,14 +20,16 @@ from gpufleet.lab.runner import parse
 @pytest.mark.parametrize(("gpu", "expected"), [("5090d", "[10de:2b87]"), ("5090dv2", "[10de:2b8c]")])
 def test_real_lspci_reads_the_fake_pci_tree(tmp_path: Path, gpu: str, expected: str) -> None:
     hardware.write_pci_tree(tmp_path, gpu)
-    out = subprocess.run(["lspci", "-O", f"sysfs.path={tmp_path}", "-nn"], capture_output=True, text=True).stdout
+    out = subprocess.run(["lspci", "-O", f"sysfs.path={tmp_path}", "-nn"], capture_output=True, text=True,
+                         check=True).stdout
     assert f"VGA compatible controller [0300]: NVIDIA Corporation Device {expected}" in out
 
 
 @pytest.mark.skipif(shutil.which("lspci") is None, reason="lspci (pciutils) not installed")
 def test_host_without_gpu_shows_no_nvidia_device(tmp_path: Path) -> None:
     hardware.write_pci_tree(tmp_path, "none")
-    out = subprocess.run(["lspci", "-O", f"sysfs.path={tmp_path}", "-nn"], capture_output=True, text=True)
+    out = subprocess.run(["lspci", "-O", f"sysfs.path={tmp_path}", "-nn"], capture_output=True, text=True,
+                         check=True)
     assert "10de:" not in out.stdout
 
 
@@ -54,8 +56,8 @@ def test_loaded_module_file_names_the_open_module_and_can_be_unloaded(tmp_path: 
 def test_stand_in_torch_wheel_reports_the_pinned_cu128_nightly_with_sm_120(tmp_path: Path) -> None:
     wheel = standins.torch_wheel(tmp_path)
     assert wheel.name == "torch-2.12.0.dev20260407+cu128-py3-none-any.whl"
-    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, torch.version.cuda, "
-                          "'sm_120' in torch.cuda.get_arch_list())"], env={"PYTHONPATH": str(wheel)},
+    probe = "import torch; print(torch.__version__, torch.version.cuda, 'sm_120' in torch.cuda.get_arch_list())"
+    out = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(wheel)},
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["2.12.0.dev20260407+cu128", "12.8", "True"]
 

@@ -13,6 +13,6 @@ files.directory(name="Create the work directory", path=work)
 if host.get_fact(File, path=stamp) is None:
     server.shell(
         name="Unpack the payload (slow; stamped only on success)",
-        commands=[f"rm -f {work}/payload {stamp} && echo partial > {work}/payload && sleep {SLOW_SECONDS} "
-                  f"&& echo complete > {work}/payload && touch {stamp}"],
+        commands=[(f"rm -f {work}/payload {stamp} && echo partial > {work}/payload && sleep {SLOW_SECONDS} "
+                   f"&& echo complete > {work}/payload && touch {stamp}")],
     )
