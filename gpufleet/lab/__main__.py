@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="tear down leftovers, then start mirrors and N hosts")
     up.add_argument("-n", "--hosts", type=int, default=3)
     up.add_argument("--gpu", choices=sorted(GPUS), default="5090d", help="simulated GPU on every host")
-    up.add_argument("--inventory", type=Path, help="also write a gpufleet YAML inventory here")
+    up.add_argument("--wsl", type=int, default=0, metavar="N", help="also start N WSL2-like hosts (group wsl)")
+    up.add_argument("--inventory", type=Path, help="write the gpufleet YAML inventory here too")
     sub.add_parser("down", help="remove every lab process, mount, namespace and the bridge")
     sub.add_parser("status", help="print the lab's state as JSON")
     args = parser.parse_args(argv)
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             prepare()
             created = lab.up(args.hosts, [args.gpu] * args.hosts)
+            created += [lab.add_host(gpu=args.gpu, platform="wsl") for _ in range(args.wsl)]
             inventory = lab.write_inventory_yaml(args.inventory or lab.state_dir / "inventory.yaml")
             print(f"{len(created)} lab hosts up in {time.monotonic() - started:.1f} s; inventory: {inventory}")
         elif args.command == "down":

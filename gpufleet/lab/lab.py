@@ -14,6 +14,7 @@ from gpufleet.lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
 from gpufleet.lab.system import LabError, ensure_tools, run
 
 DEFAULT_DRIVER_VERSION = "580.95.05-1"
+LAB_PYTHON = "3.11"  # Debian 12's python3, what every lab host has
 
 
 def prepare() -> None:
@@ -197,12 +198,20 @@ class Lab:
 
     def write_inventory_yaml(self, path: Path, selected: list[Host] | None = None,
                              extra_hosts: dict[str, dict[str, object]] | None = None, user: str = "root") -> Path:
-        """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings on top."""
+        """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings on top.
+
+        WSL hosts go to the `wsl` group, the others (and `extra_hosts`) to `workstations`; both groups get
+        python_version 3.11 because every lab host runs Debian 12's Python.
+        """
         import yaml
-        entries = {h.name: {**self.connection(h, user), "settings": {}} for h in (selected or self.hosts())}
-        entries.update(extra_hosts or {})
-        document = {"settings": self.mirror_settings(),
-                    "groups": {"workstations": {"settings": {}, "hosts": entries}}}
+        chosen = selected or self.hosts()
+        groups = {}
+        for group, platform in (("workstations", "metal"), ("wsl", "wsl")):
+            entries = {h.name: {**self.connection(h, user), "settings": {}} for h in chosen if h.platform == platform}
+            if group == "workstations":
+                entries.update(extra_hosts or {})
+            groups[group] = {"settings": {"python_version": LAB_PYTHON}, "hosts": entries}
+        document = {"settings": self.mirror_settings(), "groups": groups}
         path.write_text("# written by `python -m gpufleet.lab`; lab hosts are stand-ins, see gpufleet/lab\n"
                         + yaml.safe_dump(document, sort_keys=False))
         return path
@@ -217,9 +226,12 @@ class Lab:
         sudo: dict[str, object] = {"_sudo": True} if user != "root" else {}
         common = {"ssh_user": user, **sudo, "ssh_key": str(self.control_key),
                   "ssh_known_hosts_file": str(self.known_hosts), "ssh_strict_host_key_checking": "yes",
-                  "ssh_connect_timeout": 5, **self.mirror_settings()}
-        entries = [(h.name, {"ssh_hostname": h.ip, **common}) for h in (selected or self.hosts())]
-        entries += [(name, {"ssh_hostname": address, **common}) for name, address in (extra_hosts or {}).items()]
+                  "ssh_connect_timeout": 5, "python_version": LAB_PYTHON, **self.mirror_settings()}
+        chosen = selected or self.hosts()
+        metal = [(h.name, {"ssh_hostname": h.ip, **common}) for h in chosen if h.platform == "metal"]
+        metal += [(name, {"ssh_hostname": address, **common}) for name, address in (extra_hosts or {}).items()]
+        wsl = [(h.name, {"ssh_hostname": h.ip, **common}) for h in chosen if h.platform == "wsl"]
         path.write_text("# written by gpufleet.lab; lab hosts are stand-ins, see gpufleet/lab\n"
-                        f"workstations = {pprint.pformat(entries, width=110)}\n")
+                        f"workstations = {pprint.pformat(metal, width=110)}\n"
+                        f"wsl = {pprint.pformat(wsl, width=110)}\n")
         return path
