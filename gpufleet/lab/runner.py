@@ -3,6 +3,7 @@
 import json
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,17 +66,18 @@ def parse(command: list[str], proc: subprocess.CompletedProcess[str]) -> Pyinfra
 
 
 def run_pyinfra(inventory: Path, deploy: str | Path, *extra: str, timeout: float = 1800) -> PyinfraRun:
-    """`pyinfra -y --json <inventory> <deploy> *extra` from the repository root.
+    """`pyinfra -y --json <inventory> <deploy> *extra` (this interpreter's pyinfra) from the repository root.
 
     A `.yaml` inventory goes through the root `inventory.py` (GPUFLEET_INVENTORY=<yaml>); a `.py` file is
     passed to pyinfra as it is.
     """
-    env = dict(os.environ)
+    # This checkout's gpufleet first, even where another checkout is pip-installed in editable mode.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     target = str(inventory)
     if Path(inventory).suffix in (".yaml", ".yml"):
         env["GPUFLEET_INVENTORY"] = str(inventory)
         target = "inventory.py"
-    command = ["pyinfra", "-y", "--json", *extra, target, str(deploy)]
+    command = [sys.executable, "-m", "pyinfra", "-y", "--json", *extra, target, str(deploy)]
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
     return parse(command, proc)
