@@ -1,0 +1,243 @@
+"""Test hosts: an overlay over the cached Debian base, its own network namespace, sshd as PID 1 of its own
+PID/mount/UTS/IPC namespaces, chrooted into the overlay.
+
+Inside a host: /proc is its own (its PIDs only) with /proc/sys read-only and sysrq-trigger/kcore masked; /sys
+is read-only with the lab's fake PCI tree over /sys/bus/pci; /proc/driver is the lab's writable tmpfs (see
+hardware.py); /dev is a small tmpfs with its own devpts. Root on a host cannot load kernel modules, set the
+clock or touch raw I/O (dropped from its capability bounding set), so nothing it runs reaches this machine's
+kernel state; `reboot -f` on a host only ends that host (reboot(2) in a PID namespace kills its PID 1). Everything a host runs lives in its network namespace, so
+`ip netns pids <ns>` finds every process to kill, also after the lab itself crashed.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gpufleet.lab import hardware, network, standins
+from gpufleet.lab.paths import mirror_base_url
+from gpufleet.lab.rootfs import SUDO_USER
+from gpufleet.lab.system import LabError, run
+
+OS_KEYRING = "/usr/share/keyrings/gpufleet-lab-archive.gpg"
+
+# Runs in the new namespaces before sshd: $1 root, $2 hostname, $3 /proc/driver source, $4 /sys/bus/pci source,
+# $5 a file to show as /proc/sys/kernel/osrelease, or "" for the real one.
+NAMESPACE_SETUP = r"""
+set -e
+R="$1"
+hostname "$2"
+mount -t proc proc "$R/proc"
+mount --bind "$R/proc/sys" "$R/proc/sys"
+mount -o remount,bind,ro "$R/proc/sys"
+if [ -n "$5" ]; then mount --bind "$5" "$R/proc/sys/kernel/osrelease"; fi
+mount --bind "$3" "$R/proc/driver"
+mount -t sysfs -o ro sysfs "$R/sys"
+mount --bind "$4" "$R/sys/bus/pci"
+mount -t tmpfs -o mode=755,nosuid tmpfs "$R/dev"
+mknod -m 666 "$R/dev/null" c 1 3; mknod -m 666 "$R/dev/zero" c 1 5; mknod -m 666 "$R/dev/full" c 1 7
+mknod -m 666 "$R/dev/random" c 1 8; mknod -m 666 "$R/dev/urandom" c 1 9; mknod -m 666 "$R/dev/tty" c 5 0
+mkdir "$R/dev/pts" "$R/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts "$R/dev/pts"
+mount -t tmpfs -o mode=1777 tmpfs "$R/dev/shm"
+ln -s pts/ptmx "$R/dev/ptmx"; ln -s /proc/self/fd "$R/dev/fd"
+ln -s /proc/self/fd/0 "$R/dev/stdin"; ln -s /proc/self/fd/1 "$R/dev/stdout"; ln -s /proc/self/fd/2 "$R/dev/stderr"
+mount -t tmpfs -o mode=755 tmpfs "$R/run"
+mkdir -p "$R/run/sshd" "$R/run/lock"
+for masked in sysrq-trigger kcore; do
+  if [ -e "$R/proc/$masked" ]; then mount --bind /dev/null "$R/proc/$masked"; fi
+done
+exec setpriv --bounding-set -sys_module,-sys_time,-sys_rawio,-syslog chroot "$R" /usr/sbin/sshd -D -e
+"""
+
+SSHD_CONFIG = """# gpufleet lab: key-only root login, one host key per host
+HostKey /etc/ssh/ssh_host_ed25519_key
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+MaxStartups 100:30:200
+"""
+
+
+@dataclass
+class Host:
+    name: str
+    index: int
+    ip: str
+    gpu: str
+    loaded_driver: str | None
+    dir: str
+    platform: str = "metal"  # or "wsl": WSL2 as the deploys see it (hardware.py)
+    pid: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir)
+
+    @property
+    def root(self) -> Path:
+        return self.path / "root"
+
+    @property
+    def netns(self) -> str:
+        return network.netns_name(self.name)
+
+    def save(self) -> None:
+        (self.path / "host.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, host_dir: Path) -> "Host":
+        return cls(**json.loads((host_dir / "host.json").read_text()))
+
+
+def mounts_under(prefix: Path) -> list[str]:
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point == str(prefix) or point.startswith(f"{prefix}/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def unmount_all(prefix: Path) -> None:
+    for point in mounts_under(prefix):
+        if run(["umount", point], check=False).returncode != 0:
+            run(["umount", "--lazy", point], check=False)
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs; reaps it when it is our own exited child (hosts started by this process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def kill_pids(pids: list[int], timeout: float = 5.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise LabError(f"processes {[p for p in pids if _alive(p)]} survived SIGKILL for {timeout:.0f} s")
+        time.sleep(0.02)
+
+
+def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    path.chmod(mode)
+
+
+def personalise(host: Host, control_pubkey: str, keyring: bytes, kernel_release: str) -> str:
+    """Write what makes the overlay this host; return its known_hosts line."""
+    root = host.root
+    _write(root / "etc/hostname", host.name + "\n")
+    _write(root / "etc/hosts", f"127.0.0.1 localhost\n127.0.1.1 {host.name}\n")
+    _write(root / "etc/resolv.conf", "# gpufleet lab: no DNS; mirrors are addressed by IP\n")
+    key = host.path / "ssh_host_ed25519_key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host.name}", "-f", str(key)])
+    _write(root / "etc/ssh/ssh_host_ed25519_key", key.read_bytes(), 0o600)
+    _write(root / "etc/ssh/ssh_host_ed25519_key.pub", key.with_suffix(".pub").read_bytes())
+    _write(root / "etc/ssh/sshd_config.d/gpufleet-lab.conf", SSHD_CONFIG)
+    (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+    _write(root / "root/.ssh/authorized_keys", control_pubkey, 0o600)
+    admin = next(line.split(":") for line in (root / "etc/passwd").read_text().splitlines()
+                 if line.startswith(f"{SUDO_USER}:"))
+    admin_ssh = root / "home" / SUDO_USER / ".ssh"
+    admin_ssh.mkdir(mode=0o700, exist_ok=True)
+    _write(admin_ssh / "authorized_keys", control_pubkey, 0o600)
+    for path in (admin_ssh, admin_ssh / "authorized_keys"):
+        os.chown(path, int(admin[2]), int(admin[3]))
+    _write(root / OS_KEYRING.lstrip("/"), keyring)
+    _write(root / "etc/apt/sources.list.d/gpufleet-lab-debian.list",
+           f"deb [signed-by={OS_KEYRING}] {mirror_base_url()}/debian/ /\n")
+    modules = root / "lib/modules" / kernel_release
+    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        _write(modules / name, "")  # what the installed kernel image would ship
+    kind, blob = key.with_suffix(".pub").read_text().split()[:2]
+    return f"{host.ip} {kind} {blob}"
+
+
+def make_wsl(host: Host) -> None:
+    """What WSL2 adds: its kernel release string and Windows' driver tools under /usr/lib/wsl/lib (stand-ins)."""
+    (host.path / "osrelease").write_text(hardware.WSL_KERNEL_RELEASE + "\n")
+    spec = hardware.GPUS[host.gpu]
+    if spec is None:
+        return
+    lib = host.root / "usr/lib/wsl/lib"
+    _write(lib / "nvidia-smi", standins.nvidia_smi_script(hardware.WSL_DRIVER_VERSION, spec.device_id), 0o755)
+    _write(lib / "libcuda.so.1", b"gpufleet lab stand-in for the WSL libcuda stub\n")
+
+
+def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_release: str) -> str:
+    """Build and start one host; return its known_hosts line. Stops halfway only by raising."""
+    path = host.path
+    for sub in ("upper", "work", "root", "pci", "procdriver"):
+        (path / sub).mkdir(parents=True, exist_ok=True)
+    host.save()
+    network.create_host_netns(host.name, host.ip)
+    run(["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={base},upperdir={path / 'upper'},workdir={path / 'work'}", str(host.root)])
+    run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs", str(path / "pci")])
+    run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs", str(path / "procdriver")])
+    hardware.write_pci_tree(path / "pci", host.gpu, wsl=host.platform == "wsl")
+    hardware.write_loaded_driver(path / "procdriver", host.loaded_driver)
+    known_host = personalise(host, control_pubkey, keyring, kernel_release)
+    if host.platform == "wsl":
+        make_wsl(host)
+    start(host)
+    return known_host
+
+
+def start(host: Host) -> None:
+    with open(host.path / "sshd.log", "ab") as log:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork",
+             "--kill-child", "--propagation", "private", "sh", "-c", NAMESPACE_SETUP, "gpufleet-lab-host",
+             str(host.root), host.name, str(host.path / "procdriver"), str(host.path / "pci"),
+             str(host.path / "osrelease") if host.platform == "wsl" else ""],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    host.pid = proc.pid
+    host.save()
+
+
+def wait_ready(host: Host, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.ip, 22), timeout=1) as conn:
+                if conn.recv(4).startswith(b"SSH-"):
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise LabError(f"lab host {host.name} ({host.ip}): sshd did not answer within {timeout:.0f} s; "
+                   f"see {host.path / 'sshd.log'}")
+
+
+def stop(host_name: str, host_dir: Path) -> None:
+    """Kill every process in the host's network namespace, unmount its mounts, delete the namespace."""
+    ns = network.netns_name(host_name)
+    if ns in network.lab_namespaces():
+        kill_pids(network.netns_pids(ns))
+    unmount_all(host_dir)
+    network.delete_netns(ns)
+    run(["ip", "link", "del", network.veth_name(host_name)], check=False)  # gone with the namespace, unless pinned
+    leftover = mounts_under(host_dir)
+    if leftover:
+        raise LabError(f"lab host {host_name}: still mounted after teardown: {leftover}; unmount them by hand")

@@ -1,0 +1,237 @@
+"""The lab as one object: `Lab().up(3)` gives three SSH-reachable Debian 12 hosts with simulated GPUs and
+local mirrors; `Lab().down()` removes everything the lab ever created, also what a crashed run left behind."""
+
+import hashlib
+import os
+import pprint
+import shutil
+import subprocess
+from pathlib import Path
+
+from gpufleet.lab import downloads, hardware, hosts, mirrors, network, rootfs, standins
+from gpufleet.lab.hosts import Host
+from gpufleet.lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
+from gpufleet.lab.system import LabError, ensure_tools, run
+
+DEFAULT_DRIVER_VERSION = "580.95.05-1"
+LAB_PYTHON = "3.11"  # Debian 12's python3, what every lab host has
+
+
+def prepare() -> None:
+    """Install the lab's Debian tools and fill the cache (base image, OS packages, wheels, sdist); idempotent."""
+    ensure_tools()
+    rootfs.ensure_base()
+    downloads.os_packages()
+    downloads.wheels()
+    downloads.xformers_sdist()
+
+
+class Lab:
+    def __init__(self, state_dir: Path = STATE_DIR) -> None:
+        self.state_dir = state_dir
+        self.www = state_dir / "www"
+        self.keys = state_dir / "keys"
+        self.hosts_dir = state_dir / "hosts"
+        self.known_hosts = state_dir / "known_hosts"
+        self.control_key = self.keys / "control_ed25519"
+        self.server_pid = state_dir / "mirror.pid"
+        self.kernel_release = os.uname().release
+
+    def up(self, count: int = 3, gpus: list[str] | None = None) -> list[Host]:
+        """Tear down whatever is left, then build the network, mirrors and `count` hosts."""
+        self.down()
+        self.hosts_dir.mkdir(parents=True)
+        self.keys.mkdir(mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "gpufleet-lab-control", "-f", str(self.control_key)])
+        self.known_hosts.touch()
+        keyring = mirrors.ensure_signing_key(self.keys)
+        network.create_bridge()
+        self._build_mirrors(keyring)
+        mirrors.start_server(self.www, self.server_pid, self.state_dir / "mirror.log")
+        return self.add_hosts(count, gpus)
+
+    def _build_mirrors(self, keyring: bytes) -> None:
+        mirrors.build_cuda_repos(self.www, self.keys, keyring, self.kernel_release, DEFAULT_DRIVER_VERSION)
+        mirrors.build_os_repo(self.www, self.keys, downloads.os_packages())
+        torch = standins.torch_wheel(self.state_dir / "built")
+        mirrors.build_simple_index(self.www, [*sorted(downloads.wheels().glob("*.whl")), torch])
+        mirrors.place_file(self.www, downloads.xformers_sdist())
+
+    def add_hosts(self, count: int, gpus: list[str] | None = None) -> list[Host]:
+        created = [self.add_host(gpu=(gpus[i] if gpus else "5090d"), wait=False) for i in range(count)]
+        for host in created:
+            hosts.wait_ready(host)
+        return created
+
+    def add_host(self, gpu: str = "5090d", loaded_driver: str | None = None, wait: bool = True,
+                 platform: str = "metal") -> Host:
+        """Create and start one fresh host from the cached base; `gpu` is a key of hardware.GPUS,
+        `platform` "metal" or "wsl" (WSL2 as the deploys see it; never a loaded Linux module)."""
+        if not network.bridge_exists() or not self.control_key.exists():
+            raise LabError("the lab is not up (no bridge or control key); start it with `python -m gpufleet.lab up`")
+        if gpu not in hardware.GPUS:
+            raise LabError(f"unknown lab GPU {gpu!r}; choose one of {sorted(hardware.GPUS)}")
+        if platform not in ("metal", "wsl") or (platform == "wsl" and loaded_driver):
+            raise LabError(f"lab platform {platform!r} with loaded_driver={loaded_driver!r}: use metal, or wsl "
+                           "without a loaded driver (WSL's driver lives on Windows)")
+        used = {h.index for h in self.hosts()}
+        index = next(i for i in range(1, 241) if i not in used)
+        name = f"lab{index:02d}"
+        host = Host(name=name, index=index, ip=host_ip(index), gpu=gpu, loaded_driver=loaded_driver,
+                    dir=str(self.hosts_dir / name), platform=platform)
+        known = hosts.create(host, rootfs.base_dir(), self.control_key.with_suffix(".pub").read_text(),
+                             (self.keys / "archive-keyring.gpg").read_bytes(), self.kernel_release)
+        with open(self.known_hosts, "a") as f:
+            f.write(known + "\n")
+        if wait:
+            hosts.wait_ready(host)
+        return host
+
+    def remove_host(self, host: Host) -> None:
+        hosts.stop(host.name, host.path)
+        lines = self.known_hosts.read_text().splitlines()
+        self.known_hosts.write_text("".join(f"{l}\n" for l in lines if not l.startswith(f"{host.ip} ")))
+        shutil.rmtree(host.path)
+
+    def hosts(self) -> list[Host]:
+        if not self.hosts_dir.exists():
+            return []
+        return sorted((Host.load(d) for d in self.hosts_dir.iterdir() if (d / "host.json").exists()),
+                      key=lambda h: h.index)
+
+    def host(self, name: str) -> Host:
+        for host in self.hosts():
+            if host.name == name:
+                return host
+        raise LabError(f"no lab host named {name!r}; running: {[h.name for h in self.hosts()]}")
+
+    def down(self) -> None:
+        """Remove every lab process (by PID), mount, namespace, the bridge and the state dir; safe to repeat."""
+        if self.hosts_dir.exists():
+            for host_dir in self.hosts_dir.iterdir():
+                hosts.stop(host_dir.name, host_dir)
+        for ns in network.lab_namespaces():  # namespaces whose host dir a crash already lost
+            hosts.kill_pids(network.netns_pids(ns))
+            network.delete_netns(ns)
+        mirrors.stop_server(self.server_pid, self.www)
+        hosts.unmount_all(self.state_dir)
+        network.delete_stray_veths()
+        network.delete_bridge()
+        leftover = hosts.mounts_under(self.state_dir)
+        if leftover:
+            raise LabError(f"lab teardown: still mounted: {leftover}; nothing under {self.state_dir} was deleted")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "state_dir": str(self.state_dir),
+            "base": str(rootfs.base_dir()) if (rootfs.base_dir() / ".complete").exists() else None,
+            "bridge": f"{network.BRIDGE_NAME} {BRIDGE_IP}" if network.bridge_exists() else None,
+            "mirror": mirror_base_url() if self.server_pid.exists() else None,
+            "hosts": [{"name": h.name, "ip": h.ip, "platform": h.platform, "gpu": h.gpu,
+                       "loaded_driver": h.loaded_driver,
+                       "processes": len(network.netns_pids(h.netns))} for h in self.hosts()],
+            "stray_namespaces": sorted(set(network.lab_namespaces()) - {h.netns for h in self.hosts()}),
+        }
+
+    def set_loaded_driver(self, host: Host, version: str | None) -> None:
+        """Simulate the open module `version` (e.g. "580.95.05") being loaded, as after a reboot; None = unloaded."""
+        hardware.write_loaded_driver(host.path / "procdriver", version)
+        host.loaded_driver = version
+        host.save()
+
+    def publish_driver(self, version: str, branch: str = "580") -> None:
+        """Add stand-in driver packages `version` (e.g. "580.105.08-1") to the CUDA repos, re-signed."""
+        mirrors.publish_driver(self.www, self.keys, version, branch)
+
+    def processes(self, host: Host) -> dict[int, str]:
+        """PID (as seen here) -> command line of every process running in `host`."""
+        found = {}
+        for pid in network.netns_pids(host.netns):
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+        return found
+
+    def cut_ssh_sessions(self, host: Host) -> list[int]:
+        """Kill, by PID, every process of the host's SSH sessions (all but its sshd listener): a dropped link."""
+        victims = []
+        for pid in network.netns_pids(host.netns):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            nspids = next(line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:"))
+            if len(nspids) > 1 and nspids[-1] != "1":  # inside the host's PID namespace, not its PID 1
+                victims.append(pid)
+        hosts.kill_pids(victims)
+        return victims
+
+    def ssh_command(self, host: Host, command: str) -> list[str]:
+        return ["ssh", "-i", str(self.control_key), "-o", f"UserKnownHostsFile={self.known_hosts}",
+                "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5",
+                f"root@{host.ip}", command]
+
+    def ssh(self, host: Host, command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(self.ssh_command(host, command), capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+    def mirror_settings(self) -> dict[str, object]:
+        """gpufleet settings (names from group_data/all.py) that point a host at the lab's mirrors."""
+        base = mirror_base_url()
+        return {
+            "cuda_repo_url": f"{base}/cuda/repos",
+            "cuda_keyring_sha256": {
+                repo_dir: hashlib.sha256((mirrors.cuda_repo(self.www, repo_dir) / "cuda-keyring_1.1-1_all.deb")
+                                         .read_bytes()).hexdigest() for repo_dir in mirrors.CUDA_REPO_DIRS},
+            "torch_index_url": f"{base}/simple",
+            "pip_index_url": f"{base}/simple",
+            "pip_trusted_hosts": [BRIDGE_IP],
+            "xformers_source_url": f"{base}/files/xformers-{downloads.XFORMERS_VERSION}.tar.gz",
+        }
+
+    def connection(self, host: Host, user: str = "root") -> dict[str, object]:
+        """A YAML inventory host entry; `user` is "root" or rootfs.SUDO_USER (then with sudo)."""
+        return {"address": host.ip, "ssh_user": user, "ssh_port": 22, "ssh_key": str(self.control_key),
+                "ssh_known_hosts_file": str(self.known_hosts), "sudo": user != "root"}
+
+    def write_inventory_yaml(self, path: Path, selected: list[Host] | None = None,
+                             extra_hosts: dict[str, dict[str, object]] | None = None, user: str = "root") -> Path:
+        """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings on top.
+
+        WSL hosts go to the `wsl` group, the others (and `extra_hosts`) to `workstations`; both groups get
+        python_version 3.11 because every lab host runs Debian 12's Python.
+        """
+        import yaml
+        chosen = selected or self.hosts()
+        groups = {}
+        for group, platform in (("workstations", "metal"), ("wsl", "wsl")):
+            entries = {h.name: {**self.connection(h, user), "settings": {}} for h in chosen if h.platform == platform}
+            if group == "workstations":
+                entries.update(extra_hosts or {})
+            groups[group] = {"settings": {"python_version": LAB_PYTHON}, "hosts": entries}
+        document = {"settings": self.mirror_settings(), "groups": groups}
+        path.write_text("# written by `python -m gpufleet.lab`; lab hosts are stand-ins, see gpufleet/lab\n"
+                        + yaml.safe_dump(document, sort_keys=False))
+        return path
+
+    def write_inventory_py(self, path: Path, selected: list[Host] | None = None,
+                           extra_hosts: dict[str, str] | None = None, user: str = "root") -> Path:
+        """pyinfra-native inventory: strict host key checking against the lab's known_hosts, mirror settings as data.
+
+        `extra_hosts` maps a name to an address with no lab host behind it (to test unreachable hosts);
+        `user` other than root (rootfs.SUDO_USER) connects as that user and runs operations with sudo.
+        """
+        sudo: dict[str, object] = {"_sudo": True} if user != "root" else {}
+        common = {"ssh_user": user, **sudo, "ssh_key": str(self.control_key),
+                  "ssh_known_hosts_file": str(self.known_hosts), "ssh_strict_host_key_checking": "yes",
+                  "ssh_connect_timeout": 5, "python_version": LAB_PYTHON, **self.mirror_settings()}
+        chosen = selected or self.hosts()
+        metal = [(h.name, {"ssh_hostname": h.ip, **common}) for h in chosen if h.platform == "metal"]
+        metal += [(name, {"ssh_hostname": address, **common}) for name, address in (extra_hosts or {}).items()]
+        wsl = [(h.name, {"ssh_hostname": h.ip, **common}) for h in chosen if h.platform == "wsl"]
+        path.write_text("# written by gpufleet.lab; lab hosts are stand-ins, see gpufleet/lab\n"
+                        f"workstations = {pprint.pformat(metal, width=110)}\n"
+                        f"wsl = {pprint.pformat(wsl, width=110)}\n")
+        return path

@@ -1,0 +1,29 @@
+"""Where the lab keeps things and which network it owns; one place so setup and teardown agree."""
+
+from pathlib import Path
+
+# Built once and kept between runs: the Debian base, downloaded .debs, wheels and the xformers sdist.
+CACHE_DIR = Path("/var/cache/gpufleet-lab")
+# Everything one running lab owns: keys, host overlays, served mirror tree, pid files, inventories.
+STATE_DIR = Path("/var/lib/gpufleet-lab")
+
+# A /24 chosen to be unlikely on real networks; `network.check_subnet_free` refuses to run if it is in use.
+SUBNET_PREFIX = "10.213.47"
+BRIDGE_NAME = "gflab0"
+BRIDGE_IP = f"{SUBNET_PREFIX}.1"
+# Host n (1-based) gets .10+n, so up to 200 hosts fit.
+HOST_IP_OFFSET = 10
+NETNS_PREFIX = "gflab-"
+MIRROR_PORT = 8047
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+
+
+def host_ip(index: int) -> str:
+    return f"{SUBNET_PREFIX}.{HOST_IP_OFFSET + index}"
+
+
+def mirror_base_url() -> str:
+    return f"http://{BRIDGE_IP}:{MIRROR_PORT}"

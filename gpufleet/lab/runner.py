@@ -1,0 +1,83 @@
+"""Run the real `pyinfra -y --json` CLI against lab hosts and read its per-host, per-operation results."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class OpResult:
+    name: str
+    status: str  # "changed", "no_change" or "error"
+
+
+@dataclass
+class PyinfraRun:
+    command: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    payload: dict | None
+    hosts: dict[str, list[OpResult]] = field(default_factory=dict)
+    failed_hosts: list[str] = field(default_factory=list)
+
+    def changes(self, host: str) -> list[str]:
+        return [op.name for op in self.hosts.get(host, []) if op.status == "changed"]
+
+    def errors(self, host: str) -> list[str]:
+        return [op.name for op in self.hosts.get(host, []) if op.status == "error"]
+
+    def explain(self) -> str:
+        return f"$ {' '.join(self.command)}\nexit {self.returncode}\n--- stderr (tail) ---\n{self.stderr[-4000:]}"
+
+    def assert_converged(self, hosts: list[str]) -> None:
+        """Every named host ran every operation without an error."""
+        assert self.payload is not None and self.payload.get("results"), f"no JSON results\n{self.explain()}"
+        for host in hosts:
+            assert host in self.hosts, f"{host} ran no operations\n{self.explain()}"
+            assert host not in self.failed_hosts, f"{host} failed\n{self.explain()}"
+            assert not self.errors(host), f"{host}: errors in {self.errors(host)}\n{self.explain()}"
+
+    def assert_no_changes(self, hosts: list[str]) -> None:
+        """The run converged and changed nothing on any named host (the idempotence check)."""
+        self.assert_converged(hosts)
+        changed = {host: self.changes(host) for host in hosts if self.changes(host)}
+        assert not changed, f"a re-run changed something: {changed}\n{self.explain()}"
+
+
+def parse(command: list[str], proc: subprocess.CompletedProcess[str]) -> PyinfraRun:
+    try:
+        payload = json.loads(proc.stdout) if proc.stdout.strip() else None
+    except json.JSONDecodeError:
+        payload = None  # something printed to stdout besides pyinfra's JSON; stderr/stdout stay for the message
+    run = PyinfraRun(command, proc.returncode, proc.stdout, proc.stderr, payload)
+    results = (payload or {}).get("results") or {}
+    for op in results.get("operations", []):
+        for status, key in (("changed", "success"), ("no_change", "no_change"), ("error", "error")):
+            for host in op.get(key, []):
+                run.hosts.setdefault(host, []).append(OpResult(op["name"], status))
+    run.failed_hosts = list(results.get("failed_hosts", []))
+    return run
+
+
+def run_pyinfra(inventory: Path, deploy: str | Path, *extra: str, timeout: float = 1800) -> PyinfraRun:
+    """`pyinfra -y --json <inventory> <deploy> *extra` (this interpreter's pyinfra) from the repository root.
+
+    A `.yaml` inventory goes through the root `inventory.py` (GPUFLEET_INVENTORY=<yaml>); a `.py` file is
+    passed to pyinfra as it is.
+    """
+    # This checkout's gpufleet first, even where another checkout is pip-installed in editable mode.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    target = str(inventory)
+    if Path(inventory).suffix in (".yaml", ".yml"):
+        env["GPUFLEET_INVENTORY"] = str(inventory)
+        target = "inventory.py"
+    command = [sys.executable, "-m", "pyinfra", "-y", "--json", *extra, target, str(deploy)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    return parse(command, proc)

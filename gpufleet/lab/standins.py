@@ -1,0 +1,210 @@
+"""STAND-IN packages with NVIDIA's real names and file layout, built locally for the lab's mirrors.
+
+None of these contain NVIDIA software. They exist so the deploys' real commands (apt, dpkg-query, modinfo,
+nvidia-smi, nvcc --version, pip, `import torch`) run against something with the right names, versions
+and paths:
+
+- `cuda-keyring` 1.1-1: the lab's test signing key at /usr/share/keyrings/cuda-archive-keyring.gpg and,
+  like NVIDIA's, a .list pointing at NVIDIA's own URL for its repository directory.
+- `cuda-toolkit-12-8`: /usr/local/cuda-12.8 with a `bin/nvcc` printing nvcc's `--version` format, lib64/.
+- `nvidia-open-580` -> `nvidia-dkms-580-open` + `nvidia-utils-580`, and `nvidia-driver-pinning-580`.
+  The dkms stand-in's postinst installs a tiny ELF with a real `.modinfo` section as
+  /lib/modules/$(uname -r)/updates/dkms/nvidia.ko and runs depmod, so `modinfo -F version nvidia` answers;
+  like DKMS it builds nothing (and says so on stderr) when /lib/modules/$(uname -r)/build is missing.
+  `nvidia-utils-580` ships a stand-in `nvidia-smi` (see nvidia_smi_standin.py).
+- `linux-headers-<this kernel>`: /usr/src/linux-headers-<kr> and the /lib/modules/<kr>/build link.
+- a `torch` wheel 2.12.0.dev20260407+cu128: pure Python, exposing `__version__`, `version.cuda` and
+  `cuda.get_arch_list()` with sm_120; no tensors, no CUDA.
+Versions are parameters so a test can publish a driver update (580.95.05-1 -> 580.105.08-1).
+"""
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+from gpufleet.lab.hardware import GPUS
+from gpufleet.lab.kmod_elf import modinfo_object
+
+# A file in a package: content and mode; a str content starting with "->" is a symlink target.
+Files = Mapping[str, tuple[bytes | str, int]]
+
+SOURCE_DATE_EPOCH = "1767225600"  # fixed mtimes: rebuilding the same package gives the same bytes
+TORCH_VERSION = "2.12.0.dev20260407+cu128"
+TORCH_ARCH_LIST = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+
+def build_deb(out_dir: Path, name: str, version: str, files: Files, *, depends: str = "",
+              description: str, arch: str = "amd64", scripts: Mapping[str, str] | None = None) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        root.chmod(0o755)  # dpkg would otherwise record / as 0700
+        for path, (content, mode) in files.items():
+            target = root / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, str) and content.startswith("->"):
+                target.symlink_to(content[2:])
+                continue
+            target.write_bytes(content.encode() if isinstance(content, str) else content)
+            target.chmod(mode)
+        control = [f"Package: {name}", f"Version: {version}", f"Architecture: {arch}",
+                   "Maintainer: gpufleet lab <lab@gpufleet.invalid>", "Priority: optional", "Section: misc"]
+        if depends:
+            control.append(f"Depends: {depends}")
+        control.append(f"Description: {description}\n gpufleet test-lab STAND-IN; contains no NVIDIA software.")
+        (root / "DEBIAN").mkdir(exist_ok=True)
+        (root / "DEBIAN" / "control").write_text("\n".join(control) + "\n")
+        for script, body in (scripts or {}).items():
+            (root / "DEBIAN" / script).write_text(body)
+            (root / "DEBIAN" / script).chmod(0o755)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        deb = out_dir / f"{name}_{version.split(':')[-1]}_{arch}.deb"
+        env = {**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH}
+        subprocess.run(["dpkg-deb", "--root-owner-group", "-Zgzip", "--build", str(root), str(deb)],
+                       check=True, capture_output=True, env=env)
+    return deb
+
+
+def cuda_keyring_deb(out_dir: Path, keyring: bytes, repo_dir: str) -> Path:
+    nvidia_url = f"https://developer.download.nvidia.com/compute/cuda/repos/{repo_dir}/x86_64/"
+    return build_deb(out_dir, "cuda-keyring", "1.1-1", {
+        "/usr/share/keyrings/cuda-archive-keyring.gpg": (keyring, 0o644),
+        f"/etc/apt/sources.list.d/cuda-{repo_dir}-x86_64.list":
+            (f"deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] {nvidia_url} /\n", 0o644),
+    }, arch="all", description="NVIDIA CUDA archive keyring (lab test key)")
+
+
+def nvcc_script(cuda_version: str, patch: str) -> str:
+    return ("#!/bin/sh\n# gpufleet lab STAND-IN for nvcc: prints the real --version format, compiles nothing.\n"
+            "case \"$*\" in *--version*|*-V*)\n"
+            "echo 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+            "echo 'Copyright (c) 2005-2025 NVIDIA Corporation'\n"
+            "echo 'Built on Fri_Feb_21_20:23:50_PST_2025'\n"
+            f"echo 'Cuda compilation tools, release {cuda_version}, V{cuda_version}.{patch}'\n"
+            f"echo 'Build cuda_{cuda_version}.r{cuda_version}/compiler.35583870_0'\n"
+            "exit 0;;\nesac\necho 'nvcc (gpufleet lab stand-in): cannot compile' >&2\nexit 1\n")
+
+
+def cuda_toolkit_deb(out_dir: Path, cuda_version: str = "12.8", patch: str = "93") -> Path:
+    home = f"/usr/local/cuda-{cuda_version}"
+    dashed = cuda_version.replace(".", "-")
+    major = cuda_version.split(".")[0]
+    return build_deb(out_dir, f"cuda-toolkit-{dashed}", f"{cuda_version}.1-1", {
+        f"{home}/bin/nvcc": (nvcc_script(cuda_version, patch), 0o755),
+        f"{home}/lib64/libcudart.so.{cuda_version}.90": (b"gpufleet lab stand-in, not a library\n", 0o644),
+        f"{home}/lib64/libcudart.so.{major}": (f"->libcudart.so.{cuda_version}.90", 0),
+        f"{home}/lib64/libcudart.so": (f"->libcudart.so.{major}", 0),
+        f"{home}/include/cuda.h": (f"#define CUDA_VERSION {major}0{cuda_version.split('.')[1]}0\n", 0o644),
+        f"{home}/version.json": (json.dumps({"cuda": {"name": "CUDA SDK", "version": f"{cuda_version}.1"}}), 0o644),
+    }, description=f"CUDA Toolkit {cuda_version} meta-package")
+
+
+def nvidia_smi_script(upstream_version: str, wsl_device_id: int | None = None) -> str:
+    """The stand-in nvidia-smi; with `wsl_device_id` it answers as WSL's /usr/lib/wsl/lib/nvidia-smi does."""
+    template = (Path(__file__).parent / "nvidia_smi_standin.py").read_text()
+    table = {f"{g.device_id:04x}": [g.name, g.memory_mib] for g in GPUS.values() if g is not None}
+    return (template.replace("@DRIVER_VERSION@", upstream_version).replace("@GPUS@", json.dumps(table))
+            .replace("@WSL_GPU@", json.dumps(wsl_device_id)))
+
+
+def dkms_postinst(upstream_version: str) -> str:
+    return f"""#!/bin/sh
+set -e
+# gpufleet lab STAND-IN for a DKMS build: copies a prebuilt module object, needs the kernel headers like DKMS.
+kver=$(uname -r)
+case "$1" in configure)
+  if [ ! -e "/lib/modules/$kver/build" ]; then
+    echo "Error! Your kernel headers for kernel $kver cannot be found at /lib/modules/$kver/build" >&2
+    echo "Please install the linux-headers-$kver package (gpufleet lab stand-in: module not installed)" >&2
+    exit 0
+  fi
+  install -D -m 644 /usr/src/nvidia-{upstream_version}/nvidia.ko "/lib/modules/$kver/updates/dkms/nvidia.ko"
+  depmod -a "$kver"
+;; esac
+"""
+
+
+DKMS_PRERM = """#!/bin/sh
+set -e
+kver=$(uname -r)
+rm -f "/lib/modules/$kver/updates/dkms/nvidia.ko"
+depmod -a "$kver" || true
+"""
+
+
+def driver_debs(out_dir: Path, branch: str = "580", version: str = "580.95.05-1") -> list[Path]:
+    upstream = version.split("-")[0]
+    module = modinfo_object({"version": upstream, "license": "Dual MIT/GPL", "name": "nvidia",
+                             "description": "NVIDIA kernel module (gpufleet lab stand-in, not loadable)"})
+    pin = (f"Package: nvidia-* libnvidia-* *nvidia*\nPin: version {branch}.*\nPin-Priority: 1000\n")
+    return [
+        build_deb(out_dir, f"nvidia-driver-pinning-{branch}", version, {
+            f"/etc/apt/preferences.d/nvidia-driver-pinning-{branch}": (pin, 0o644)},
+            arch="all", description=f"Pin the NVIDIA driver to branch {branch}"),
+        build_deb(out_dir, f"nvidia-dkms-{branch}-open", version, {
+            f"/usr/src/nvidia-{upstream}/nvidia.ko": (module, 0o644)},
+            depends="kmod", scripts={"postinst": dkms_postinst(upstream), "prerm": DKMS_PRERM},
+            description="NVIDIA open kernel module source (DKMS)"),
+        build_deb(out_dir, f"nvidia-utils-{branch}", version, {
+            "/usr/bin/nvidia-smi": (nvidia_smi_script(upstream), 0o755)},
+            depends="python3", description="NVIDIA driver support binaries"),
+        build_deb(out_dir, f"nvidia-open-{branch}", version, {},
+                  depends=f"nvidia-dkms-{branch}-open (= {version}), nvidia-utils-{branch} (= {version})",
+                  description=f"NVIDIA open driver metapackage, branch {branch}"),
+    ]
+
+
+def linux_headers_deb(out_dir: Path, kernel_release: str) -> Path:
+    src = f"/usr/src/linux-headers-{kernel_release}"
+    return build_deb(out_dir, f"linux-headers-{kernel_release}", "1.0-1", {
+        f"{src}/Makefile": (f"# gpufleet lab stand-in headers for {kernel_release}\n", 0o644),
+        f"{src}/include/generated/utsrelease.h": (f'#define UTS_RELEASE "{kernel_release}"\n', 0o644),
+        f"/lib/modules/{kernel_release}/build": (f"->{src}", 0),
+    }, description=f"Linux kernel headers for {kernel_release}")
+
+
+def torch_wheel(out_dir: Path, version: str = TORCH_VERSION) -> Path:
+    cuda = version.split("+cu")[1] if "+cu" in version else None
+    cuda_dotted = f"{cuda[:-1]}.{cuda[-1]}" if cuda else None
+    sources = {
+        "torch/__init__.py": (f'"""gpufleet lab STAND-IN for torch: metadata only, no tensors, no CUDA."""\n'
+                              f"from torch import cuda, version\n__version__ = {version!r}\n"),
+        "torch/version.py": f"__version__ = {version!r}\ncuda = {cuda_dotted!r}\ngit_version = 'gpufleet-lab'\n",
+        "torch/cuda/__init__.py": (f"def get_arch_list():\n    return {TORCH_ARCH_LIST!r}\n\n\n"
+                                   "def is_available():\n    return False\n\n\n"
+                                   "def device_count():\n    return 0\n"),
+    }
+    dist_info = f"torch-{version}.dist-info"
+    meta = {
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n"
+                                 "Summary: gpufleet lab stand-in for PyTorch\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: gpufleet-lab\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{dist_info}/top_level.txt": "torch\n",
+    }
+    entries = {**sources, **meta}
+    record = [f"{path},sha256={_urlsafe_digest(body.encode())},{len(body.encode())}" for path, body in entries.items()]
+    record.append(f"{dist_info}/RECORD,,")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wheel = out_dir / f"torch-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path, body in {**entries, f"{dist_info}/RECORD": "\n".join(record) + "\n"}.items():
+            info = zipfile.ZipInfo(path, date_time=(2026, 4, 7, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, body)
+    return wheel
+
+
+def _urlsafe_digest(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def replace_dir(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path

@@ -1,0 +1,85 @@
+"""Fixtures for lab tests: real Debian 12 hosts over SSH on this machine (see gpufleet/lab).
+
+The hosts' GPUs, NVIDIA packages and torch are STAND-INS (no GPU exists here); apt, dpkg, sshd, pip,
+lspci, modinfo and pyinfra are real.
+  lab          session-scoped running Lab (3 shared hosts), torn down at the end
+  lab_hosts    the 3 shared hosts (other tests may have changed them)
+  fresh_hosts  3 new hosts from the cached base, removed after the test
+  make_inventory(hosts, kind="py"|"yaml", extra_hosts=None, user="root"|"labadmin") -> Path
+               inventory for those hosts (labadmin: passwordless sudo, operations run with sudo)
+  run_pyinfra(inventory, deploy, *extra) -> PyinfraRun  the real pyinfra CLI, results parsed
+"""
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from gpufleet.lab import Lab, rootfs
+from gpufleet.lab.hosts import Host
+from gpufleet.lab.runner import PyinfraRun
+from gpufleet.lab.runner import run_pyinfra as _run_pyinfra
+from gpufleet.lab.system import missing_tools
+
+DEPLOYS = Path(__file__).parent / "deploys"
+
+
+def _why_lab_cannot_run() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab needs root (network namespaces, overlay mounts); run the lab tests as root"
+    if missing_tools():
+        return f"lab tools missing ({', '.join(missing_tools())}); run `python -m gpufleet.lab prepare` first"
+    if not (rootfs.base_dir() / ".complete").exists() and shutil.which("mmdebstrap") is None:
+        return "no cached Debian base and no mmdebstrap; run `python -m gpufleet.lab prepare` first"
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
+        return "cannot create network namespaces here (unshare --net failed)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    reason = _why_lab_cannot_run()
+    if reason:
+        pytest.skip(reason)
+    from gpufleet.lab import prepare
+    prepare()
+    lab = Lab()
+    try:
+        lab.up(3)
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="session")
+def lab_hosts(lab: Lab) -> list[Host]:
+    return lab.hosts()[:3]
+
+
+@pytest.fixture
+def fresh_hosts(lab: Lab) -> Iterator[list[Host]]:
+    created = lab.add_hosts(3)
+    yield created
+    for host in created:
+        lab.remove_host(host)
+
+
+@pytest.fixture
+def make_inventory(lab: Lab, tmp_path: Path) -> Callable[..., Path]:
+    def make(hosts: list[Host], kind: str = "py", extra_hosts: dict[str, str] | None = None,
+             user: str = "root") -> Path:
+        if kind == "yaml":
+            extra = {name: {"address": address, "ssh_user": "root", "ssh_key": str(lab.control_key),
+                            "ssh_known_hosts_file": str(lab.known_hosts)}
+                     for name, address in (extra_hosts or {}).items()}
+            return lab.write_inventory_yaml(tmp_path / "inventory.yaml", hosts, extra, user)
+        return lab.write_inventory_py(tmp_path / "lab_inventory.py", hosts, extra_hosts, user)
+    return make
+
+
+@pytest.fixture
+def run_pyinfra() -> Callable[..., PyinfraRun]:
+    return _run_pyinfra

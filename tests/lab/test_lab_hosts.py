@@ -1,0 +1,106 @@
+"""The lab's hosts behave like the machines the deploys target, through real tools.
+
+GPU, NVIDIA packages and torch on these hosts are STAND-INS (see gpufleet/lab/standins.py and hardware.py);
+lspci, modinfo, dpkg, apt, pip and sshd are the real programs.
+"""
+
+import hashlib
+import subprocess
+
+import pytest
+
+from gpufleet.lab import Lab
+from gpufleet.lab.hosts import Host
+
+pytestmark = pytest.mark.lab
+
+
+def ok(lab: Lab, host: Host, command: str) -> str:
+    result = lab.ssh(host, command)
+    assert result.returncode == 0, f"{host.name}: `{command}` failed ({result.returncode}):\n{result.stderr}{result.stdout}"
+    return result.stdout
+
+
+def test_real_lspci_sees_the_simulated_gpu_chosen_per_host(lab: Lab) -> None:
+    hosts = {gpu: lab.add_host(gpu=gpu) for gpu in ("5090d", "5090dv2", "none")}
+    try:
+        assert "[10de:2b87]" in ok(lab, hosts["5090d"], "lspci -nn")
+        assert "[10de:2b8c]" in ok(lab, hosts["5090dv2"], "lspci -nn")
+        assert "10de:" not in ok(lab, hosts["none"], "lspci -nn")
+    finally:
+        for host in hosts.values():
+            lab.remove_host(host)
+
+
+def test_wsl_host_looks_like_wsl2_to_the_deploys_facts(lab: Lab) -> None:
+    host = lab.add_host(gpu="5090d", platform="wsl")
+    try:
+        assert ok(lab, host, "cat /proc/sys/kernel/osrelease").strip().endswith("microsoft-standard-WSL2")
+        assert "10de:" not in ok(lab, host, "lspci -nn")  # WSL2 shows Microsoft's render device only
+        assert lab.ssh(host, "test -e /proc/driver/nvidia/version").returncode == 1
+        assert lab.ssh(host, "command -v nvidia-smi").returncode == 1  # off PATH, as in WSL
+        query = "/usr/lib/wsl/lib/nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader"
+        assert ok(lab, host, query).strip() == "NVIDIA GeForce RTX 5090 D, 12.0"
+    finally:
+        lab.remove_host(host)
+
+
+def test_hosts_reach_the_lab_mirror_and_nothing_else(lab: Lab, lab_hosts: list[Host]) -> None:
+    host = lab_hosts[0]
+    probe = "python3 -c 'import socket; socket.create_connection((\"{}\", {}), timeout=3)'"
+    assert lab.ssh(host, probe.format("10.213.47.1", 8047)).returncode == 0
+    outside = lab.ssh(host, probe.format("1.1.1.1", 80))
+    assert outside.returncode != 0 and "Network is unreachable" in outside.stderr
+
+
+def test_host_with_unknown_key_is_refused(lab: Lab, lab_hosts: list[Host], tmp_path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.touch()
+    command = lab.ssh_command(lab_hosts[0], "true")
+    command[command.index(f"UserKnownHostsFile={lab.known_hosts}")] = f"UserKnownHostsFile={empty}"
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    assert refused.returncode == 255 and "Host key verification failed" in refused.stderr
+
+
+def test_stand_in_driver_answers_like_the_real_one_through_install_load_and_update(lab: Lab) -> None:
+    host = lab.add_host(gpu="5090d")
+    try:
+        ok(lab, host, "curl -sSfo /tmp/k.deb http://10.213.47.1:8047/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb"
+                      " && dpkg -i /tmp/k.deb && rm /etc/apt/sources.list.d/cuda-debian12-x86_64.list"
+                      " && echo 'deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg]"
+                      " http://10.213.47.1:8047/cuda/repos/debian12/x86_64/ /' > /etc/apt/sources.list.d/cuda.list"
+                      " && apt-get update -q")
+        install = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q nvidia-open-580"
+        no_headers = lab.ssh(host, install)
+        assert "kernel headers" in no_headers.stdout + no_headers.stderr
+        assert lab.ssh(host, "modinfo -F version nvidia").returncode != 0  # DKMS built nothing
+        ok(lab, host, "apt-get install -y -q linux-headers-$(uname -r) && apt-get install -y -q --reinstall nvidia-dkms-580-open")
+        assert ok(lab, host, "modinfo -F version nvidia").strip() == "580.95.05"
+        assert lab.ssh(host, "nvidia-smi").returncode == 9  # installed, not loaded until a reboot
+        lab.set_loaded_driver(host, "580.95.05")
+        query = "nvidia-smi --query-gpu=name,pci.device_id,compute_cap,driver_version --format=csv,noheader"
+        assert ok(lab, host, query).strip() == "NVIDIA GeForce RTX 5090 D, 0x2B8710DE, 12.0, 580.95.05"
+        lab.publish_driver("580.105.08-1")
+        ok(lab, host, f"apt-get update -q && {install}")
+        assert ok(lab, host, "dpkg-query -W -f '${Version}' nvidia-open-580") == "580.105.08-1"
+        assert ok(lab, host, "modinfo -F version nvidia").strip() == "580.105.08"
+        mismatch = lab.ssh(host, query)
+        assert mismatch.returncode == 18 and "Driver/library version mismatch" in mismatch.stdout
+    finally:
+        lab.remove_host(host)
+
+
+def test_pip_index_serves_stand_in_torch_and_the_real_xformers_sdist(lab: Lab, lab_hosts: list[Host]) -> None:
+    host = lab_hosts[0]
+    settings = lab.mirror_settings()
+    ok(lab, host, f"python3 -m venv /tmp/venv && /tmp/venv/bin/pip install -q --pre "
+                  f"--index-url {settings['torch_index_url']} --trusted-host 10.213.47.1 'torch==2.12.0.dev20260407+cu128'")
+    reported = ok(lab, host, "/tmp/venv/bin/python -c 'import torch; print(torch.__version__, torch.version.cuda, "
+                             "torch.cuda.get_arch_list())'")
+    assert reported.startswith("2.12.0.dev20260407+cu128 12.8") and "sm_120" in reported
+    ok(lab, host, f"/tmp/venv/bin/pip install -q --index-url {settings['pip_index_url']} --trusted-host 10.213.47.1 ninja")
+    sdist = ok(lab, host, f"curl -sSf {settings['xformers_source_url']} | sha256sum").split()[0]
+    assert sdist == "f7fc183a58e4bf0e2ae339a18fb1b1d4a37854c0f2545b4f360fef001646ab76"
+    keyring = subprocess.run(lab.ssh_command(host, f"curl -sSf {settings['cuda_repo_url']}/debian12/x86_64/cuda-keyring_1.1-1_all.deb"),
+                             capture_output=True, timeout=60, check=False).stdout
+    assert hashlib.sha256(keyring).hexdigest() == settings["cuda_keyring_sha256"]["debian12"]  # type: ignore[index]

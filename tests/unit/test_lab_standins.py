@@ -1,0 +1,84 @@
+"""The lab's stand-ins read correctly through the real tools, without a running lab (no root needed).
+
+Everything built here is a STAND-IN for NVIDIA hardware or software; lspci, depmod, modinfo and Python are real.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gpufleet.lab import hardware, standins
+from gpufleet.lab.kmod_elf import modinfo_object
+from gpufleet.lab.runner import parse
+
+
+@pytest.mark.skipif(shutil.which("lspci") is None, reason="lspci (pciutils) not installed")
+@pytest.mark.parametrize(("gpu", "expected"), [("5090d", "[10de:2b87]"), ("5090dv2", "[10de:2b8c]")])
+def test_real_lspci_reads_the_fake_pci_tree(tmp_path: Path, gpu: str, expected: str) -> None:
+    hardware.write_pci_tree(tmp_path, gpu)
+    out = subprocess.run(["lspci", "-O", f"sysfs.path={tmp_path}", "-nn"], capture_output=True, text=True,
+                         check=True).stdout
+    assert f"VGA compatible controller [0300]: NVIDIA Corporation Device {expected}" in out
+
+
+@pytest.mark.skipif(shutil.which("lspci") is None, reason="lspci (pciutils) not installed")
+def test_host_without_gpu_shows_no_nvidia_device(tmp_path: Path) -> None:
+    hardware.write_pci_tree(tmp_path, "none")
+    out = subprocess.run(["lspci", "-O", f"sysfs.path={tmp_path}", "-nn"], capture_output=True, text=True,
+                         check=True)
+    assert "10de:" not in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("depmod") is None or shutil.which("modinfo") is None, reason="kmod not installed")
+def test_real_modinfo_reads_the_stand_in_module_version(tmp_path: Path) -> None:
+    release = "6.1.0-lab"
+    module = tmp_path / "lib/modules" / release / "updates/dkms/nvidia.ko"
+    module.parent.mkdir(parents=True)
+    module.write_bytes(modinfo_object({"version": "580.95.05", "license": "Dual MIT/GPL", "name": "nvidia"}))
+    subprocess.run(["depmod", "-b", str(tmp_path), release], check=True, capture_output=True)
+    version = subprocess.run(["modinfo", "-b", str(tmp_path), "-k", release, "-F", "version", "nvidia"],
+                             capture_output=True, text=True, check=True).stdout
+    assert version.strip() == "580.95.05"
+
+
+def test_loaded_module_file_names_the_open_module_and_can_be_unloaded(tmp_path: Path) -> None:
+    hardware.write_loaded_driver(tmp_path, "580.95.05")
+    text = (tmp_path / "nvidia/version").read_text()
+    assert "NVIDIA UNIX Open Kernel Module for x86_64  580.95.05  Release Build" in text
+    hardware.write_loaded_driver(tmp_path, None)
+    assert not (tmp_path / "nvidia").exists()
+
+
+def test_stand_in_torch_wheel_reports_the_pinned_cu128_nightly_with_sm_120(tmp_path: Path) -> None:
+    wheel = standins.torch_wheel(tmp_path)
+    assert wheel.name == "torch-2.12.0.dev20260407+cu128-py3-none-any.whl"
+    probe = "import torch; print(torch.__version__, torch.version.cuda, 'sm_120' in torch.cuda.get_arch_list())"
+    out = subprocess.run([sys.executable, "-c", probe], env={"PYTHONPATH": str(wheel)},
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2.12.0.dev20260407+cu128", "12.8", "True"]
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
+def test_driver_packages_carry_the_bumped_version(tmp_path: Path) -> None:
+    debs = standins.driver_debs(tmp_path, version="580.105.08-1")
+    names = {subprocess.run(["dpkg-deb", "-f", str(d), "Package", "Version"], capture_output=True, text=True,
+                            check=True).stdout.replace("\n", " ").strip() for d in debs}
+    assert "Package: nvidia-open-580 Version: 580.105.08-1" in names
+    assert "Package: nvidia-driver-pinning-580 Version: 580.105.08-1" in names
+
+
+def test_runner_reads_pyinfra_json_per_host_and_operation() -> None:
+    payload = {"plan": [], "results": {"operations": [
+        {"name": "Install tree", "success": ["a"], "no_change": ["b"], "error": []},
+        {"name": "Write file", "success": [], "no_change": ["a"], "error": ["b"]},
+    ], "totals": {}, "failed_hosts": ["c"]}}
+    proc = subprocess.CompletedProcess(["pyinfra"], 1, json.dumps(payload), "boom")
+    run = parse(["pyinfra"], proc)
+    assert run.changes("a") == ["Install tree"] and run.errors("b") == ["Write file"]
+    assert run.failed_hosts == ["c"]
+    with pytest.raises(AssertionError, match="a re-run changed something"):
+        run.assert_no_changes(["a"])
