@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
 
+import gpufleet as _gpufleet
 from gpufleet.facts import BASE_TOOLS as _BASE_TOOLS
 from gpufleet.facts import NO_TOOL
 from gpufleet.settings import load_settings, validate_value
@@ -25,7 +27,13 @@ _PROFILES = Path(os.environ.get("GPUFLEET_PLAN_PROFILES", _HERE / "profiles"))
 _CAPTURED = _HERE.parent / "data" / "captured"
 # The control machine's wheel cache; a folder that does not exist unless a test makes one, so no local build leaks in.
 _WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE", str(_HERE / "no-wheel-cache"))
+# The control machine's report folder: a dry run creates it (files.get at prepare time), so keep it out of the checkout.
+_REPORT_DIR = os.environ.get("GPUFLEET_PLAN_REPORT_DIR", str(Path(tempfile.gettempdir()) / "gpufleet-plan-reports"))
 _SCHEMA = load_settings()
+
+# A test asks which gpufleet pyinfra's process imported (this checkout's, not an editable install elsewhere).
+if os.environ.get("GPUFLEET_PLAN_WHICH_GPUFLEET"):
+    Path(os.environ["GPUFLEET_PLAN_WHICH_GPUFLEET"]).write_text(str(Path(_gpufleet.__file__).resolve()))
 
 # Every profile must say each of these; a missing one would silently read as "empty output".
 _KEYS = (
@@ -199,6 +207,7 @@ def load_profile(path: Path) -> dict:
 def _host(path: Path, profile: dict) -> tuple[str, dict]:
     data = {
         "wheel_cache_dir": _WHEEL_CACHE,
+        "report_dir": _REPORT_DIR,
         **profile["settings"],
         "gpufleet_group": profile["group"],
         "fake_responses": fact_outputs(profile),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet import facts
-from tests.conftest import run_pyinfra
+from tests.conftest import REPO_ROOT, run_pyinfra
 from tests.plan import fake_inventory
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
@@ -58,12 +58,13 @@ def nvidia_repo(deploy: str) -> list[str]:
 
 
 def driver(packages: str, *, repo: bool = True, headers: str = SAME, installed: str = CHANGE,
-           reboot: list[str] | None = None, before_install: list[str] = ()) -> list[str]:
+           reboot: list[str] | None = None, before_install: list[str] = (),
+           kernel: str = "6.8.0-88-generic") -> list[str]:
     """The driver stage of a bare-metal host: repo (or Ubuntu's archive), headers, nouveau, driver, hold, reboot."""
     return [
         op(CHANGE, DRIVER, "Keep unattended-upgrades away from the driver and CUDA"),
         *(nvidia_repo(DRIVER) if repo else [op(CHANGE, DRIVER, "Make apt wait for package locks held by other processes")]),
-        op(headers, DRIVER, "Install kernel headers for DKMS (linux-headers-6.8.0-88-generic)"),
+        op(headers, DRIVER, f"Install kernel headers for DKMS (linux-headers-{kernel})"),
         op(CHANGE, DRIVER, "Blacklist nouveau"),
         op(MAYBE, DRIVER, "Rebuild the initramfs without nouveau"),
         *before_install,
@@ -120,9 +121,12 @@ SMOKE_TEST = [
     op(CHANGE, SMOKE, "Fetch the smoke result to the control machine"),
     op(MAYBE, SMOKE, "Check that every rung of the smoke test passed"),
 ]
-# Everything after the driver on a fresh Ubuntu 24.04 host with a 5090 D (7 jobs: this VM's 21 GB available / 3 GB).
+# Everything after the driver on a fresh host with a 5090 D (7 jobs: this VM's 21 GB available / 3 GB per job).
 FRESH_AFTER_DRIVER = [
     *CUDA_TOOLKIT, *FRESH_VENV, *PINNED_TORCH, *xformers_build("12.0", 7, "g++, make, python3.12-dev"), *SMOKE_TEST,
+]
+DEBIAN_AFTER_DRIVER = [
+    *CUDA_TOOLKIT, *FRESH_VENV, *PINNED_TORCH, *xformers_build("12.0", 7, "g++, make, python3.11-dev"), *SMOKE_TEST,
 ]
 STOP_FOR_REBOOT = [op(MAYBE, DRIVER, "Stop {host}: reboot needed")]
 CHECKSUM_REFUSAL = "setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo}' repository"
@@ -165,6 +169,10 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     # A missing keyring checksum is known before anything runs: refuse before any change.
     "wsl2-ubuntu2404": [refusal(ANY, CHECKSUM_REFUSAL.format(repo="wsl-ubuntu"))],
     "debian12-5090d": [refusal(ANY, CHECKSUM_REFUSAL.format(repo="debian12"))],
+    # Debian 12: its own kernel's headers, NVIDIA's debian12 repository, Debian's Python 3.11 and its -dev package.
+    "debian12-5090d-keyring-pinned": [
+        *driver("nvidia-open-580", kernel="6.1.0-28-amd64"), *DEBIAN_AFTER_DRIVER,
+    ],
     # Preprovisioned: driver, toolkit (by its nvcc), venv and torch accepted; only what is missing is added.
     "h100-preprovisioned": [
         op(CHANGE, DRIVER, "Keep unattended-upgrades away from the driver and CUDA"),
@@ -213,7 +221,7 @@ KNOWN_BUGS = {
 PREFLIGHT_PASSES = {
     "ubuntu2404-5090d", "driver-branch-590", "driver-source-ubuntu-secure-boot", "driver-branch-upgrade-held",
     "control-machine-5090d", "mismatch-reboot-auto", "mismatch-reboot-never", "wsl2-ubuntu2404-keyring-pinned",
-    "h100-preprovisioned", "wsl2-ubuntu2404", "debian12-5090d",
+    "h100-preprovisioned", "wsl2-ubuntu2404", "debian12-5090d", "debian12-5090d-keyring-pinned",
 }
 
 
@@ -535,3 +543,13 @@ def test_preflight_measures_free_disk_under_venv_path_too():
     commands = [line for line in result.stderr.splitlines() if "[fake] simulating command" in line]
     assert any("df -Pk" in c and "p=/var/lib/gpufleet;" in c for c in commands), "the work_dir probe ran"
     assert any("df -Pk" in c and "p=/opt/gpufleet/venv;" in c for c in commands)
+
+
+def test_pyinfra_runs_this_checkout_s_gpufleet(tmp_path):
+    which = tmp_path / "gpufleet-path"
+    result = run_pyinfra(
+        "--dry", "--json", "--limit", "@fake/no-gpu", INVENTORY, "deploys/preflight.py",
+        env={"GPUFLEET_PLAN_WHICH_GPUFLEET": str(which)},
+    )
+    assert result.returncode == 0, result.stderr
+    assert which.read_text() == str(REPO_ROOT / "gpufleet" / "__init__.py")
