@@ -72,6 +72,27 @@ def _text(value: Any) -> str:
     return value or ""
 
 
+def _file_text(value: Any, config: dict[str, Any]) -> str:
+    """A file's content; {xformers_installed: [ARCH, ...]} is the stamp a finished xformers install of these
+    settings leaves (its wheel fingerprint), so a profile says "installed by an earlier run" without a stale hash."""
+    if isinstance(value, dict) and "xformers_installed" in value:
+        from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
+        from gpufleet.xformers_fleet import patch_dir
+
+        return fingerprint(
+            WheelInputs(
+                xformers_version=config["xformers_version"],
+                source_sha256=config["xformers_source_sha256"],
+                patches=read_patch_series(patch_dir(config)),
+                torch_version=config["torch_version"],
+                cuda_version=config["cuda_version"],
+                python_version=config["python_version"],
+                arch_list=value["xformers_installed"],
+            )
+        )
+    return _text(value)
+
+
 def effective_settings(profile: dict) -> dict[str, Any]:
     """The profile's settings over group_data/all.py's defaults (paths the facts are asked about)."""
     return {name: profile["settings"].get(name, s.default) for name, s in _SCHEMA.items()}
@@ -149,7 +170,7 @@ def fact_answers(profile: dict) -> list[Answer]:
     for home, output in profile["nvcc"].items():
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
-        answers.append(Answer("FileText", f"cat {path} 2>/dev/null", _text(text)))
+        answers.append(Answer("FileText", f"cat {path} 2>/dev/null", _file_text(text, config)))
 
     # Anything not listed above does not exist on the host: each fact's own "absent" answer.
     answers += [

@@ -173,6 +173,24 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     "debian12-5090d-keyring-pinned": [
         *driver("nvidia-open-580", kernel="6.1.0-28-amd64"), *DEBIAN_AFTER_DRIVER,
     ],
+    # A second run after a successful one: every package "=", torch and xformers plan nothing, the smoke test is gated.
+    # Files, directories and the user show "+" only because the profile does not answer pyinfra's own file facts.
+    "ubuntu2404-5090d-provisioned": [
+        *driver("nvidia-open-580", installed=SAME),
+        *nvidia_repo(CUDA),
+        op(SAME, CUDA, "Install the CUDA 12.8 toolkit (cuda-toolkit-12-8)"),
+        op(MAYBE, CUDA, "Check that nvcc reports CUDA 12.8"),
+        op(CHANGE, CUDA, "Put CUDA 12.8 on PATH for login shells"),
+        op(CHANGE, PYTHON, "Create the unprivileged build user gpufleet"),
+        op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
+        op(SAME, PYTHON, "Install Python's venv module"),
+        op(CHANGE, PYTHON, "Create /opt/gpufleet"),
+        op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
+        op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
+        op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
+        op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
+        *SMOKE_TEST,
+    ],
     # Preprovisioned: driver, toolkit (by its nvcc), venv and torch accepted; only what is missing is added.
     "h100-preprovisioned": [
         op(CHANGE, DRIVER, "Keep unattended-upgrades away from the driver and CUDA"),
@@ -222,6 +240,7 @@ PREFLIGHT_PASSES = {
     "ubuntu2404-5090d", "driver-branch-590", "driver-source-ubuntu-secure-boot", "driver-branch-upgrade-held",
     "control-machine-5090d", "mismatch-reboot-auto", "mismatch-reboot-never", "wsl2-ubuntu2404-keyring-pinned",
     "h100-preprovisioned", "wsl2-ubuntu2404", "debian12-5090d", "debian12-5090d-keyring-pinned",
+    "ubuntu2404-5090d-provisioned",
 }
 
 
@@ -454,6 +473,18 @@ def test_preprovisioned_host_installs_nothing_it_has():
     for present in ("NVIDIA driver (", "kernel headers", "cuda-toolkit", "Install torch", "Create the venv",
                     "Install the build tools", "Reboot", "Stop "):
         assert not [n for n in names if present in n], present
+
+
+def test_second_run_installs_nothing_and_rebuilds_nothing():
+    names = planned("ubuntu2404-5090d-provisioned")
+    # Package installs (the keyring is a file, gated on a pyinfra file fact this profile does not answer).
+    installs = [n for n in names if " | Install " in n and "keyring" not in n]
+    assert installs and all(n.startswith(f"{SAME} ") for n in installs), installs
+    assert not [n for n in names if f" {TORCH} | " in n or f" {XFORMERS} | " in n]
+    # What runs only when something changed is gated, never unconditional.
+    for gated in ("Reboot", "Hold the NVIDIA driver packages", "Rebuild the initramfs", "Create the venv",
+                  "Run the smoke test", "Update apt lists"):
+        assert all(n.startswith(f"{MAYBE} ") for n in names if gated in n), gated
 
 
 def test_garbage_fact_output_fails_that_host_only(tmp_path):
