@@ -1,15 +1,23 @@
 """Test-only pyinfra inventory: one `@fake/<profile>` host per tests/plan/profiles/*.yaml.
 
-Each profile holds what the host's tools print; this file turns that into the stdout of each gpufleet fact command,
-for pyinfra's fake connector (`fake_responses`: command substring -> stdout). Run from the repository root:
+Each profile holds what the host's tools print and which paths exist; this file turns that into the stdout of each
+command the deploys run to read facts, for pyinfra's fake connector (`fake_responses`: command substring -> stdout,
+first match wins). Run from the repository root:
     pyinfra -y --dry --json tests/plan/fake_inventory.py deploys/full.py
 """
 
+from __future__ import annotations
+
 import os
+import re
+import tempfile
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import yaml
 
+import gpufleet as _gpufleet
+from gpufleet.facts import BASE_TOOLS as _BASE_TOOLS
 from gpufleet.facts import NO_TOOL
 from gpufleet.settings import load_settings, validate_value
 
@@ -17,24 +25,91 @@ _HERE = Path(__file__).resolve().parent
 # A test may point this at a folder of its own profiles.
 _PROFILES = Path(os.environ.get("GPUFLEET_PLAN_PROFILES", _HERE / "profiles"))
 _CAPTURED = _HERE.parent / "data" / "captured"
+# The control machine's wheel cache; a folder that does not exist unless a test makes one, so no local build leaks in.
+_WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE", str(_HERE / "no-wheel-cache"))
+# The control machine's report folder: a dry run creates it (files.get at prepare time), so keep it out of the checkout.
+_REPORT_DIR = os.environ.get("GPUFLEET_PLAN_REPORT_DIR", str(Path(tempfile.gettempdir()) / "gpufleet-plan-reports"))
+_SCHEMA = load_settings()
+
+# A test asks which gpufleet pyinfra's process imported (this checkout's, not an editable install elsewhere).
+if os.environ.get("GPUFLEET_PLAN_WHICH_GPUFLEET"):
+    Path(os.environ["GPUFLEET_PLAN_WHICH_GPUFLEET"]).write_text(str(Path(_gpufleet.__file__).resolve()))
 
 # Every profile must say each of these; a missing one would silently read as "empty output".
 _KEYS = (
-    "description", "group", "settings", "os_release", "kernel_release", "wsl_nvidia_smi", "lspci", "nvidia_smi",
-    "driver", "meminfo", "cpus", "df", "mokutil", "kernel_headers",
+    "description", "group", "settings", "control_machine", "os_release", "kernel_release", "wsl_nvidia_smi",
+    "lspci", "nvidia_smi", "driver", "packages", "held", "missing_tools", "meminfo", "cpus", "df", "mokutil",
+    "kernel_headers", "systemd", "python3", "interpreters", "venv", "nvcc", "files",
 )
-_DRIVER_KEYS = ("proc", "modinfo", "dpkg", "runfile")
+_DRIVER_KEYS = ("proc", "modinfo", "runfile")
+_VENV_KEYS = ("python", "headers", "owner", "torch", "pip_freeze")
+# Tool lists the deploys ask MissingTools about: the base tools, and the xformers builder's (with/without ccache).
+_TOOL_SETS = (_BASE_TOOLS, ("g++", "make", "patch"), ("g++", "make", "patch", "ccache"))
+# dpkg-query patterns of DriverStateFact.
+_DRIVER_PACKAGE = re.compile(r"^(nvidia-|libnvidia-|cuda-keyring$|linux-modules-nvidia-)")
 
 
-def _text(value) -> str:
-    """A literal text, or {captured: NAME} for a file of tests/data/captured."""
+class Answer(NamedTuple):
+    fact: str  # the gpufleet fact class (or pyinfra fact) the key answers
+    key: str  # substring of that fact's command
+    stdout: str
+
+
+def _text(value: Any) -> str:
+    """A literal text, or {captured: NAME} for a file of tests/data/captured.
+
+    Files written by scripts/capture-host-facts.sh end with the command's `rc=N` line: say {captured: NAME, rc: N}
+    and that line is checked and dropped.
+    """
     if isinstance(value, dict):
-        return (_CAPTURED / value["captured"]).read_text()
+        text = (_CAPTURED / value["captured"]).read_text()
+        if "rc" in value:
+            lines = text.rstrip("\n").splitlines()
+            if lines[-1] != f"rc={value['rc']}":
+                raise ValueError(f"{value['captured']} ends with {lines[-1]!r}, not rc={value['rc']}")
+            text = "\n".join(lines[:-1]) + "\n"
+        return text
     return value or ""
 
 
-def fact_outputs(profile: dict) -> dict[str, str]:
-    """Command substring of each gpufleet fact -> the stdout its shell command would print on this host."""
+def _file_text(value: Any, config: dict[str, Any]) -> str:
+    """A file's content; {xformers_installed: [ARCH, ...]} is the stamp a finished xformers install of these
+    settings leaves (its wheel fingerprint), so a profile says "installed by an earlier run" without a stale hash."""
+    if isinstance(value, dict) and "xformers_installed" in value:
+        from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
+        from gpufleet.xformers_fleet import patch_dir
+
+        return fingerprint(
+            WheelInputs(
+                xformers_version=config["xformers_version"],
+                source_sha256=config["xformers_source_sha256"],
+                patches=read_patch_series(patch_dir(config)),
+                torch_version=config["torch_version"],
+                cuda_version=config["cuda_version"],
+                python_version=config["python_version"],
+                arch_list=value["xformers_installed"],
+            )
+        )
+    return _text(value)
+
+
+def effective_settings(profile: dict) -> dict[str, Any]:
+    """The profile's settings over group_data/all.py's defaults (paths the facts are asked about)."""
+    return {name: profile["settings"].get(name, s.default) for name, s in _SCHEMA.items()}
+
+
+def _installed(profile: dict) -> list[tuple[str, str]]:
+    """(package, version) of each installed package; `packages` holds `name version` lines."""
+    return [tuple(line.split()[:2]) for line in _text(profile["packages"]).splitlines() if line.strip()]
+
+
+def _python_version_command_key(python: str) -> str:
+    return f"{python} -c 'import sys; print("
+
+
+def fact_answers(profile: dict) -> list[Answer]:
+    """Command substring -> stdout for every fact the deploys read, in lookup order (specific paths first)."""
+    config = effective_settings(profile)
     lspci = profile["lspci"]
     pci = NO_TOOL if lspci is None else "\n".join(
         line for line in _text(lspci).splitlines() if "[10de:" in line.lower()
@@ -44,20 +119,86 @@ def fact_outputs(profile: dict) -> dict[str, str]:
     driver = profile["driver"]
     mokutil = profile["mokutil"]
     kernel = _text(profile["kernel_release"]).strip()
-    return {
-        "cat /etc/os-release": _text(profile["os_release"]),
-        "/proc/sys/kernel/osrelease": f"{kernel}\nsmi={'yes' if profile['wsl_nvidia_smi'] else 'no'}",
-        "lspci -nn": pci,
-        "--query-gpu=": smi_out,
-        "/proc/driver/nvidia/version": (
+    installed = _installed(profile)
+    held = set(_text(profile["held"]).split())
+    # dpkg's status of a held package is "hi", of any other installed one "ii".
+    status = {name: "hi" if name in held else "ii" for name, _ in installed}
+    dpkg_query = "\n".join(
+        f"{name} {version} {status[name]} " for name, version in installed if _DRIVER_PACKAGE.match(name)
+    )
+    missing = set(profile["missing_tools"])
+    answers = [
+        Answer("OsInfo", "cat /etc/os-release", _text(profile["os_release"])),
+        Answer("WslInfo", "/proc/sys/kernel/osrelease", f"{kernel}\nsmi={'yes' if profile['wsl_nvidia_smi'] else 'no'}"),
+        Answer("NvidiaPciGpus", "lspci -nn", pci),
+        Answer("NvidiaSmi", "--query-gpu=", smi_out),
+        Answer(
+            "DriverStateFact",
+            "/proc/driver/nvidia/version",
             f"== proc\n{_text(driver['proc'])}\n== modinfo\n{driver['modinfo'] or ''}\n"
-            f"== dpkg\n{_text(driver['dpkg'])}\n== runfile\n{'yes' if driver['runfile'] else 'no'}"
+            f"== dpkg\n{dpkg_query}\n== runfile\n{'yes' if driver['runfile'] else 'no'}",
         ),
-        "/proc/meminfo": f"{_text(profile['meminfo'])}\ncpus={profile['cpus']}",
-        "df -Pk": _text(profile["df"]),
-        "mokutil": NO_TOOL if mokutil is None else _text(mokutil),
-        "/lib/modules/": f"{kernel}\n{'yes' if profile['kernel_headers'] else 'no'}",
-    }
+        Answer("MemoryInfo", "/proc/meminfo", f"{_text(profile['meminfo'])}\ncpus={profile['cpus']}"),
+        Answer("FreeDisk", "df -Pk", _text(profile["df"])),
+        Answer("SecureBoot", "mokutil", NO_TOOL if mokutil is None else _text(mokutil)),
+        Answer("KernelHeaders", "/lib/modules/", f"{kernel}\n{'yes' if profile['kernel_headers'] else 'no'}"),
+        Answer("HeldPackages", "apt-mark showhold", _text(profile["held"])),
+    ]
+    for tools in _TOOL_SETS:
+        answers.append(
+            Answer("MissingTools", f"for t in {' '.join(tools)}; do", "\n".join(t for t in tools if t in missing))
+        )
+
+    # Interpreters: /usr/bin/python3, the profile's others, and the venv's python when the venv exists.
+    pythons: dict[str, dict] = {}
+    if profile["python3"] is not None:
+        pythons["/usr/bin/python3"] = {"version": profile["python3"], "headers": profile["python3_headers"]}
+    pythons.update(profile["interpreters"])
+    venv = profile["venv"]
+    venv_python = f"{config['venv_path']}/bin/python"
+    if venv is not None:
+        pythons[venv_python] = {"version": venv["python"], "headers": venv["headers"]}
+    for path, interpreter in pythons.items():
+        answers.append(Answer("PythonVersion", _python_version_command_key(path), str(interpreter["version"])))
+        answers.append(
+            Answer("PythonHeaders", f"{path} -c 'import sysconfig", "yes" if interpreter["headers"] else "no")
+        )
+    if venv is not None:
+        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", _text(venv["torch"]) or NO_TOOL))
+        answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
+        answers.append(Answer("PipPackages", f"{config['venv_path']}/bin/pip freeze", _text(venv["pip_freeze"])))
+    for home, output in profile["nvcc"].items():
+        answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
+    for path, text in profile["files"].items():
+        answers.append(Answer("FileText", f"cat {path} 2>/dev/null", _file_text(text, config)))
+
+    # Anything not listed above does not exist on the host: each fact's own "absent" answer.
+    answers += [
+        Answer("PythonVersion", "print(\"%d.%d\" % sys.version_info[:2])", NO_TOOL),
+        Answer("PythonHeaders", "/Python.h", "no"),
+        Answer("TorchInfo", "-c 'import torch'", NO_TOOL),
+        Answer("PathOwner", "stat -c %U ", NO_TOOL),
+        Answer("NvccVersion", "/bin/nvcc --version; else", NO_TOOL),
+        Answer("FileText", " 2>/dev/null || echo " + NO_TOOL, NO_TOOL),
+        # A tool list not in _TOOL_SETS: a tool name no deploy knows, so preflight or the build says so loudly.
+        Answer("MissingTools(unlisted tool list)", "; do ok=; for c in", "FAKE-INVENTORY-HAS-NO-ANSWER-FOR-THIS-TOOL-LIST"),
+        # pyinfra's own facts that tell a fresh host from a provisioned one.
+        Answer("DebPackages", "dpkg -l", "\n".join(f"{status[n]}  {n}  {v}  amd64  (profile)" for n, v in installed)),
+        Answer("Command(systemd)", "test -d /run/systemd/system", "yes" if profile["systemd"] else "no"),
+        Answer("Os", "uname -s", "Linux"),
+        Answer("Which(useradd)", "command -v useradd", "/usr/sbin/useradd"),
+        Answer("Which(curl)", "command -v curl", "" if "curl/wget" in missing else "/usr/bin/curl"),
+        Answer("Which(wget)", "command -v wget", "" if "curl/wget" in missing else "/usr/bin/wget"),
+    ]
+    return answers
+
+
+def fact_outputs(profile: dict) -> dict[str, str]:
+    """Command substring of each fact -> the stdout its shell command would print on this host (lookup order)."""
+    outputs: dict[str, str] = {}
+    for answer in fact_answers(profile):
+        outputs.setdefault(answer.key, answer.stdout)
+    return outputs
 
 
 def load_profile(path: Path) -> dict:
@@ -65,13 +206,20 @@ def load_profile(path: Path) -> dict:
     missing = [k for k in _KEYS if k not in profile] + [
         f"driver.{k}" for k in _DRIVER_KEYS if k not in (profile.get("driver") or {})
     ]
+    if profile.get("python3") is not None and "python3_headers" not in profile:
+        missing.append("python3_headers")
+    for key in _VENV_KEYS:
+        if profile.get("venv") is not None and key not in profile["venv"]:
+            missing.append(f"venv.{key}")
     if missing:
         raise ValueError(f"{path}: profile lacks {', '.join(missing)}")
-    schema = load_settings()
+    unknown = sorted(set(profile["missing_tools"]) - {t for tools in _TOOL_SETS for t in tools})
+    if unknown:
+        raise ValueError(f"{path}: missing_tools names {', '.join(unknown)}, which no deploy asks about")
     for name, value in profile["settings"].items():
-        if name not in schema:
+        if name not in _SCHEMA:
             raise ValueError(f"{path}: unknown setting {name}")
-        expected = validate_value(name, value, schema)
+        expected = validate_value(name, value, _SCHEMA)
         if expected:
             raise ValueError(f"{path}: setting {name}: got {value!r}; expected {expected}")
     return profile
@@ -79,12 +227,17 @@ def load_profile(path: Path) -> dict:
 
 def _host(path: Path, profile: dict) -> tuple[str, dict]:
     data = {
+        "wheel_cache_dir": _WHEEL_CACHE,
+        "report_dir": _REPORT_DIR,
         **profile["settings"],
         "gpufleet_group": profile["group"],
         "fake_responses": fact_outputs(profile),
         "fake_delay": 0,
         "fake_delay_jitter": 0,
     }
+    if profile["control_machine"]:
+        # How gpufleet tells the machine running pyinfra: an address of its own.
+        data["ssh_hostname"] = "localhost"
     return f"@fake/{path.stem}", data
 
 
