@@ -4,6 +4,7 @@ Runs alone (after preflight): pyinfra inventory.py deploys/cuda.py
 """
 
 from io import StringIO
+from urllib.parse import urlparse
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -45,19 +46,12 @@ def cuda() -> None:
             )
             return
     else:
-        repo_dir = cuda_repo_dir(me.os, me.is_wsl)
-        if repo_dir not in config["cuda_keyring_sha256"]:
-            refuse_host(
-                [
-                    f"setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo_dir}' repository; add one "
-                    "after verifying cuda-keyring_1.1-1_all.deb."
-                ]
-            )
-            return
         if found is not None and found != version:
             refuse_host([f"{home}/bin/nvcc reports {found}, not {version}; remove the foreign toolkit at {home}."])
             return
-        ensure_repo(config, repo_dir)
+        ensure_repo(config, cuda_repo_dir(me.os, me.is_wsl))
+        if config["driver_source"] == "ubuntu" and not me.is_wsl:
+            _keep_driver_from_ubuntu(config)
         package = "cuda-toolkit-" + version.replace(".", "-")
         install = apt.packages(name=f"Install the CUDA {version} toolkit ({package})", packages=[package])
         server.shell(
@@ -78,6 +72,20 @@ def cuda() -> None:
             'export LD_LIBRARY_PATH="$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"\n'
         ),
         dest="/etc/profile.d/gpufleet-cuda.sh",
+        mode="644",
+    )
+
+
+def _keep_driver_from_ubuntu(config: dict) -> None:
+    """With Ubuntu's driver, apt must never take driver packages from NVIDIA's repository: never mix sources."""
+    origin = urlparse(config["cuda_repo_url"]).hostname
+    files.put(
+        name=f"Never take driver packages from NVIDIA's repository ({origin}) on an Ubuntu-driver host",
+        src=StringIO(
+            "# gpufleet: driver_source is ubuntu; NVIDIA's repository serves the toolkit only.\n"
+            f"Package: nvidia-* libnvidia-* xserver-xorg-video-nvidia-*\nPin: origin {origin}\nPin-Priority: -1\n"
+        ),
+        dest="/etc/apt/preferences.d/gpufleet-driver-source",
         mode="644",
     )
 

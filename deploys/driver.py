@@ -61,13 +61,10 @@ def driver() -> None:
 
     wanted = driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"])
     if config["driver_source"] == "nvidia":
-        repo_dir = cuda_repo_dir(me.os, me.is_wsl)
-        if repo_dir not in config["cuda_keyring_sha256"]:
-            refuse_host([_missing_checksum(repo_dir)])
-            return
-        ensure_repo(config, repo_dir)
+        ensure_repo(config, cuda_repo_dir(me.os, me.is_wsl))
     else:
         apt_settings(config)
+        apt.update(name="Refresh apt lists for Ubuntu's driver packages", cache_time=3600)
 
     headers = host.get_fact(facts.KernelHeaders)
     apt.packages(
@@ -105,26 +102,19 @@ def driver() -> None:
         commands=[HOLD_COMMAND],
         _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change(),
     )
+    # After the reboot (or the stop): the daemon cannot start against a stale or missing module.
+    _handle_mismatch(me, config, installed=install)
     if host.get_fact(Command, command="test -d /run/systemd/system && echo yes || echo no") == "yes":
         systemd.service(
             name="Enable the NVIDIA persistence daemon",
             service="nvidia-persistenced",
             enabled=True,
             running=True,
-            _ignore_errors=False,
         )
-    _handle_mismatch(me, config, installed=install)
 
 
 def _is_driver_package(name: str) -> bool:
     return name.startswith(("nvidia-", "libnvidia-", "linux-modules-nvidia-"))
-
-
-def _missing_checksum(repo_dir: str) -> str:
-    return (
-        f"setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo_dir}' repository; download "
-        f"cuda-keyring_1.1-1_all.deb from it, verify it, and add {repo_dir}: <sha256> to cuda_keyring_sha256."
-    )
 
 
 def _handle_mismatch(me, config, installed) -> None:

@@ -1,4 +1,8 @@
-"""Every stage in order, from a fresh host to a proven one: pyinfra inventory.py deploys/full.py"""
+"""Every stage in order, from a fresh host to a proven one: pyinfra inventory.py deploys/full.py
+
+Each stage is called on its own line: pyinfra orders operations by the lines that call them, so stages sharing one
+call site would collide.
+"""
 
 from deploys.cuda import cuda
 from deploys.driver import driver
@@ -9,7 +13,16 @@ from deploys.torch import torch
 from deploys.xformers import xformers
 from gpufleet.stage import refused
 
-for stage in (preflight, driver, cuda, python, torch, xformers, smoke):
-    if refused():
-        break
-    stage()
+preflight()
+if not refused():
+    driver()
+if not refused():
+    cuda()
+if not refused():
+    python()
+if not refused():
+    torch()
+if not refused():
+    xformers()
+if not refused():
+    smoke()

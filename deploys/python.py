@@ -11,6 +11,7 @@ from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
+from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
 from gpufleet.stage import as_user, refuse_host, run_alone, settings
 
@@ -76,6 +77,7 @@ def python() -> None:
     files.directory(name=f"Create {config['work_dir']}", path=config["work_dir"], user=user, group=user, mode="755")
     owner = venv_owner(config)
     if not config["venv_adopt"]:
+        apt_settings(config)
         apt.packages(name="Install Python's venv module", packages=["python3-venv"])
         parent = venv.rsplit("/", 1)[0] or "/"
         files.directory(name=f"Create {parent}", path=parent, mode="755")

@@ -26,6 +26,7 @@ from gpufleet.buildplan import (
     host_layout,
     max_jobs,
 )
+from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, profile, record_stack_change, run_alone, settings
@@ -54,20 +55,25 @@ def xformers() -> None:
     files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
     _upload(CUBIN_READER, layout.cubins_reader, user)
 
-    if builder == host.name:
-        _build(config, mine, layout, python)
-        fetch_built_wheel(
-            name="Fetch the built wheel to this machine's cache",
-            remote_dir=layout.out_dir,
-            local_dir=str(cache),
-        )
-    else:
-        push_built_wheel(
-            name=f"Upload the xformers wheel built {'earlier' if cached else 'by ' + str(builder)}",
-            local_dir=str(cache),
-            remote_dir=layout.out_dir,
-            owner=user,
-        )
+    # Every installing host plans the build, the fetch and the upload, in this order, each gated to the hosts it
+    # concerns: pyinfra orders operations by each host's sequence, so this puts the upload after the fetch.
+    is_builder = builder == host.name
+    if is_builder:
+        _prepare_build(config, layout, python)
+    _build(config, mine, layout, python, run=is_builder)
+    fetch_built_wheel(
+        name="Fetch the built wheel to this machine's cache",
+        remote_dir=layout.out_dir,
+        local_dir=str(cache),
+        _if=lambda: is_builder,
+    )
+    push_built_wheel(
+        name=f"Upload the xformers wheel built {'earlier' if cached else 'by ' + str(builder)}",
+        local_dir=str(cache),
+        remote_dir=layout.out_dir,
+        owner=user,
+        _if=lambda: not is_builder,
+    )
 
     owner = venv_owner(config)
     install = server.shell(
@@ -88,9 +94,8 @@ def _upload(local: str, remote: str, user: str) -> None:
     files.put(name=f"Upload {Path(remote).name}", src=str(REPO_ROOT / local), dest=remote, user=user, group=user, mode="755")
 
 
-def _build(config: dict, mine, layout, python: str) -> None:
-    """Sources, patches and tools on the builder, then the build, gated on a finished manifest for this fingerprint."""
-    me = profile()
+def _prepare_build(config: dict, layout, python: str) -> None:
+    """On the builder: the tools, the sdist (sha256 checked), the patch series and the build script."""
     user = config["build_user"]
     has_headers = host.get_fact(facts.PythonHeaders, python=python)
     tools = ("g++", "make", "patch") + (("ccache",) if config["xformers_ccache"] else ())
@@ -98,6 +103,7 @@ def _build(config: dict, mine, layout, python: str) -> None:
     if not has_headers:
         packages.append(f"python{config['python_version']}-dev")
     if packages:
+        apt_settings(config)
         apt.packages(name=f"Install the build tools ({', '.join(packages)})", packages=packages)
     files.download(
         name=f"Download {config['xformers_source_url']} (sha256 checked)",
@@ -116,7 +122,12 @@ def _build(config: dict, mine, layout, python: str) -> None:
         delete=True,
     )
     _upload(BUILD_SCRIPT, layout.script, user)
-    finished = finished_wheel(host.get_fact(facts.FileText, path=layout.manifest), mine.fingerprint)
+
+
+def _build(config: dict, mine, layout, python: str, run: bool) -> None:
+    """The build as the build user, only on the builder and only without a finished manifest for the fingerprint."""
+    me = profile()
+    finished = finished_wheel(host.get_fact(facts.FileText, path=layout.manifest), mine.fingerprint) if run else None
     jobs = config["xformers_max_jobs"] or max_jobs(me.mem_available, me.cpus)
     build = WheelBuild(
         sdist=layout.sdist,
@@ -134,8 +145,8 @@ def _build(config: dict, mine, layout, python: str) -> None:
     server.shell(
         name=f"Build xformers for {', '.join(mine.arch_list)} with {jobs} jobs (log: {layout.log})",
         commands=[build_shell_command(layout.script, build)],
-        **as_user(user),
-        _if=lambda: finished is None,
+        **as_user(config["build_user"]),
+        _if=lambda: run and finished is None,
     )
 
 

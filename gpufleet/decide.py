@@ -219,6 +219,16 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
             "python_version: \"3.11\", or python_interpreter to a Python "
             f"{settings['python_version']} you installed (e.g. /usr/local/bin/python{settings['python_version']})."
         )
+    repo_dir = cuda_repo_dir(host.os, host.is_wsl)
+    uses_repo = settings["cuda_existing_home"] is None or (
+        not host.is_wsl and not settings["driver_accept_existing"] and settings["driver_source"] == "nvidia"
+    )
+    if uses_repo and os_key in SUPPORTED_OS and repo_dir not in settings["cuda_keyring_sha256"]:
+        problems.append(
+            f"setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo_dir}' repository; download "
+            f"{settings['cuda_repo_url'].rstrip('/')}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb, verify it, "
+            f"and add it to the inventory: cuda_keyring_sha256: {{{repo_dir}: <sha256>, ...}} (keep the others)."
+        )
     need_disk = settings["min_free_disk_gb"] * GB
     if host.free_disk < need_disk:
         problems.append(

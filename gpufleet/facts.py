@@ -158,7 +158,8 @@ def parse_dpkg_versions(text: str) -> dict[str, str]:
     packages = {}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[2].startswith("ii"):
+        # "ii" installed, "hi" installed and held.
+        if len(parts) >= 3 and parts[2][1:2] == "i":
             packages[parts[0]] = parts[1]
     return packages
 
@@ -502,3 +503,16 @@ class PipFreeze(_ParsedFact):
 
     def command(self, python: str) -> str:
         return f"if [ -x {python} ]; then {python} -m pip freeze --all; else echo {NO_TOOL}; fi"
+
+
+class InterruptedPackageInstall(FactBase):
+    """True when dpkg left work unfinished (a dropped connection mid-install): pending journal or half-installed."""
+
+    def command(self) -> str:
+        return "find /var/lib/dpkg/updates -type f | head -n 1; dpkg --audit 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> bool:
+        return any(line.strip() for line in output)
+
+    def default(self) -> bool:
+        return False

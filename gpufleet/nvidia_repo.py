@@ -6,22 +6,38 @@ from io import StringIO
 from typing import Any
 
 from pyinfra import host
-from pyinfra.api.operation import OperationMeta
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, server
+
+from gpufleet.facts import InterruptedPackageInstall
 
 KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
 SOURCE_NAME = "gpufleet-cuda"
+# Hosts whose repository is already planned in this run: the driver and CUDA stages share it.
+_planned: set[str] = set()
+_apt_ready: set[str] = set()
 
 
 def repo_url(config: dict[str, Any], repo_dir: str) -> str:
     return f"{config['cuda_repo_url'].rstrip('/')}/{repo_dir}/x86_64/"
 
 
-def apt_settings(config: dict[str, Any]) -> OperationMeta:
-    """apt waits for a lock held by another process, bounded by apt_lock_timeout."""
-    return files.put(
+def apt_settings(config: dict[str, Any]) -> None:
+    """apt waits for a lock held by another process (bounded by apt_lock_timeout), and dpkg work a dropped
+    connection interrupted is finished first. Planned once per host and run."""
+    if host.name in _apt_ready:
+        return
+    _apt_ready.add(host.name)
+    if host.get_fact(InterruptedPackageInstall):
+        server.shell(
+            name="Finish the package installation a dropped connection interrupted",
+            commands=[
+                "DEBIAN_FRONTEND=noninteractive dpkg --configure -a",
+                "DEBIAN_FRONTEND=noninteractive apt-get -y -f install",
+            ],
+        )
+    files.put(
         name="Make apt wait for package locks held by other processes",
         src=StringIO(f'DPkg::Lock::Timeout "{config["apt_lock_timeout"]}";\n'),
         dest="/etc/apt/apt.conf.d/50gpufleet-lock-timeout",
@@ -29,15 +45,19 @@ def apt_settings(config: dict[str, Any]) -> OperationMeta:
     )
 
 
-def ensure_repo(config: dict[str, Any], repo_dir: str) -> list[OperationMeta]:
+def ensure_repo(config: dict[str, Any], repo_dir: str) -> None:
     """Keyring from cuda-keyring (sha256 checked, only its .gpg used) and a deb822 source with signed-by.
 
-    No-op when the downloaded package, the keyring and the source file are already in place.
+    Planned once per host and run; a no-op when the package, the keyring and the source file are in place.
     """
+    if host.name in _planned:
+        return
+    _planned.add(host.name)
+    apt_settings(config)
     deb = f"{config['work_dir']}/downloads/{KEYRING_DEB}"
     files.directory(name="Create the download directory", path=f"{config['work_dir']}/downloads", mode="755")
     download = files.download(
-        name=f"Download {KEYRING_DEB} (sha256 checked)",
+        name=f"Download {repo_url(config, repo_dir) + KEYRING_DEB} (sha256 checked)",
         src=repo_url(config, repo_dir) + KEYRING_DEB,
         dest=deb,
         sha256sum=config["cuda_keyring_sha256"][repo_dir],
@@ -58,9 +78,7 @@ def ensure_repo(config: dict[str, Any], repo_dir: str) -> list[OperationMeta]:
         suites="/",
         signed_by=KEYRING,
     )
-    lock = apt_settings(config)
     apt.update(
         name="Update apt lists for NVIDIA's repository",
         _if=lambda: keyring.did_change() or source.did_change(),
     )
-    return [download, keyring, source, lock]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pyinfra import host, state
+from pyinfra.api.host import Host
 
 from gpufleet import facts
 from gpufleet.decide import HostProfile, host_gpus
@@ -21,45 +22,48 @@ _refused: set[str] = set()
 _stack_changes: dict[str, list[Any]] = {}
 
 
-def settings() -> dict[str, Any]:
-    """Every setting for the current host: inventory and group_data values over all.py's defaults."""
-    return {name: host.data.get(name, s.default) for name, s in _SETTINGS.items()}
+def settings(target: Host | None = None) -> dict[str, Any]:
+    """Every setting for a host (default: the current one): inventory and group_data values over all.py's defaults."""
+    target = target or host
+    return {name: target.data.get(name, s.default) for name, s in _SETTINGS.items()}
 
 
-def is_control_machine() -> bool:
-    if host.name.startswith("@local"):
+def is_control_machine(target: Host | None = None) -> bool:
+    target = target or host
+    if target.name.startswith("@local"):
         return True
-    return str(host.data.get("ssh_hostname", host.name)) in _LOCAL_ADDRESSES
+    return str(target.data.get("ssh_hostname", target.name)) in _LOCAL_ADDRESSES
 
 
-def profile() -> HostProfile:
-    """The current host as facts describe it."""
-    config = settings()
-    wsl = host.get_fact(facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
-    pci = host.get_fact(facts.NvidiaPciGpus)
-    smi = host.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
-    mem = host.get_fact(facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
-    disks = [host.get_fact(facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
+def profile(target: Host | None = None) -> HostProfile:
+    """A host (default: the current one) as facts describe it."""
+    host_ = target or host
+    config = settings(host_)
+    wsl = host_.get_fact(facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
+    pci = host_.get_fact(facts.NvidiaPciGpus)
+    smi = host_.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
+    mem = host_.get_fact(facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
+    disks = [host_.get_fact(facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
     # Both trees may share a filesystem; the smaller free space is what the install can count on.
     disk = min(disks, key=lambda d: d["free"])
-    os_release = host.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
+    os_release = host_.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
     return HostProfile(
-        name=host.name,
-        group=host.data.get("gpufleet_group", "workstations"),
+        name=host_.name,
+        group=host_.data.get("gpufleet_group", "workstations"),
         os=os_release,
         is_wsl=wsl["is_wsl"],
         gpus=host_gpus(pci, smi),
         smi=smi,
-        driver=host.get_fact(facts.DriverStateFact) or facts.DriverState(None, None),
+        driver=host_.get_fact(facts.DriverStateFact) or facts.DriverState(None, None),
         lspci_missing=pci is None,
-        secure_boot=host.get_fact(facts.SecureBoot),
+        secure_boot=host_.get_fact(facts.SecureBoot),
         mem_total=mem["total"],
         mem_available=mem["available"],
         cpus=mem["cpus"],
         free_disk=disk["free"],
         disk_mount=disk["mount"],
-        is_control_machine=is_control_machine(),
-        missing_tools=tuple(host.get_fact(facts.MissingTools)),
+        is_control_machine=is_control_machine(host_),
+        missing_tools=tuple(host_.get_fact(facts.MissingTools)),
     )
 
 

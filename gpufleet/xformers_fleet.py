@@ -15,7 +15,7 @@ from pyinfra.api.host import Host
 
 from gpufleet import facts
 from gpufleet.buildplan import arch_union, normalise_arch_list
-from gpufleet.decide import arch_list, host_gpus
+from gpufleet.decide import arch_list, host_gpus, preflight_problems
 from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
 from gpufleet.settings import REPO_ROOT, load_settings
 
@@ -28,6 +28,8 @@ class HostWheel:
     fingerprint: str
     arch_list: list[str]
     needs_install: bool
+    # Preflight passes: the host can take part (and so can build).
+    eligible: bool = True
 
 
 def host_settings(h: Host) -> dict[str, Any]:
@@ -70,12 +72,16 @@ def host_wheel(h: Host) -> HostWheel:
         )
     )
     installed = h.get_fact(facts.FileText, path=f"{config['work_dir']}/xformers/installed")
-    return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp)
+    from gpufleet.stage import profile
+
+    eligible = not preflight_problems(profile(h), config)
+    return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp, eligible=eligible)
 
 
 def builder_for(fp: str, wheels: list[HostWheel], configured: str | None) -> str | None:
-    """The host that builds fp: the configured builder when it shares fp, else the first host needing it."""
-    sharing = [w for w in wheels if w.fingerprint == fp]
+    """The host that builds fp: the configured builder when it shares fp and passes preflight, else the first such
+    host that needs the wheel."""
+    sharing = [w for w in wheels if w.fingerprint == fp and w.eligible]
     if configured and any(w.host == configured for w in sharing):
         return configured
     return next((w.host for w in sharing if w.needs_install), None)

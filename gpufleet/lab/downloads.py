@@ -13,7 +13,12 @@ import urllib.request
 from pathlib import Path
 
 from gpufleet.lab.os_packages import OS_PACKAGES
-from gpufleet.lab.paths import CACHE_DIR, DEBIAN_MIRROR, DEBIAN_SECURITY_MIRROR, DEBIAN_SUITE
+from gpufleet.lab.paths import (
+    CACHE_DIR,
+    DEBIAN_MIRROR,
+    DEBIAN_SECURITY_MIRROR,
+    DEBIAN_SUITE,
+)
 from gpufleet.lab.system import LabError, run
 
 PIP_PACKAGES: tuple[str, ...] = ("pip", "setuptools", "wheel", "ninja")

@@ -53,8 +53,12 @@ def defaults() -> dict:
     return {name: setting.default for name, setting in load_settings().items()}
 
 
+# A checksum for every repository, as an inventory for Debian 12 or WSL hosts must pin (all.py pins ubuntu2404 only).
+PINNED_KEYRINGS = {"ubuntu2404": "a" * 64, "wsl-ubuntu": "b" * 64, "debian12": "c" * 64}
+
+
 def settings(**overrides) -> dict:
-    return {**defaults(), **overrides}
+    return {**defaults(), "cuda_keyring_sha256": PINNED_KEYRINGS, **overrides}
 
 
 def workstation(**changes) -> HostProfile:
@@ -381,3 +385,18 @@ def test_wsl_host_never_reboots():
 
 def test_control_machine_never_reboots():
     assert may_reboot(workstation(is_control_machine=True), settings(reboot_policy="auto")) is False
+
+
+def test_repository_without_a_pinned_keyring_checksum_is_refused_with_where_and_how():
+    problems = preflight_problems(wsl_host(), settings(reboot_policy="never", cuda_keyring_sha256={}))
+    (problem,) = problems
+    assert "cuda_keyring_sha256 has no checksum for NVIDIA's 'wsl-ubuntu' repository" in problem
+    assert "/wsl-ubuntu/x86_64/cuda-keyring_1.1-1_all.deb" in problem
+    assert "{wsl-ubuntu: <sha256>" in problem
+
+
+def test_existing_toolkit_and_driver_need_no_keyring_checksum():
+    config = settings(cuda_keyring_sha256={}, driver_accept_existing=True, cuda_existing_home="/usr/local/cuda-13.0",
+                      cuda_version="13.0")
+    host = workstation(driver=DriverState(LoadedModule("580.159.04", True), None))
+    assert not any("cuda_keyring_sha256" in p for p in preflight_problems(host, config))

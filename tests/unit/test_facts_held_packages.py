@@ -16,10 +16,6 @@ def test_captured_dpkg_query_shows_a_held_package_as_hi():
     assert HELD.splitlines() == ["bzip2 1.0.8-5+b1 hi ", "xz-utils 5.4.1-1 ii "]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gpufleet/facts.py parse_dpkg_versions keeps only 'ii': a held driver package reads as not installed",
-)
 def test_a_held_package_is_still_installed():
     assert parse_dpkg_versions(HELD) == {"bzip2": "1.0.8-5+b1", "xz-utils": "5.4.1-1"}
 
