@@ -24,12 +24,12 @@ _stack_changes: dict[str, list[Any]] = {}
 
 def settings(target: Host | None = None) -> dict[str, Any]:
     """Every setting for a host (default: the current one): inventory and group_data values over all.py's defaults."""
-    target = target or host
+    target = host if target is None else target
     return {name: target.data.get(name, s.default) for name, s in _SETTINGS.items()}
 
 
 def is_control_machine(target: Host | None = None) -> bool:
-    target = target or host
+    target = host if target is None else target
     if target.name.startswith("@local"):
         return True
     return str(target.data.get("ssh_hostname", target.name)) in _LOCAL_ADDRESSES
@@ -37,7 +37,7 @@ def is_control_machine(target: Host | None = None) -> bool:
 
 def profile(target: Host | None = None) -> HostProfile:
     """A host (default: the current one) as facts describe it."""
-    host_ = target or host
+    host_ = host if target is None else target
     config = settings(host_)
     wsl = host_.get_fact(facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
     pci = host_.get_fact(facts.NvidiaPciGpus)
