@@ -13,7 +13,13 @@ from pyinfra.operations import apt, files, server, systemd
 
 from deploys.preflight import preflight
 from gpufleet import facts
-from gpufleet.decide import cuda_repo_dir, driver_packages, may_reboot
+from gpufleet.decide import (
+    DRIVER_PACKAGE_PREFIXES,
+    cuda_repo_dir,
+    driver_packages,
+    may_reboot,
+    stale_driver_holds,
+)
 from gpufleet.nvidia_repo import apt_settings, ensure_repo
 from gpufleet.operations import refuse
 from gpufleet.stage import (
@@ -84,7 +90,7 @@ def driver() -> None:
     )
 
     held = set(host.get_fact(facts.HeldPackages))
-    stale_holds = sorted(p for p in held if _is_driver_package(p) and p in me.driver.packages and p not in wanted)
+    stale_holds = stale_driver_holds(me.driver.packages, held, config["driver_branch"])
     if stale_holds:
         server.shell(
             name=f"Release the holds of the previous driver ({', '.join(stale_holds)})",
@@ -96,7 +102,7 @@ def driver() -> None:
         no_recommends=False,
     )
     record_stack_change(install)
-    unheld = [p for p in me.driver.packages if _is_driver_package(p) and p not in held and p not in stale_holds]
+    unheld = [p for p in me.driver.packages if p.startswith(DRIVER_PACKAGE_PREFIXES) and p not in held]
     server.shell(
         name="Hold the NVIDIA driver packages",
         commands=[HOLD_COMMAND],
@@ -111,10 +117,6 @@ def driver() -> None:
             enabled=True,
             running=True,
         )
-
-
-def _is_driver_package(name: str) -> bool:
-    return name.startswith(("nvidia-", "libnvidia-", "linux-modules-nvidia-"))
 
 
 def _handle_mismatch(me, config, installed) -> None:

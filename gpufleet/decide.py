@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -33,6 +34,8 @@ GPU_MODELS: dict[str, GpuModel] = {
 # Which package brings a missing command.
 TOOL_PACKAGES = {"apt-get": "apt", "dpkg-query": "dpkg", "tar": "tar", "sha256sum": "coreutils", "su": "util-linux",
                  "curl/wget": "curl"}
+
+DRIVER_PACKAGE_PREFIXES = ("nvidia-", "libnvidia-", "linux-modules-nvidia-")
 
 SUPPORTED_OS = {("ubuntu", "24.04"), ("debian", "12")}
 
@@ -300,3 +303,20 @@ def torch_problems(info: dict[str, Any], cuda_version: str, archs: list[str]) ->
                 f"would fail with 'no kernel image is available'. Use a CUDA 12.8+ build of torch."
             )
     return problems
+
+
+def stale_driver_holds(packages: dict[str, str], held: set[str], branch: str) -> list[str]:
+    """Held driver packages of another branch, whose holds must go before driver_branch's packages can replace them.
+
+    A package's branch is its version's major (580.95.05-1 -> 580), else a branch number in its name.
+    """
+    stale = []
+    for name, version in packages.items():
+        if name not in held or not name.startswith(DRIVER_PACKAGE_PREFIXES):
+            continue
+        major = re.match(r"^(?:\d+:)?(\d{3})\.", version)
+        named = re.search(r"-(\d{3})(?:-|$)", name)
+        found = major[1] if major else (named[1] if named else None)
+        if found is not None and found != branch:
+            stale.append(name)
+    return sorted(stale)

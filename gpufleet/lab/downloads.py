@@ -73,11 +73,12 @@ def os_packages() -> Path:
 
 
 def wheels() -> Path:
-    target = CACHE_DIR / f"wheels-{_key(PIP_PACKAGES)}"
+    target = CACHE_DIR / f"wheels-{_key(PIP_PACKAGES + ('with-dependencies',))}"
     if (target / ".complete").exists():
         return target
     staging = _staging(target)
-    run(["python3", "-m", "pip", "download", "--only-binary", ":all:", "--no-deps", "-d", str(staging), *PIP_PACKAGES])
+    # With their dependencies (wheel needs packaging), as a host resolves them from the lab index.
+    run(["python3", "-m", "pip", "download", "--only-binary", ":all:", "-d", str(staging), *PIP_PACKAGES])
     return _finish(staging, target)
 
 

@@ -18,6 +18,7 @@ from gpufleet.decide import (
     max_jobs,
     may_reboot,
     preflight_problems,
+    stale_driver_holds,
 )
 from gpufleet.facts import (
     DriverState,
@@ -400,3 +401,20 @@ def test_existing_toolkit_and_driver_need_no_keyring_checksum():
                       cuda_version="13.0")
     host = workstation(driver=DriverState(LoadedModule("580.159.04", True), None))
     assert not any("cuda_keyring_sha256" in p for p in preflight_problems(host, config))
+
+
+def test_holds_of_the_same_branch_are_never_released():
+    packages = {"nvidia-open-580": "580.95.05-1", "nvidia-dkms-580-open": "580.95.05-1", "nvidia-utils-580": "580.95.05-1"}
+    assert stale_driver_holds(packages, set(packages), "580") == []
+
+
+def test_holds_of_the_previous_branch_are_released_on_a_branch_change():
+    packages = {"nvidia-open-575": "575.57.08-1", "libnvidia-compute-575": "575.57.08-1", "nvidia-kernel-common": "1:580.1"}
+    held = {"nvidia-open-575", "libnvidia-compute-575"}
+    assert stale_driver_holds(packages, held, "580") == ["libnvidia-compute-575", "nvidia-open-575"]
+
+
+def test_unversioned_packages_count_by_their_version_major():
+    packages = {"nvidia-open": "590.44.01-1", "nvidia-driver-pinning-590": "1.0"}
+    assert stale_driver_holds(packages, set(packages), "590") == []
+    assert stale_driver_holds(packages, set(packages), "600") == ["nvidia-driver-pinning-590", "nvidia-open"]

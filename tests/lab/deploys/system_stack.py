@@ -1,0 +1,15 @@
+"""Preflight, driver, CUDA and Python, as deploys/full.py runs them (the stages whose hosts need no real GPU)."""
+
+from deploys.cuda import cuda
+from deploys.driver import driver
+from deploys.preflight import preflight
+from deploys.python import python
+from gpufleet.stage import refused
+
+preflight()
+if not refused():
+    driver()
+if not refused():
+    cuda()
+if not refused():
+    python()
