@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from pyinfra.api import FactBase
 
 from gpufleet import facts
 from tests.conftest import REPO_ROOT, run_pyinfra
@@ -320,19 +321,30 @@ FACT_CALLS: dict[str, list[dict]] = {
     "FileText": [{"path": "/var/lib/gpufleet/xformers/installed"},
                  {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "InterruptedPackageInstall": [{}],
 }
+
+
+def gpufleet_facts() -> list[type[FactBase]]:
+    """Every pyinfra fact gpufleet/facts.py defines (parsed or not)."""
+    return [
+        cls for cls in vars(facts).values()
+        if isinstance(cls, type) and issubclass(cls, FactBase) and cls.__module__ == facts.__name__
+        and cls is not facts._ParsedFact
+    ]
 
 
 def test_every_gpufleet_fact_has_realistic_arguments_here():
     # A new fact in gpufleet/facts.py fails here until the profiles answer it.
-    assert {cls.__name__ for cls in facts._ParsedFact.__subclasses__()} == set(FACT_CALLS)
+    assert {cls.__name__ for cls in gpufleet_facts()} == set(FACT_CALLS)
 
 
 @pytest.mark.parametrize("profile", profile_names())
 def test_every_gpufleet_fact_command_is_answered_by_that_fact_s_own_profile_output(profile):
     # The fake connector answers the first key found in the command; an unanswered command would read as empty.
     answers = fake_inventory.fact_answers(fake_inventory.load_profile(PROFILES / f"{profile}.yaml"))
-    for fact_class in facts._ParsedFact.__subclasses__():
+    for fact_class in gpufleet_facts():
         for kwargs in FACT_CALLS[fact_class.__name__]:
             command = fact_class().command(**kwargs)
             answer = next((a for a in answers if a.key in command), None)
