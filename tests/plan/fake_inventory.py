@@ -39,7 +39,7 @@ if os.environ.get("GPUFLEET_PLAN_WHICH_GPUFLEET"):
 _KEYS = (
     "description", "group", "settings", "control_machine", "os_release", "kernel_release", "wsl_nvidia_smi",
     "lspci", "nvidia_smi", "driver", "packages", "held", "missing_tools", "meminfo", "cpus", "df", "mokutil",
-    "kernel_headers", "systemd", "python3", "interpreters", "venv", "nvcc", "files",
+    "kernel_headers", "systemd", "python3", "interpreters", "venv", "nvcc", "files", "dpkg_interrupted",
 )
 _DRIVER_KEYS = ("proc", "modinfo", "runfile")
 _VENV_KEYS = ("python", "headers", "owner", "torch", "pip_freeze")
@@ -143,6 +143,7 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("SecureBoot", "mokutil", NO_TOOL if mokutil is None else _text(mokutil)),
         Answer("KernelHeaders", "/lib/modules/", f"{kernel}\n{'yes' if profile['kernel_headers'] else 'no'}"),
         Answer("HeldPackages", "apt-mark showhold", _text(profile["held"])),
+        Answer("InterruptedPackageInstall", "find /var/lib/dpkg/updates", _text(profile["dpkg_interrupted"])),
     ]
     for tools in _TOOL_SETS:
         answers.append(
@@ -166,7 +167,7 @@ def fact_answers(profile: dict) -> list[Answer]:
     if venv is not None:
         answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", _text(venv["torch"]) or NO_TOOL))
         answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
-        answers.append(Answer("PipPackages", f"{config['venv_path']}/bin/pip freeze", _text(venv["pip_freeze"])))
+        answers.append(Answer("PipFreeze", f"{venv_python} -m pip freeze --all", _text(venv["pip_freeze"])))
     for home, output in profile["nvcc"].items():
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
@@ -177,6 +178,7 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("PythonVersion", "print(\"%d.%d\" % sys.version_info[:2])", NO_TOOL),
         Answer("PythonHeaders", "/Python.h", "no"),
         Answer("TorchInfo", "-c 'import torch'", NO_TOOL),
+        Answer("PipFreeze", " -m pip freeze --all", NO_TOOL),
         Answer("PathOwner", "stat -c %U ", NO_TOOL),
         Answer("NvccVersion", "/bin/nvcc --version; else", NO_TOOL),
         Answer("FileText", " 2>/dev/null || echo " + NO_TOOL, NO_TOOL),

@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+from pyinfra.api import FactBase
 
 from gpufleet import facts
 from tests.conftest import REPO_ROOT, run_pyinfra
@@ -45,44 +46,73 @@ def refusal(deploy: str, reason: str) -> str:
     return op(CHANGE, deploy, f"Refuse {{host}}: {reason}")
 
 
-def nvidia_repo(deploy: str) -> list[str]:
-    """NVIDIA's apt repository: the keyring package checked by sha256, its keyring, a signed-by source."""
+REPO_URL = "https://developer.download.nvidia.com/compute/cuda/repos"
+XFORMERS_SDIST = (
+    "https://files.pythonhosted.org/packages/de/5a/6e27734bd793adc44d0b8d294e67cfacf4ec590572c1aef51d683fc7a791/"
+    "xformers-0.0.35.tar.gz"
+)
+APT_LOCK_TIMEOUT = "Make apt wait for package locks held by other processes"
+FINISH_INTERRUPTED = "Finish the package installation a dropped connection interrupted"
+
+
+def nvidia_repo(deploy: str, repo_dir: str = "ubuntu2404", *, apt_settings: bool = True) -> list[str]:
+    """NVIDIA's apt repository, once per host: the keyring package checked by sha256, its keyring, a signed-by
+    source. The apt lock timeout comes first unless an earlier stage already wrote it."""
     return [
+        *([op(CHANGE, deploy, APT_LOCK_TIMEOUT)] if apt_settings else []),
         op(CHANGE, deploy, "Create the download directory"),
-        op(CHANGE, deploy, "Download cuda-keyring_1.1-1_all.deb (sha256 checked)"),
+        op(CHANGE, deploy, f"Download {REPO_URL}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb (sha256 checked)"),
         op(MAYBE, deploy, "Install NVIDIA's repository keyring"),
         op(CHANGE, deploy, "Add NVIDIA's CUDA repository"),
-        op(CHANGE, deploy, "Make apt wait for package locks held by other processes"),
         op(MAYBE, deploy, "Update apt lists for NVIDIA's repository"),
     ]
 
 
-def driver(packages: str, *, repo: bool = True, headers: str = SAME, installed: str = CHANGE,
+NO_DRIVER_FROM_NVIDIA = (
+    "Never take driver packages from NVIDIA's repository (developer.download.nvidia.com) on an Ubuntu-driver host"
+)
+# Ubuntu's archive: the pin against NVIDIA's driver packages comes before the driver is installed, since a host may
+# already list NVIDIA's repository (a CUDA installed by hand), whose newer nvidia-driver-580-open would win.
+UBUNTU_ARCHIVE = [
+    op(CHANGE, DRIVER, APT_LOCK_TIMEOUT),
+    op(CHANGE, DRIVER, NO_DRIVER_FROM_NVIDIA),
+    op(CHANGE, DRIVER, "Refresh apt lists for Ubuntu's driver packages"),
+]
+
+
+def driver(packages: str, *, source: list[str] | None = None, headers: str = SAME, installed: str = CHANGE,
            reboot: list[str] | None = None, before_install: list[str] = (),
            kernel: str = "6.8.0-88-generic") -> list[str]:
-    """The driver stage of a bare-metal host: repo (or Ubuntu's archive), headers, nouveau, driver, hold, reboot."""
+    """The driver stage of a bare-metal host: NVIDIA's repo (or fresh lists of Ubuntu's archive), headers, nouveau,
+    driver, hold, reboot (or stop), and only then the persistence daemon, which needs the new module loaded."""
     return [
         op(CHANGE, DRIVER, "Keep unattended-upgrades away from the driver and CUDA"),
-        *(nvidia_repo(DRIVER) if repo else [op(CHANGE, DRIVER, "Make apt wait for package locks held by other processes")]),
+        *(source if source is not None else nvidia_repo(DRIVER)),
         op(headers, DRIVER, f"Install kernel headers for DKMS (linux-headers-{kernel})"),
         op(CHANGE, DRIVER, "Blacklist nouveau"),
         op(MAYBE, DRIVER, "Rebuild the initramfs without nouveau"),
         *before_install,
         op(installed, DRIVER, f"Install the NVIDIA driver ({packages})"),
         op(MAYBE, DRIVER, "Hold the NVIDIA driver packages"),
-        op(CHANGE, DRIVER, "Enable the NVIDIA persistence daemon"),
         *(reboot if reboot is not None else [op(MAYBE, DRIVER, "Reboot: the NVIDIA driver was installed or changed")]),
+        op(CHANGE, DRIVER, "Enable the NVIDIA persistence daemon"),
     ]
 
 
-# The CUDA stage adds NVIDIA's repository again even where the driver stage just did (harmless, wasteful: see
-# test_nvidia_repository_is_set_up_once_per_host); never `cuda`, `cuda-12-8` or `cuda-drivers`.
-CUDA_TOOLKIT = [
-    *nvidia_repo(CUDA),
-    op(CHANGE, CUDA, "Install the CUDA 12.8 toolkit (cuda-toolkit-12-8)"),
-    op(MAYBE, CUDA, "Check that nvcc reports CUDA 12.8"),
-    op(CHANGE, CUDA, "Put CUDA 12.8 on PATH for login shells"),
-]
+def cuda_toolkit(repo: list[str] = (), installed: str = CHANGE) -> list[str]:
+    """The toolkit alone, never `cuda`, `cuda-12-8` or `cuda-drivers`; `repo`: what the driver stage did not set up."""
+    return [
+        *repo,
+        op(installed, CUDA, "Install the CUDA 12.8 toolkit (cuda-toolkit-12-8)"),
+        op(MAYBE, CUDA, "Check that nvcc reports CUDA 12.8"),
+        op(CHANGE, CUDA, "Put CUDA 12.8 on PATH for login shells"),
+    ]
+
+
+# With Ubuntu's driver, NVIDIA's repository serves the toolkit only (its driver packages are pinned away already).
+CUDA_BESIDE_UBUNTU_DRIVER = cuda_toolkit(nvidia_repo(CUDA, apt_settings=False))
+# WSL2: the driver stage sets up nothing from NVIDIA's repository, so the CUDA stage does (wsl-ubuntu).
+CUDA_ON_WSL = cuda_toolkit(nvidia_repo(CUDA, "wsl-ubuntu"))
 FRESH_VENV = [
     op(CHANGE, PYTHON, "Create the unprivileged build user gpufleet"),
     op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
@@ -99,17 +129,19 @@ PINNED_TORCH = [
 ]
 
 
-def xformers_build(archs: str, jobs: int, tools: str | None) -> list[str]:
-    """This host builds the fleet's wheel (it is the only one in a --limit run), fetches it back and installs it."""
+def xformers_build(archs: str, jobs: int, tools: str | None, source: str = XFORMERS_SDIST) -> list[str]:
+    """This host builds the fleet's wheel (it is the only one in a --limit run) and fetches it back; its own upload
+    is planned too, in the same place as on every host, and gated off on the builder; then it installs the wheel."""
     return [
         op(CHANGE, XFORMERS, "Create /var/lib/gpufleet/xformers"),
+        op(CHANGE, XFORMERS, "Upload cubins.py"),
         *([op(CHANGE, XFORMERS, f"Install the build tools ({tools})")] if tools else []),
-        op(CHANGE, XFORMERS, "Download xformers-0.0.35.tar.gz (sha256 checked)"),
+        op(CHANGE, XFORMERS, f"Download {source} (sha256 checked)"),
         op(CHANGE, XFORMERS, "Upload the patch series"),
         op(CHANGE, XFORMERS, "Upload build_wheel.sh"),
-        op(CHANGE, XFORMERS, "Upload cubins.py"),
         op(MAYBE, XFORMERS, f"Build xformers for {archs} with {jobs} jobs (log: /var/lib/gpufleet/xformers/"),
-        op(CHANGE, XFORMERS, "Fetch the built wheel to this machine's cache"),
+        op(MAYBE, XFORMERS, "Fetch the built wheel to this machine's cache"),
+        op(MAYBE, XFORMERS, "Upload the xformers wheel built by {host}"),
         op(CHANGE, XFORMERS, "Install xformers 0.0.35 ("),
     ]
 
@@ -121,15 +153,24 @@ SMOKE_TEST = [
     op(CHANGE, SMOKE, "Fetch the smoke result to the control machine"),
     op(MAYBE, SMOKE, "Check that every rung of the smoke test passed"),
 ]
-# Everything after the driver on a fresh host with a 5090 D (7 jobs: this VM's 21 GB available / 3 GB per job).
-FRESH_AFTER_DRIVER = [
-    *CUDA_TOOLKIT, *FRESH_VENV, *PINNED_TORCH, *xformers_build("12.0", 7, "g++, make, python3.12-dev"), *SMOKE_TEST,
-]
+# Everything from venv to smoke test on a fresh host with a 5090 D (7 jobs: this VM's 21 GB available / 3 GB per job).
+FRESH_AFTER_CUDA = [*FRESH_VENV, *PINNED_TORCH, *xformers_build("12.0", 7, "g++, make, python3.12-dev"), *SMOKE_TEST]
+FRESH_AFTER_DRIVER = [*cuda_toolkit(), *FRESH_AFTER_CUDA]
 DEBIAN_AFTER_DRIVER = [
-    *CUDA_TOOLKIT, *FRESH_VENV, *PINNED_TORCH, *xformers_build("12.0", 7, "g++, make, python3.11-dev"), *SMOKE_TEST,
+    *cuda_toolkit(), *FRESH_VENV, *PINNED_TORCH, *xformers_build("12.0", 7, "g++, make, python3.11-dev"), *SMOKE_TEST,
 ]
 STOP_FOR_REBOOT = [op(MAYBE, DRIVER, "Stop {host}: reboot needed")]
-CHECKSUM_REFUSAL = "setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo}' repository"
+
+
+def checksum_refusal(repo_dir: str) -> str:
+    """Preflight refuses a repository without a pinned keyring checksum, saying where to download the keyring."""
+    return refusal(
+        PREFLIGHT,
+        f"setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo_dir}' repository; download "
+        f"{REPO_URL}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb, verify it, and add it to the inventory: "
+        f"cuda_keyring_sha256: {{{{{repo_dir}: <sha256>, ...}}}}",
+    )
+
 
 # Profile -> the operations planned for it, in order. Each entry is "<+|?|=> <deploy> | <start of the name>".
 EXPECTED_PLAN: dict[str, list[str]] = {
@@ -137,9 +178,17 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     "driver-branch-590": [
         *driver("nvidia-driver-pinning-590, nvidia-open", headers=CHANGE), *FRESH_AFTER_DRIVER,
     ],
-    # Ubuntu's signed modules: the only way with Secure Boot on and no MOK; no NVIDIA repository for the driver.
+    # Ubuntu's signed modules: the only way with Secure Boot on and no MOK; NVIDIA's repository for the toolkit only.
     "driver-source-ubuntu-secure-boot": [
-        *driver("nvidia-driver-580-open, linux-modules-nvidia-580-open-generic", repo=False), *FRESH_AFTER_DRIVER,
+        *driver("nvidia-driver-580-open, linux-modules-nvidia-580-open-generic", source=UBUNTU_ARCHIVE),
+        *CUDA_BESIDE_UBUNTU_DRIVER,
+        *FRESH_AFTER_CUDA,
+    ],
+    # dpkg's unfinished work is finished before apt is asked for anything, once.
+    "interrupted-package-install": [
+        *driver("nvidia-open-580", source=[op(CHANGE, DRIVER, FINISH_INTERRUPTED), *nvidia_repo(DRIVER)],
+                reboot=STOP_FOR_REBOOT),
+        *FRESH_AFTER_DRIVER,
     ],
     "driver-branch-upgrade-held": [
         *driver(
@@ -164,23 +213,22 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     "mismatch-reboot-never": [*driver("nvidia-open-580", installed=SAME, reboot=STOP_FOR_REBOOT), *FRESH_AFTER_DRIVER],
     # WSL2: no driver package, no nouveau, no hold, no reboot; only Windows' nvidia-smi on PATH.
     "wsl2-ubuntu2404-keyring-pinned": [
-        op(CHANGE, DRIVER, "Put Windows' nvidia-smi on PATH"), *FRESH_AFTER_DRIVER,
+        op(CHANGE, DRIVER, "Put Windows' nvidia-smi on PATH"), *CUDA_ON_WSL, *FRESH_AFTER_CUDA,
     ],
-    # A missing keyring checksum is known before anything runs: refuse before any change.
-    "wsl2-ubuntu2404": [refusal(ANY, CHECKSUM_REFUSAL.format(repo="wsl-ubuntu"))],
-    "debian12-5090d": [refusal(ANY, CHECKSUM_REFUSAL.format(repo="debian12"))],
+    # A missing keyring checksum is known before anything runs: preflight refuses before any change.
+    "wsl2-ubuntu2404": [checksum_refusal("wsl-ubuntu")],
+    "debian12-5090d": [checksum_refusal("debian12")],
     # Debian 12: its own kernel's headers, NVIDIA's debian12 repository, Debian's Python 3.11 and its -dev package.
     "debian12-5090d-keyring-pinned": [
-        *driver("nvidia-open-580", kernel="6.1.0-28-amd64"), *DEBIAN_AFTER_DRIVER,
+        *driver("nvidia-open-580", kernel="6.1.0-28-amd64", source=nvidia_repo(DRIVER, "debian12")),
+        *DEBIAN_AFTER_DRIVER,
     ],
-    # A second run after a successful one: every package "=", torch and xformers plan nothing, the smoke test is gated.
-    # Files, directories and the user show "+" only because the profile does not answer pyinfra's own file facts.
+    # A second run after a successful one: every package "=", the holds kept, torch and xformers plan nothing, every
+    # command gated. Files, directories, the user and the daemon show "+" only because the profile does not answer
+    # pyinfra's own file and systemd facts.
     "ubuntu2404-5090d-provisioned": [
         *driver("nvidia-open-580", installed=SAME),
-        *nvidia_repo(CUDA),
-        op(SAME, CUDA, "Install the CUDA 12.8 toolkit (cuda-toolkit-12-8)"),
-        op(MAYBE, CUDA, "Check that nvcc reports CUDA 12.8"),
-        op(CHANGE, CUDA, "Put CUDA 12.8 on PATH for login shells"),
+        *cuda_toolkit(installed=SAME),
         op(CHANGE, PYTHON, "Create the unprivileged build user gpufleet"),
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
         op(SAME, PYTHON, "Install Python's venv module"),
@@ -199,7 +247,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
         op(CHANGE, PYTHON, "Point the venv's pip at the configured index"),
         op(CHANGE, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
-        *xformers_build("9.0, 12.0", 16, None),
+        *xformers_build("9.0, 12.0", 16, None, source="file:///srv/gpufleet-mirror/xformers-0.0.35.tar.gz"),
         *SMOKE_TEST,
     ],
     "ubuntu2404-5090dv2": [
@@ -227,20 +275,22 @@ EXPECTED_PLAN: dict[str, list[str]] = {
 
 # Profiles whose plan is wrong today: the deploy bug, as reported. strict: a fix makes the test fail until removed here.
 KNOWN_BUGS = {
-    "wsl2-ubuntu2404": "driver stage writes /etc/profile.d/gpufleet-wsl.sh before the CUDA stage refuses the missing "
-    "wsl-ubuntu keyring checksum (deploys/cuda.py); the check belongs in preflight",
-    "debian12-5090d": "driver stage writes the unattended-upgrades blacklist before refusing the missing debian12 "
-    "keyring checksum (deploys/driver.py); the check belongs in preflight",
-    "driver-branch-upgrade-held": "parse_dpkg_versions keeps only 'ii' packages, so held ('hi') driver packages are "
-    "invisible and their holds are never released on a branch change (gpufleet/facts.py)",
+    "driver-source-ubuntu-secure-boot": "deploys/cuda.py:54 writes the pin against NVIDIA's driver packages in the CUDA "
+    "stage, after deploys/driver.py:93 installed the driver: on a host that already lists NVIDIA's repository "
+    "(a CUDA installed by hand) apt takes NVIDIA's newer nvidia-driver-580-open, unsigned DKMS under Secure Boot; "
+    "write the pin in the driver stage before its apt.update (driver_source ubuntu)",
+    "ubuntu2404-5090d-provisioned": "deploys/driver.py:87 counts every held driver package outside driver_packages() "
+    "as a stale hold, so a second run releases the holds the first run put on nvidia-open-580's dependencies "
+    "(libnvidia-compute-580, nvidia-driver-580-open) and holds them again: release holds only when a wanted driver "
+    "package is not installed (a branch or source change)",
 }
 
 # Hosts that preflight must let through, whatever the later stages do.
 PREFLIGHT_PASSES = {
     "ubuntu2404-5090d", "driver-branch-590", "driver-source-ubuntu-secure-boot", "driver-branch-upgrade-held",
     "control-machine-5090d", "mismatch-reboot-auto", "mismatch-reboot-never", "wsl2-ubuntu2404-keyring-pinned",
-    "h100-preprovisioned", "wsl2-ubuntu2404", "debian12-5090d", "debian12-5090d-keyring-pinned",
-    "ubuntu2404-5090d-provisioned",
+    "h100-preprovisioned", "debian12-5090d-keyring-pinned", "ubuntu2404-5090d-provisioned",
+    "interrupted-package-install",
 }
 
 
@@ -320,19 +370,30 @@ FACT_CALLS: dict[str, list[dict]] = {
     "FileText": [{"path": "/var/lib/gpufleet/xformers/installed"},
                  {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "InterruptedPackageInstall": [{}],
 }
+
+
+def gpufleet_facts() -> list[type[FactBase]]:
+    """Every pyinfra fact gpufleet/facts.py defines (parsed or not)."""
+    return [
+        cls for cls in vars(facts).values()
+        if isinstance(cls, type) and issubclass(cls, FactBase) and cls.__module__ == facts.__name__
+        and cls is not facts._ParsedFact
+    ]
 
 
 def test_every_gpufleet_fact_has_realistic_arguments_here():
     # A new fact in gpufleet/facts.py fails here until the profiles answer it.
-    assert {cls.__name__ for cls in facts._ParsedFact.__subclasses__()} == set(FACT_CALLS)
+    assert {cls.__name__ for cls in gpufleet_facts()} == set(FACT_CALLS)
 
 
 @pytest.mark.parametrize("profile", profile_names())
 def test_every_gpufleet_fact_command_is_answered_by_that_fact_s_own_profile_output(profile):
     # The fake connector answers the first key found in the command; an unanswered command would read as empty.
     answers = fake_inventory.fact_answers(fake_inventory.load_profile(PROFILES / f"{profile}.yaml"))
-    for fact_class in facts._ParsedFact.__subclasses__():
+    for fact_class in gpufleet_facts():
         for kwargs in FACT_CALLS[fact_class.__name__]:
             command = fact_class().command(**kwargs)
             answer = next((a for a in answers if a.key in command), None)
@@ -386,12 +447,10 @@ def test_no_host_gets_a_forbidden_package(profile):
             assert forbidden not in name, name
 
 
-@pytest.mark.parametrize("profile", ["wsl2-ubuntu2404-keyring-pinned", "wsl2-ubuntu2404"])
-def test_wsl_host_gets_no_driver_no_nouveau_no_hold_and_no_reboot(profile):
-    driver_ops = [n for n in names_only(profile) if n.startswith(f"{DRIVER} | ")]
-    assert driver_ops[0] == f"{DRIVER} | Put Windows' nvidia-smi on PATH"
-    assert all("Refuse" in n for n in driver_ops[1:]), driver_ops
-    for name in names_only(profile):
+def test_wsl_host_gets_no_driver_no_nouveau_no_hold_and_no_reboot():
+    names = names_only("wsl2-ubuntu2404-keyring-pinned")
+    assert [n for n in names if n.startswith(f"{DRIVER} | ")] == [f"{DRIVER} | Put Windows' nvidia-smi on PATH"]
+    for name in names:
         assert not any(word in name for word in ("nouveau", "Hold", "Reboot", "reboot", "linux-headers")), name
 
 
@@ -440,17 +499,14 @@ def test_nvidia_repository_keyring_is_checked_before_use_and_apt_key_is_never_ru
     assert not [c for c in commands if "apt-key" in c]
 
 
-@pytest.mark.xfail(strict=True, reason="deploys/cuda.py calls ensure_repo again after deploys/driver.py did")
-def test_nvidia_repository_is_set_up_once_per_host():
-    names = names_only("ubuntu2404-5090d")
-    assert len([n for n in names if n.endswith("| Download cuda-keyring_1.1-1_all.deb (sha256 checked)")]) == 1
-    assert len([n for n in names if n.endswith("| Update apt lists for NVIDIA's repository")]) == 1
+@pytest.mark.parametrize("profile", sorted(PREFLIGHT_PASSES))
+def test_nvidia_repository_and_apt_settings_are_planned_once_per_host(profile):
+    names = names_only(profile)
+    for once in ("cuda-keyring_1.1-1_all.deb (sha256 checked)", "| Update apt lists for NVIDIA's repository",
+                 f"| {APT_LOCK_TIMEOUT}", f"| {FINISH_INTERRUPTED}"):
+        assert len([n for n in names if n.endswith(once) or once + " " in n]) <= 1, once
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploys/driver.py starts nvidia-persistenced (running=True) before the reboot that loads the new module",
-)
 def test_a_stale_module_is_rebooted_away_before_the_persistence_daemon_is_started():
     names = names_only("mismatch-reboot-auto")
     reboot = next(i for i, n in enumerate(names) if "| Reboot: " in n)
@@ -458,7 +514,6 @@ def test_a_stale_module_is_rebooted_away_before_the_persistence_daemon_is_starte
     assert all(i > reboot for i in daemon), names
 
 
-@pytest.mark.xfail(strict=True, reason="deploys/cuda.py's checksum refusal does not say where to download the keyring")
 def test_every_missing_checksum_refusal_says_where_to_download_the_keyring():
     refusals = [n for n in names_only("wsl2-ubuntu2404") if "cuda_keyring_sha256" in n]
     assert refusals
@@ -466,15 +521,40 @@ def test_every_missing_checksum_refusal_says_where_to_download_the_keyring():
         assert "https://developer.download.nvidia.com/compute/cuda/repos/wsl-ubuntu/x86_64/" in name, name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploys/driver.py: with driver_source ubuntu nothing refreshes apt's lists before installing the driver "
-    "(stale lists: 404 or package not found)",
-)
 def test_ubuntu_archive_driver_is_installed_from_fresh_apt_lists():
     names = names_only("driver-source-ubuntu-secure-boot")
     install = names.index(f"{DRIVER} | Install the NVIDIA driver (nvidia-driver-580-open, linux-modules-nvidia-580-open-generic)")
     assert [n for n in names[:install] if "apt lists" in n or "Update apt" in n], names[:install]
+
+
+def test_interrupted_package_install_is_finished_before_apt_runs():
+    commands = executed("interrupted-package-install", "deploys/driver.py")
+    repair = commands.index("DEBIAN_FRONTEND=noninteractive dpkg --configure -a")
+    assert commands[repair + 1] == "DEBIAN_FRONTEND=noninteractive apt-get -y -f install"
+    assert not [c for c in commands[:repair] if c.startswith(("apt-get", "DEBIAN_FRONTEND=", "dpkg -i"))]
+    assert FINISH_INTERRUPTED not in " ".join(names_only("ubuntu2404-5090d")), "a healthy host gets no repair"
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["driver-source-ubuntu-secure-boot"])
+def test_ubuntu_driver_host_pins_nvidia_s_driver_packages_away_before_installing_the_driver():
+    names = names_only("driver-source-ubuntu-secure-boot")
+    install = next(i for i, n in enumerate(names) if n.startswith(f"{DRIVER} | Install the NVIDIA driver ("))
+    assert [n for n in names[:install] if n.endswith(NO_DRIVER_FROM_NVIDIA)], names[:install]
+
+
+def test_ubuntu_driver_host_pins_nvidia_s_driver_packages_away_before_installing_the_toolkit():
+    commands = executed("driver-source-ubuntu-secure-boot", "deploys/cuda.py")
+    pin = commands.index("/etc/apt/preferences.d/gpufleet-driver-source")
+    toolkit = next(i for i, c in enumerate(commands) if c.endswith(" install cuda-toolkit-12-8"))
+    assert pin < toolkit
+    # With NVIDIA's own driver the same repository serves both: nothing to pin.
+    assert not [n for n in names_only("ubuntu2404-5090d") if "Never take driver packages" in n]
+
+
+@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["ubuntu2404-5090d-provisioned"])
+def test_second_run_keeps_the_holds_of_the_installed_driver():
+    names = names_only("ubuntu2404-5090d-provisioned")
+    assert not [n for n in names if "Release the holds" in n], names
 
 
 def test_preprovisioned_host_installs_nothing_it_has():
@@ -525,11 +605,15 @@ def test_a_cached_wheel_is_uploaded_instead_of_built(tmp_path):
         env={"GPUFLEET_PLAN_WHEEL_CACHE": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr
-    names = [o["names"][0] for o in json.loads(result.stdout)["plan"] if o["names"][0].startswith(f"{XFORMERS} |")]
+    names = [f"{mark(o)} {o['names'][0]}" for o in json.loads(result.stdout)["plan"] if o["names"][0].startswith(f"{XFORMERS} |")]
+    # Nothing to build or fetch: those two stay gated (off on a host that is not the builder), nothing is downloaded.
     assert names == [
-        f"{XFORMERS} | Create /var/lib/gpufleet/xformers",
-        f"{XFORMERS} | Upload the xformers wheel built earlier",
-        f"{XFORMERS} | Install xformers 0.0.35 ({fingerprint}) and prove its sm code",
+        f"{CHANGE} {XFORMERS} | Create /var/lib/gpufleet/xformers",
+        f"{CHANGE} {XFORMERS} | Upload cubins.py",
+        f"{MAYBE} {XFORMERS} | Build xformers for 12.0 with 7 jobs (log: /var/lib/gpufleet/xformers/wheels/{fingerprint}/build.log)",
+        f"{MAYBE} {XFORMERS} | Fetch the built wheel to this machine's cache",
+        f"{MAYBE} {XFORMERS} | Upload the xformers wheel built earlier",
+        f"{CHANGE} {XFORMERS} | Install xformers 0.0.35 ({fingerprint}) and prove its sm code",
     ]
 
 
@@ -539,11 +623,6 @@ def _fleet(tmp_path: Path, *profiles: str) -> Path:
     return tmp_path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploys/full.py calls every stage from one line: pyinfra's line-number op identities collide across "
-    "deploy modules ('Cycle detected in operation ordering DAG' as soon as one host builds and another uploads)",
-)
 def test_two_fresh_workstations_plan_together(tmp_path):
     fleet = _fleet(tmp_path, "ubuntu2404-5090d", "driver-branch-590")
     result = run_pyinfra("--dry", "--json", INVENTORY, "deploys/full.py", env={"GPUFLEET_PLAN_PROFILES": str(fleet)})
@@ -552,7 +631,6 @@ def test_two_fresh_workstations_plan_together(tmp_path):
     assert f"{XFORMERS} | Upload the xformers wheel built by @fake/driver-branch-590" in names
 
 
-@pytest.mark.xfail(strict=True, reason="same as test_two_fresh_workstations_plan_together (deploys/full.py)")
 def test_whole_fleet_plans_every_host():
     plan = plan_json(INVENTORY, "deploys/full.py")["plan"]
     names = [name for operation in plan for name in operation["names"]]
@@ -562,11 +640,6 @@ def test_whole_fleet_plans_every_host():
                 assert own[2:] in names, own
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gpufleet/xformers_fleet.py builder_for picks the first host needing the wheel, even one refused by "
-    "preflight; the other hosts then wait for a wheel that is never built",
-)
 def test_a_refused_host_is_never_the_xformers_builder(tmp_path):
     fleet = _fleet(tmp_path, "debian12-python312-no-interpreter", "ubuntu2404-5090d")
     plan = plan_json(INVENTORY, "deploys/full.py", profiles=fleet)["plan"]
@@ -575,11 +648,6 @@ def test_a_refused_host_is_never_the_xformers_builder(tmp_path):
     assert [n for n in names if n.startswith(f"{XFORMERS} | Build xformers for 12.0")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploys/xformers.py: pyinfra runs ops in waves of its per-host DAG, so the non-builder's 'Upload the "
-    "xformers wheel built by ...' (2nd op of its stage) runs before the builder's build and fetch",
-)
 def test_the_wheel_is_uploaded_only_after_the_builder_fetched_it(tmp_path):
     fleet = _fleet(tmp_path, "driver-branch-590", "ubuntu2404-5090d")
     plan = plan_json(INVENTORY, "deploys/xformers.py", profiles=fleet)["plan"]
