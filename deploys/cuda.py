@@ -4,7 +4,6 @@ Runs alone (after preflight): pyinfra inventory.py deploys/cuda.py
 """
 
 from io import StringIO
-from urllib.parse import urlparse
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -13,7 +12,7 @@ from pyinfra.operations import apt, files, server
 from deploys.preflight import preflight
 from gpufleet import facts
 from gpufleet.decide import cuda_driver_problem, cuda_repo_dir
-from gpufleet.nvidia_repo import ensure_repo
+from gpufleet.nvidia_repo import ensure_repo, pin_driver_source
 from gpufleet.stage import profile, refuse_host, run_alone, settings
 
 
@@ -49,9 +48,9 @@ def cuda() -> None:
         if found is not None and found != version:
             refuse_host([f"{home}/bin/nvcc reports {found}, not {version}; remove the foreign toolkit at {home}."])
             return
-        ensure_repo(config, cuda_repo_dir(me.os, me.is_wsl))
         if config["driver_source"] == "ubuntu" and not me.is_wsl:
-            _keep_driver_from_ubuntu(config)
+            pin_driver_source(config)
+        ensure_repo(config, cuda_repo_dir(me.os, me.is_wsl))
         package = "cuda-toolkit-" + version.replace(".", "-")
         install = apt.packages(name=f"Install the CUDA {version} toolkit ({package})", packages=[package])
         server.shell(
@@ -72,20 +71,6 @@ def cuda() -> None:
             'export LD_LIBRARY_PATH="$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"\n'
         ),
         dest="/etc/profile.d/gpufleet-cuda.sh",
-        mode="644",
-    )
-
-
-def _keep_driver_from_ubuntu(config: dict) -> None:
-    """With Ubuntu's driver, apt must never take driver packages from NVIDIA's repository: never mix sources."""
-    origin = urlparse(config["cuda_repo_url"]).hostname
-    files.put(
-        name=f"Never take driver packages from NVIDIA's repository ({origin}) on an Ubuntu-driver host",
-        src=StringIO(
-            "# gpufleet: driver_source is ubuntu; NVIDIA's repository serves the toolkit only.\n"
-            f"Package: nvidia-* libnvidia-* xserver-xorg-video-nvidia-*\nPin: origin {origin}\nPin-Priority: -1\n"
-        ),
-        dest="/etc/apt/preferences.d/gpufleet-driver-source",
         mode="644",
     )
 

@@ -20,7 +20,7 @@ from gpufleet.decide import (
     may_reboot,
     stale_driver_holds,
 )
-from gpufleet.nvidia_repo import apt_settings, ensure_repo
+from gpufleet.nvidia_repo import apt_settings, ensure_repo, pin_driver_source
 from gpufleet.operations import refuse
 from gpufleet.stage import (
     profile,
@@ -70,6 +70,7 @@ def driver() -> None:
         ensure_repo(config, cuda_repo_dir(me.os, me.is_wsl))
     else:
         apt_settings(config)
+        pin_driver_source(config)
         apt.update(name="Refresh apt lists for Ubuntu's driver packages", cache_time=3600)
 
     headers = host.get_fact(facts.KernelHeaders)

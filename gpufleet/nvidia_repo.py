@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from io import StringIO
 from typing import Any
+from urllib.parse import urlparse
 
 from pyinfra import host
 from pyinfra.facts.files import File
@@ -17,6 +18,7 @@ SOURCE_NAME = "gpufleet-cuda"
 # Hosts whose repository is already planned in this run: the driver and CUDA stages share it.
 _planned: set[str] = set()
 _apt_ready: set[str] = set()
+_pinned: set[str] = set()
 
 
 def repo_url(config: dict[str, Any], repo_dir: str) -> str:
@@ -29,6 +31,12 @@ def apt_settings(config: dict[str, Any]) -> None:
     if host.name in _apt_ready:
         return
     _apt_ready.add(host.name)
+    files.put(
+        name="Make apt wait for package locks held by other processes",
+        src=StringIO(f'DPkg::Lock::Timeout "{config["apt_lock_timeout"]}";\n'),
+        dest="/etc/apt/apt.conf.d/50gpufleet-lock-timeout",
+        mode="644",
+    )
     if host.get_fact(InterruptedPackageInstall):
         server.shell(
             name="Finish the package installation a dropped connection interrupted",
@@ -37,12 +45,6 @@ def apt_settings(config: dict[str, Any]) -> None:
                 "DEBIAN_FRONTEND=noninteractive apt-get -y -f install",
             ],
         )
-    files.put(
-        name="Make apt wait for package locks held by other processes",
-        src=StringIO(f'DPkg::Lock::Timeout "{config["apt_lock_timeout"]}";\n'),
-        dest="/etc/apt/apt.conf.d/50gpufleet-lock-timeout",
-        mode="644",
-    )
 
 
 def ensure_repo(config: dict[str, Any], repo_dir: str) -> None:
@@ -81,4 +83,24 @@ def ensure_repo(config: dict[str, Any], repo_dir: str) -> None:
     apt.update(
         name="Update apt lists for NVIDIA's repository",
         _if=lambda: keyring.did_change() or source.did_change(),
+    )
+
+
+def pin_driver_source(config: dict[str, Any]) -> None:
+    """With Ubuntu's driver, apt never takes driver packages from NVIDIA's repository: sources never mix.
+
+    Planned once per host and run, before anything can add NVIDIA's repository; a no-op when the pin is in place.
+    """
+    if host.name in _pinned:
+        return
+    _pinned.add(host.name)
+    origin = urlparse(config["cuda_repo_url"]).hostname
+    files.put(
+        name=f"Never take driver packages from NVIDIA's repository ({origin}) on an Ubuntu-driver host",
+        src=StringIO(
+            "# gpufleet: driver_source is ubuntu; NVIDIA's repository serves the toolkit only.\n"
+            f"Package: nvidia-* libnvidia-* xserver-xorg-video-nvidia-*\nPin: origin {origin}\nPin-Priority: -1\n"
+        ),
+        dest="/etc/apt/preferences.d/gpufleet-driver-source",
+        mode="644",
     )

@@ -55,11 +55,14 @@ APT_LOCK_TIMEOUT = "Make apt wait for package locks held by other processes"
 FINISH_INTERRUPTED = "Finish the package installation a dropped connection interrupted"
 
 
-def nvidia_repo(deploy: str, repo_dir: str = "ubuntu2404", *, apt_settings: bool = True) -> list[str]:
+def nvidia_repo(deploy: str, repo_dir: str = "ubuntu2404", *, apt_settings: bool = True,
+                repair: bool = False) -> list[str]:
     """NVIDIA's apt repository, once per host: the keyring package checked by sha256, its keyring, a signed-by
-    source. The apt lock timeout comes first unless an earlier stage already wrote it."""
+    source. The apt lock timeout comes first unless an earlier stage already wrote it, then (repair) the dpkg work
+    a dropped connection left unfinished."""
     return [
         *([op(CHANGE, deploy, APT_LOCK_TIMEOUT)] if apt_settings else []),
+        *([op(CHANGE, deploy, FINISH_INTERRUPTED)] if repair else []),
         op(CHANGE, deploy, "Create the download directory"),
         op(CHANGE, deploy, f"Download {REPO_URL}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb (sha256 checked)"),
         op(MAYBE, deploy, "Install NVIDIA's repository keyring"),
@@ -186,7 +189,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     ],
     # dpkg's unfinished work is finished before apt is asked for anything, once.
     "interrupted-package-install": [
-        *driver("nvidia-open-580", source=[op(CHANGE, DRIVER, FINISH_INTERRUPTED), *nvidia_repo(DRIVER)],
+        *driver("nvidia-open-580", source=nvidia_repo(DRIVER, repair=True),
                 reboot=STOP_FOR_REBOOT),
         *FRESH_AFTER_DRIVER,
     ],
@@ -274,16 +277,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
 }
 
 # Profiles whose plan is wrong today: the deploy bug, as reported. strict: a fix makes the test fail until removed here.
-KNOWN_BUGS = {
-    "driver-source-ubuntu-secure-boot": "deploys/cuda.py:54 writes the pin against NVIDIA's driver packages in the CUDA "
-    "stage, after deploys/driver.py:93 installed the driver: on a host that already lists NVIDIA's repository "
-    "(a CUDA installed by hand) apt takes NVIDIA's newer nvidia-driver-580-open, unsigned DKMS under Secure Boot; "
-    "write the pin in the driver stage before its apt.update (driver_source ubuntu)",
-    "ubuntu2404-5090d-provisioned": "deploys/driver.py:87 counts every held driver package outside driver_packages() "
-    "as a stale hold, so a second run releases the holds the first run put on nvidia-open-580's dependencies "
-    "(libnvidia-compute-580, nvidia-driver-580-open) and holds them again: release holds only when a wanted driver "
-    "package is not installed (a branch or source change)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 
 # Hosts that preflight must let through, whatever the later stages do.
 PREFLIGHT_PASSES = {
@@ -535,7 +529,6 @@ def test_interrupted_package_install_is_finished_before_apt_runs():
     assert FINISH_INTERRUPTED not in " ".join(names_only("ubuntu2404-5090d")), "a healthy host gets no repair"
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["driver-source-ubuntu-secure-boot"])
 def test_ubuntu_driver_host_pins_nvidia_s_driver_packages_away_before_installing_the_driver():
     names = names_only("driver-source-ubuntu-secure-boot")
     install = next(i for i, n in enumerate(names) if n.startswith(f"{DRIVER} | Install the NVIDIA driver ("))
@@ -551,7 +544,6 @@ def test_ubuntu_driver_host_pins_nvidia_s_driver_packages_away_before_installing
     assert not [n for n in names_only("ubuntu2404-5090d") if "Never take driver packages" in n]
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["ubuntu2404-5090d-provisioned"])
 def test_second_run_keeps_the_holds_of_the_installed_driver():
     names = names_only("ubuntu2404-5090d-provisioned")
     assert not [n for n in names if "Release the holds" in n], names
