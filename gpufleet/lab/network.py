@@ -7,7 +7,7 @@ Hosts get an address and nothing else: no default route, so anything outside the
 import ipaddress
 import json
 
-from gpufleet.lab.paths import BRIDGE_IP, BRIDGE_NAME, NETNS_PREFIX, SUBNET_PREFIX
+from gpufleet.lab.paths import BRIDGE_IP, BRIDGE_NAME, INSTANCE, NETNS_PREFIX, SUBNET_PREFIX
 from gpufleet.lab.system import LabError, run
 
 SUBNET = ipaddress.ip_network(f"{SUBNET_PREFIX}.0/24")
@@ -48,7 +48,7 @@ def lab_namespaces() -> list[str]:
     return [ns["name"] for ns in json.loads(listing or "[]") if ns["name"].startswith(NETNS_PREFIX)]
 
 
-VETH_PREFIX = "gfl"
+VETH_PREFIX = f"gfv{INSTANCE}-"
 
 
 def veth_name(host: str) -> str:

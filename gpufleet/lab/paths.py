@@ -1,19 +1,25 @@
 """Where the lab keeps things and which network it owns; one place so setup and teardown agree."""
 
+import os
 from pathlib import Path
+
+# Several labs can run side by side (one per developer session): GPUFLEET_LAB_INSTANCE=N gives lab N its own
+# state directory, bridge, namespaces and /24. The cache is shared.
+INSTANCE = int(os.environ.get("GPUFLEET_LAB_INSTANCE", "0"))
+_SUFFIX = str(INSTANCE) if INSTANCE else ""
 
 # Built once and kept between runs: the Debian base, downloaded .debs, wheels and the xformers sdist.
 CACHE_DIR = Path("/var/cache/gpufleet-lab")
 # Everything one running lab owns: keys, host overlays, served mirror tree, pid files, inventories.
-STATE_DIR = Path("/var/lib/gpufleet-lab")
+STATE_DIR = Path(f"/var/lib/gpufleet-lab{_SUFFIX}")
 
 # A /24 chosen to be unlikely on real networks; `network.check_subnet_free` refuses to run if it is in use.
-SUBNET_PREFIX = "10.213.47"
-BRIDGE_NAME = "gflab0"
+SUBNET_PREFIX = f"10.213.{47 + INSTANCE}"
+BRIDGE_NAME = f"gflab{INSTANCE}"
 BRIDGE_IP = f"{SUBNET_PREFIX}.1"
 # Host n (1-based) gets .10+n, so up to 200 hosts fit.
 HOST_IP_OFFSET = 10
-NETNS_PREFIX = "gflab-"
+NETNS_PREFIX = f"gflab{_SUFFIX}-"
 MIRROR_PORT = 8047
 
 DEBIAN_SUITE = "bookworm"

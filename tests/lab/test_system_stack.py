@@ -17,6 +17,7 @@ import yaml
 
 from gpufleet.lab import Lab
 from gpufleet.lab.hosts import Host
+from gpufleet.lab.paths import BRIDGE_IP
 from gpufleet.lab.runner import PyinfraRun
 
 pytestmark = pytest.mark.lab
@@ -137,7 +138,7 @@ def test_unreachable_mirror_is_an_error_naming_the_url(
         run_pyinfra: Callable[..., PyinfraRun]) -> None:
     hosts = fresh_hosts[:1]
     # A closed port on the lab bridge: the host reaches the address, nothing answers.
-    dead = "http://10.213.47.1:9/cuda/repos"
+    dead = f"http://{BRIDGE_IP}:9/cuda/repos"
     inventory = inventory_with(make_inventory, hosts, cuda_repo_url=dead)
     run = run_pyinfra(inventory, STACK)
     assert run.returncode != 0, run.explain()
