@@ -7,7 +7,13 @@ Hosts get an address and nothing else: no default route, so anything outside the
 import ipaddress
 import json
 
-from gpufleet.lab.paths import BRIDGE_IP, BRIDGE_NAME, INSTANCE, NETNS_PREFIX, SUBNET_PREFIX
+from gpufleet.lab.paths import (
+    BRIDGE_IP,
+    BRIDGE_NAME,
+    INSTANCE,
+    NETNS_PREFIX,
+    SUBNET_PREFIX,
+)
 from gpufleet.lab.system import LabError, run
 
 SUBNET = ipaddress.ip_network(f"{SUBNET_PREFIX}.0/24")

@@ -12,8 +12,11 @@ import pytest
 
 from gpufleet.lab import Lab
 from gpufleet.lab.hosts import Host
+from gpufleet.lab.paths import SUBNET_PREFIX, mirror_base_url
 from gpufleet.lab.rootfs import SUDO_USER
 from gpufleet.lab.runner import REPO_ROOT, PyinfraRun
+
+MIRROR = mirror_base_url()
 
 pytestmark = pytest.mark.lab
 
@@ -106,7 +109,7 @@ def test_package_install_cut_mid_dpkg_is_finished_by_the_next_run(
         lab.remove_host(host)
 
 
-UNREACHABLE = {"lab-gone": "10.213.47.250"}  # inside the lab network, no host behind it
+UNREACHABLE = {"lab-gone": f"{SUBNET_PREFIX}.250"}  # inside the lab network, no host behind it
 
 
 def test_unreachable_host_fails_alone_while_the_others_converge(

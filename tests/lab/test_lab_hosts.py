@@ -11,6 +11,9 @@ import pytest
 
 from gpufleet.lab import Lab
 from gpufleet.lab.hosts import Host
+from gpufleet.lab.paths import BRIDGE_IP, MIRROR_PORT, mirror_base_url
+
+MIRROR = mirror_base_url()
 
 pytestmark = pytest.mark.lab
 
@@ -48,7 +51,7 @@ def test_wsl_host_looks_like_wsl2_to_the_deploys_facts(lab: Lab) -> None:
 def test_hosts_reach_the_lab_mirror_and_nothing_else(lab: Lab, lab_hosts: list[Host]) -> None:
     host = lab_hosts[0]
     probe = "python3 -c 'import socket; socket.create_connection((\"{}\", {}), timeout=3)'"
-    assert lab.ssh(host, probe.format("10.213.47.1", 8047)).returncode == 0
+    assert lab.ssh(host, probe.format(BRIDGE_IP, MIRROR_PORT)).returncode == 0
     outside = lab.ssh(host, probe.format("1.1.1.1", 80))
     assert outside.returncode != 0 and "Network is unreachable" in outside.stderr
 
@@ -65,10 +68,10 @@ def test_host_with_unknown_key_is_refused(lab: Lab, lab_hosts: list[Host], tmp_p
 def test_stand_in_driver_answers_like_the_real_one_through_install_load_and_update(lab: Lab) -> None:
     host = lab.add_host(gpu="5090d")
     try:
-        ok(lab, host, "curl -sSfo /tmp/k.deb http://10.213.47.1:8047/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb"
+        ok(lab, host, f"curl -sSfo /tmp/k.deb {MIRROR}/cuda/repos/debian12/x86_64/cuda-keyring_1.1-1_all.deb"
                       " && dpkg -i /tmp/k.deb && rm /etc/apt/sources.list.d/cuda-debian12-x86_64.list"
                       " && echo 'deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg]"
-                      " http://10.213.47.1:8047/cuda/repos/debian12/x86_64/ /' > /etc/apt/sources.list.d/cuda.list"
+                      f" {MIRROR}/cuda/repos/debian12/x86_64/ /' > /etc/apt/sources.list.d/cuda.list"
                       " && apt-get update -q")
         install = "DEBIAN_FRONTEND=noninteractive apt-get install -y -q nvidia-open-580"
         no_headers = lab.ssh(host, install)
@@ -94,11 +97,11 @@ def test_pip_index_serves_stand_in_torch_and_the_real_xformers_sdist(lab: Lab, l
     host = lab_hosts[0]
     settings = lab.mirror_settings()
     ok(lab, host, f"python3 -m venv /tmp/venv && /tmp/venv/bin/pip install -q --pre "
-                  f"--index-url {settings['torch_index_url']} --trusted-host 10.213.47.1 'torch==2.12.0.dev20260407+cu128'")
+                  f"--index-url {settings['torch_index_url']} --trusted-host {BRIDGE_IP} 'torch==2.12.0.dev20260407+cu128'")
     reported = ok(lab, host, "/tmp/venv/bin/python -c 'import torch; print(torch.__version__, torch.version.cuda, "
                              "torch.cuda.get_arch_list())'")
     assert reported.startswith("2.12.0.dev20260407+cu128 12.8") and "sm_120" in reported
-    ok(lab, host, f"/tmp/venv/bin/pip install -q --index-url {settings['pip_index_url']} --trusted-host 10.213.47.1 ninja")
+    ok(lab, host, f"/tmp/venv/bin/pip install -q --index-url {settings['pip_index_url']} --trusted-host {BRIDGE_IP} ninja")
     sdist = ok(lab, host, f"curl -sSf {settings['xformers_source_url']} | sha256sum").split()[0]
     assert sdist == "f7fc183a58e4bf0e2ae339a18fb1b1d4a37854c0f2545b4f360fef001646ab76"
     keyring = subprocess.run(lab.ssh_command(host, f"curl -sSf {settings['cuda_repo_url']}/debian12/x86_64/cuda-keyring_1.1-1_all.deb"),
