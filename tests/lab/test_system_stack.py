@@ -90,14 +90,17 @@ def test_driver_update_behind_gpufleets_back_is_a_mismatch_that_stops_the_host_u
     inventory = inventory_with(make_inventory, hosts)
     converge(lab, hosts, inventory, run_pyinfra)
     installed = lab.ssh(hosts[0], "modinfo -F version nvidia").stdout.strip()
-    lab.publish_driver("580.105.08-1")
-    update = lab.ssh(hosts[0], "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
-                               "--allow-change-held-packages nvidia-open-580 nvidia-dkms-580-open nvidia-utils-580")
-    assert update.returncode == 0, update.stderr
-    assert lab.ssh(hosts[0], "modinfo -F version nvidia").stdout.strip() == "580.105.08"
+    # Newer than whatever the shared lab repository held when this host converged (other tests publish too).
+    major, minor, patch = installed.split(".")
+    update = f"{major}.{int(minor) + 7}.{patch}"
+    lab.publish_driver(f"{update}-1")
+    by_hand = lab.ssh(hosts[0], "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                                "--allow-change-held-packages nvidia-open-580 nvidia-dkms-580-open nvidia-utils-580")
+    assert by_hand.returncode == 0, by_hand.stderr
+    assert lab.ssh(hosts[0], "modinfo -F version nvidia").stdout.strip() == update
     stopped = run_pyinfra(inventory, STACK)
     assert stopped.returncode != 0, stopped.explain()
-    assert refused(stopped, name, f"the loaded NVIDIA module is {installed} but 580.105.08 is installed"), stopped.explain()
+    assert refused(stopped, name, f"the loaded NVIDIA module is {installed} but {update} is installed"), stopped.explain()
     assert refused(stopped, name, "Reboot the host"), stopped.explain()
     reboot(lab, hosts)
     run_pyinfra(inventory, STACK).assert_no_changes([name])
