@@ -37,8 +37,8 @@ class Lab:
         self.server_pid = state_dir / "mirror.pid"
         self.kernel_release = os.uname().release
 
-    def up(self, count: int = 3, gpus: list[str] | None = None) -> list[Host]:
-        """Tear down whatever is left, then build the network, mirrors and `count` hosts."""
+    def up(self, count: int = 3, gpus: list[str] | None = None, build_env: bool = False) -> list[Host]:
+        """Tear down whatever is left, then build the network, mirrors and `count` hosts (see add_host)."""
         self.down()
         self.hosts_dir.mkdir(parents=True)
         self.keys.mkdir(mode=0o700)
@@ -48,7 +48,7 @@ class Lab:
         network.create_bridge()
         self._build_mirrors(keyring)
         mirrors.start_server(self.www, self.server_pid, self.state_dir / "mirror.log")
-        return self.add_hosts(count, gpus)
+        return self.add_hosts(count, gpus, build_env)
 
     def _build_mirrors(self, keyring: bytes) -> None:
         mirrors.build_cuda_repos(self.www, self.keys, keyring, self.kernel_release, DEFAULT_DRIVER_VERSION)
@@ -219,8 +219,10 @@ class Lab:
                 "ssh_known_hosts_file": str(self.known_hosts), "sudo": user != "root"}
 
     def write_inventory_yaml(self, path: Path, selected: list[Host] | None = None,
-                             extra_hosts: dict[str, dict[str, object]] | None = None, user: str = "root") -> Path:
-        """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings on top.
+                             extra_hosts: dict[str, dict[str, object]] | None = None, user: str = "root",
+                             settings: dict[str, object] | None = None) -> Path:
+        """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings (and `settings`)
+        on top.
 
         WSL hosts go to the `wsl` group, the others (and `extra_hosts`) to `workstations`; both groups get
         python_version 3.11 because every lab host runs Debian 12's Python.
@@ -233,7 +235,7 @@ class Lab:
             if group == "workstations":
                 entries.update(extra_hosts or {})
             groups[group] = {"settings": {"python_version": LAB_PYTHON}, "hosts": entries}
-        document = {"settings": self.mirror_settings(), "groups": groups}
+        document = {"settings": {**self.mirror_settings(), **(settings or {})}, "groups": groups}
         path.write_text("# written by `python -m gpufleet.lab`; lab hosts are stand-ins, see gpufleet/lab\n"
                         + yaml.safe_dump(document, sort_keys=False))
         return path
