@@ -104,7 +104,9 @@ def _prepare_build(config: dict, layout, python: str) -> None:
         packages.append(f"python{config['python_version']}-dev")
     if packages:
         apt_settings(config)
-        apt.packages(name=f"Install the build tools ({', '.join(packages)})", packages=packages)
+        # Refresh stale or empty lists: with an accepted driver and an existing toolkit no earlier stage updates them.
+        apt.packages(name=f"Install the build tools ({', '.join(packages)})", packages=packages, update=True,
+                     cache_time=3600)
     files.download(
         name=f"Download {config['xformers_source_url']} (sha256 checked)",
         src=config["xformers_source_url"],

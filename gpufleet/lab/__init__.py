@@ -15,7 +15,10 @@
 - apt sources pointing only at the lab's mirrors (mirrors.py): a signed flat repo of the real Debian
   packages in os_packages.py, and signed flat repos laid out like NVIDIA's (cuda/repos/debian12/x86_64/ ...)
   holding STAND-IN packages with NVIDIA's names and file layout (standins.py); a PEP 503 index with the
-  real pip/setuptools/wheel/ninja wheels and a STAND-IN torch wheel; the real xformers 0.0.35 sdist.
+  real pip/setuptools/wheel/ninja wheels and a STAND-IN torch wheel; the real xformers 0.0.35 sdist;
+- on request (`add_hosts(n, build_env=True)`, `up --build-env`), a REAL build environment (buildenv.py): this
+  machine's CUDA 13.0 toolkit bind-mounted read-only and a host-own overlay of a cached venv with the real
+  torch 2.14.1+cu130, so the xformers stage compiles for real; `Lab.build_settings()` gives the matching settings.
 
 Teardown (`Lab.down`) kills processes by the PIDs found in the lab's namespaces and its pid file, unmounts,
 deletes namespaces and the bridge; `Lab.up` runs it first, so a crashed run needs no manual cleanup.

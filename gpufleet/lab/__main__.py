@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from gpufleet.lab.hardware import GPUS
-from gpufleet.lab.lab import Lab, prepare
+from gpufleet.lab.lab import DEFAULT_DRIVER_VERSION, Lab, prepare
 from gpufleet.lab.system import LabError
 
 
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--gpu", choices=sorted(GPUS), default="5090d", help="simulated GPU on every host")
     up.add_argument("--wsl", type=int, default=0, metavar="N", help="also start N WSL2-like hosts (group wsl)")
     up.add_argument("--inventory", type=Path, help="write the gpufleet YAML inventory here too")
+    up.add_argument("--build-env", action="store_true",
+                    help="give the hosts the real CUDA 13.0 toolkit and torch venv to build xformers (gpufleet/lab/buildenv.py)")
     sub.add_parser("down", help="remove every lab process, mount, namespace and the bridge")
     sub.add_parser("status", help="print the lab's state as JSON")
     args = parser.parse_args(argv)
@@ -36,9 +38,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "up":
             started = time.monotonic()
             prepare()
-            created = lab.up(args.hosts, [args.gpu] * args.hosts)
+            created = lab.up(args.hosts, [args.gpu] * args.hosts, build_env=args.build_env)
             created += [lab.add_host(gpu=args.gpu, platform="wsl") for _ in range(args.wsl)]
-            inventory = lab.write_inventory_yaml(args.inventory or lab.state_dir / "inventory.yaml")
+            extra = None
+            if args.build_env:
+                # build_settings accepts the existing driver: make it an open 580 module that is loaded.
+                for host in created[:args.hosts]:
+                    lab.set_loaded_driver(host, DEFAULT_DRIVER_VERSION.split("-")[0])
+                extra = {**lab.build_settings(), "reboot_policy": "never"}
+            inventory = lab.write_inventory_yaml(args.inventory or lab.state_dir / "inventory.yaml", settings=extra)
             print(f"{len(created)} lab hosts up in {time.monotonic() - started:.1f} s; inventory: {inventory}")
         elif args.command == "down":
             lab.down()

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpufleet.lab import hardware, network, standins
+from gpufleet.lab import buildenv, hardware, network, standins
 from gpufleet.lab.paths import mirror_base_url
 from gpufleet.lab.rootfs import SUDO_USER
 from gpufleet.lab.system import LabError, run
@@ -74,6 +74,8 @@ class Host:
     dir: str
     platform: str = "metal"  # or "wsl": WSL2 as the deploys see it (hardware.py)
     pid: int | None = None
+    # A real CUDA toolkit and torch venv to compile against (buildenv.py).
+    build_env: bool = False
 
     @property
     def path(self) -> Path:
@@ -188,6 +190,8 @@ def make_wsl(host: Host) -> None:
 def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_release: str) -> str:
     """Build and start one host; return its known_hosts line. Stops halfway only by raising."""
     path = host.path
+    if host.build_env:
+        buildenv.ensure_venv()  # before any mount: building it the first time takes minutes
     for sub in ("upper", "work", "root", "pci", "procdriver"):
         (path / sub).mkdir(parents=True, exist_ok=True)
     host.save()
@@ -201,6 +205,8 @@ def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_r
     known_host = personalise(host, control_pubkey, keyring, kernel_release)
     if host.platform == "wsl":
         make_wsl(host)
+    if host.build_env:
+        buildenv.mount_into(host.root, path)
     start(host)
     return known_host
 

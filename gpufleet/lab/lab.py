@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gpufleet.lab import downloads, hardware, hosts, mirrors, network, rootfs, standins
+from gpufleet.lab import buildenv, downloads, hardware, hosts, mirrors, network, rootfs, standins
 from gpufleet.lab.hosts import Host
 from gpufleet.lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
 from gpufleet.lab.system import LabError, ensure_tools, run
@@ -37,8 +37,8 @@ class Lab:
         self.server_pid = state_dir / "mirror.pid"
         self.kernel_release = os.uname().release
 
-    def up(self, count: int = 3, gpus: list[str] | None = None) -> list[Host]:
-        """Tear down whatever is left, then build the network, mirrors and `count` hosts."""
+    def up(self, count: int = 3, gpus: list[str] | None = None, build_env: bool = False) -> list[Host]:
+        """Tear down whatever is left, then build the network, mirrors and `count` hosts (see add_host)."""
         self.down()
         self.hosts_dir.mkdir(parents=True)
         self.keys.mkdir(mode=0o700)
@@ -48,7 +48,7 @@ class Lab:
         network.create_bridge()
         self._build_mirrors(keyring)
         mirrors.start_server(self.www, self.server_pid, self.state_dir / "mirror.log")
-        return self.add_hosts(count, gpus)
+        return self.add_hosts(count, gpus, build_env)
 
     def _build_mirrors(self, keyring: bytes) -> None:
         mirrors.build_cuda_repos(self.www, self.keys, keyring, self.kernel_release, DEFAULT_DRIVER_VERSION)
@@ -57,16 +57,22 @@ class Lab:
         mirrors.build_simple_index(self.www, [*sorted(downloads.wheels().glob("*.whl")), torch])
         mirrors.place_file(self.www, downloads.xformers_sdist())
 
-    def add_hosts(self, count: int, gpus: list[str] | None = None) -> list[Host]:
-        created = [self.add_host(gpu=(gpus[i] if gpus else "5090d"), wait=False) for i in range(count)]
+    def add_hosts(self, count: int, gpus: list[str] | None = None, build_env: bool = False) -> list[Host]:
+        """`count` new hosts; `build_env` gives each the real CUDA 13.0 toolkit and torch venv (buildenv.py)."""
+        created = [self.add_host(gpu=(gpus[i] if gpus else "5090d"), wait=False, build_env=build_env)
+                   for i in range(count)]
         for host in created:
             hosts.wait_ready(host)
         return created
 
     def add_host(self, gpu: str = "5090d", loaded_driver: str | None = None, wait: bool = True,
-                 platform: str = "metal") -> Host:
+                 platform: str = "metal", build_env: bool = False) -> Host:
         """Create and start one fresh host from the cached base; `gpu` is a key of hardware.GPUS,
-        `platform` "metal" or "wsl" (WSL2 as the deploys see it; never a loaded Linux module)."""
+        `platform` "metal" or "wsl" (WSL2 as the deploys see it; never a loaded Linux module).
+
+        `build_env` mounts this machine's real CUDA 13.0 toolkit (read-only, at buildenv.CUDA_HOME) and a host-own
+        overlay of the cached real torch venv (at buildenv.VENV_PATH) into the host, so it can compile CUDA
+        extensions for real; the GPU and the driver stay stand-ins. See `build_settings` for matching settings."""
         if not network.bridge_exists() or not self.control_key.exists():
             raise LabError("the lab is not up (no bridge or control key); start it with `python -m gpufleet.lab up`")
         if gpu not in hardware.GPUS:
@@ -78,7 +84,7 @@ class Lab:
         index = next(i for i in range(1, 241) if i not in used)
         name = f"lab{index:02d}"
         host = Host(name=name, index=index, ip=host_ip(index), gpu=gpu, loaded_driver=loaded_driver,
-                    dir=str(self.hosts_dir / name), platform=platform)
+                    dir=str(self.hosts_dir / name), platform=platform, build_env=build_env)
         known = hosts.create(host, rootfs.base_dir(), self.control_key.with_suffix(".pub").read_text(),
                              (self.keys / "archive-keyring.gpg").read_bytes(), self.kernel_release)
         with open(self.known_hosts, "a") as f:
@@ -191,14 +197,32 @@ class Lab:
             "xformers_source_url": f"{base}/files/xformers-{downloads.XFORMERS_VERSION}.tar.gz",
         }
 
+    def build_settings(self) -> dict[str, object]:
+        """gpufleet settings that make the stages use a build_env host's real toolkit and adopt its torch venv.
+
+        The loaded driver must be an open 580 module (`set_loaded_driver`): the stand-in driver is accepted as is.
+        """
+        versions = buildenv.venv_versions()
+        return {
+            "driver_accept_existing": True,
+            "cuda_version": buildenv.CUDA_VERSION,
+            "cuda_existing_home": buildenv.CUDA_HOME,
+            "python_version": ".".join(versions["python"].split(".")[:2]),
+            "venv_path": buildenv.VENV_PATH,
+            "venv_adopt": True,
+            "torch_version": versions["torch"],
+        }
+
     def connection(self, host: Host, user: str = "root") -> dict[str, object]:
         """A YAML inventory host entry; `user` is "root" or rootfs.SUDO_USER (then with sudo)."""
         return {"address": host.ip, "ssh_user": user, "ssh_port": 22, "ssh_key": str(self.control_key),
                 "ssh_known_hosts_file": str(self.known_hosts), "sudo": user != "root"}
 
     def write_inventory_yaml(self, path: Path, selected: list[Host] | None = None,
-                             extra_hosts: dict[str, dict[str, object]] | None = None, user: str = "root") -> Path:
-        """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings on top.
+                             extra_hosts: dict[str, dict[str, object]] | None = None, user: str = "root",
+                             settings: dict[str, object] | None = None) -> Path:
+        """gpufleet YAML inventory (inventory/hosts.yaml format) for the lab hosts, mirror settings (and `settings`)
+        on top.
 
         WSL hosts go to the `wsl` group, the others (and `extra_hosts`) to `workstations`; both groups get
         python_version 3.11 because every lab host runs Debian 12's Python.
@@ -211,7 +235,7 @@ class Lab:
             if group == "workstations":
                 entries.update(extra_hosts or {})
             groups[group] = {"settings": {"python_version": LAB_PYTHON}, "hosts": entries}
-        document = {"settings": self.mirror_settings(), "groups": groups}
+        document = {"settings": {**self.mirror_settings(), **(settings or {})}, "groups": groups}
         path.write_text("# written by `python -m gpufleet.lab`; lab hosts are stand-ins, see gpufleet/lab\n"
                         + yaml.safe_dump(document, sort_keys=False))
         return path

@@ -1,7 +1,8 @@
 """Fixtures for lab tests: real Debian 12 hosts over SSH on this machine (see gpufleet/lab).
 
 The hosts' GPUs, NVIDIA packages and torch are STAND-INS (no GPU exists here); apt, dpkg, sshd, pip,
-lspci, modinfo and pyinfra are real.
+lspci, modinfo and pyinfra are real. Hosts made with `lab.add_hosts(n, build_env=True)` also get the real CUDA 13.0
+toolkit and a real torch venv to compile xformers (gpufleet/lab/buildenv.py; tests/lab/test_xformers_stage.py).
   lab          session-scoped running Lab (3 shared hosts), torn down at the end
   lab_hosts    the 3 shared hosts (other tests may have changed them)
   fresh_hosts  3 new hosts from the cached base, removed after the test

@@ -107,3 +107,21 @@ def test_pip_index_serves_stand_in_torch_and_the_real_xformers_sdist(lab: Lab, l
     keyring = subprocess.run(lab.ssh_command(host, f"curl -sSf {settings['cuda_repo_url']}/debian12/x86_64/cuda-keyring_1.1-1_all.deb"),
                              capture_output=True, timeout=60, check=False).stdout
     assert hashlib.sha256(keyring).hexdigest() == settings["cuda_keyring_sha256"]["debian12"]  # type: ignore[index]
+
+
+def test_build_env_hosts_compile_with_the_real_toolkit_and_keep_their_venv_changes_to_themselves(lab: Lab) -> None:
+    from gpufleet.lab import buildenv
+
+    first, second = lab.add_hosts(2, build_env=True)
+    try:
+        assert "release 13.0" in ok(lab, first, f"{buildenv.CUDA_HOME}/bin/nvcc --version")
+        assert lab.ssh(first, f"touch {buildenv.CUDA_HOME}/bin/gpufleet-probe").returncode != 0, "the toolkit is read-only"
+        versions = ok(lab, first, f"{buildenv.VENV_PATH}/bin/python -W ignore -c "
+                                  "'import sys, torch; print(sys.executable, torch.__version__, torch.version.cuda)'")
+        assert versions.split() == [f"{buildenv.VENV_PATH}/bin/python", lab.build_settings()["torch_version"], "13.0"]
+        ok(lab, first, f"echo 'x = 1' > {buildenv.VENV_PATH}/lib/python3.11/site-packages/gpufleet_probe.py")
+        assert lab.ssh(second, f"{buildenv.VENV_PATH}/bin/python -c 'import gpufleet_probe'").returncode != 0
+        assert not list(buildenv.venv_dir().glob("venv/lib/python3.11/site-packages/gpufleet_probe.py"))
+    finally:
+        for host in (first, second):
+            lab.remove_host(host)
