@@ -7,6 +7,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
@@ -77,8 +78,10 @@ def python() -> None:
     files.directory(name=f"Create {config['work_dir']}", path=config["work_dir"], user=user, group=user, mode="755")
     owner = venv_owner(config)
     if not config["venv_adopt"]:
-        apt_settings(config)
-        apt.packages(name="Install Python's venv module", packages=["python3-venv"])
+        if "python3-venv" not in host.get_fact(DebPackages):
+            apt_settings(config)
+            # Planned only while missing, so the list refresh never makes a re-run report a change.
+            apt.packages(name="Install Python's venv module", packages=["python3-venv"], update=True, cache_time=3600)
         parent = venv.rsplit("/", 1)[0] or "/"
         files.directory(name=f"Create {parent}", path=parent, mode="755")
         files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")

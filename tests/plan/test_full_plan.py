@@ -234,7 +234,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         *cuda_toolkit(installed=SAME),
         op(CHANGE, PYTHON, "Create the unprivileged build user gpufleet"),
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
-        op(SAME, PYTHON, "Install Python's venv module"),
+        # python3-venv is installed: no install (and no list refresh) is planned at all.
         op(CHANGE, PYTHON, "Create /opt/gpufleet"),
         op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
         op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
