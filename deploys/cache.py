@@ -155,7 +155,7 @@ def fleet_cache() -> None:
             dest=cache.APT_DROPIN,
             mode="644",
         )
-    else:
+    elif host.get_fact(File, path=cache.APT_DROPIN):
         files.file(name="Send apt straight to its repositories (no fleet cache)", path=cache.APT_DROPIN,
                    present=False)
 
