@@ -264,3 +264,39 @@ class DevpiMirrors(FactBase):
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue
         return found
+
+
+ACNG_LOG = "/var/log/apt-cacher-ng/apt-cacher.log"
+DEVPI_LOG = "/var/log/gpufleet-cache/devpi.log"
+_SECTION = "=== gpufleet-cache-stats {} ==="
+
+
+def stats_command(cache_dir: str) -> str:
+    """Shell command for the cache host printing both servers' logs and the sizes of devpi's cached files."""
+    return "; ".join([
+        f"echo '{_SECTION.format('acng')}'", f"cat {ACNG_LOG} 2>/dev/null",
+        f"echo '{_SECTION.format('devpi')}'", f"cat {DEVPI_LOG} 2>/dev/null",
+        f"echo '{_SECTION.format('files')}'",
+        f"find {cache_dir}/pypi/+files -type f -printf '%s %P\\n' 2>/dev/null",
+        "true",
+    ])
+
+
+def parse_stats_output(text: str) -> list[CacheStats]:
+    """The two servers' statistics from what stats_command printed."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        match = re.match(r"^=== gpufleet-cache-stats (\w+) ===$", line)
+        if match:
+            current = match.group(1)
+            sections[current] = []
+        elif current:
+            sections[current].append(line)
+    sizes = {}
+    for line in sections.get("files", []):
+        size, _, path = line.partition(" ")
+        if size.isdigit():
+            sizes[path] = int(size)
+    return [acng_stats("\n".join(sections.get("acng", []))),
+            devpi_stats("\n".join(sections.get("devpi", [])), sizes)]

@@ -5,6 +5,8 @@ the systemd units deploys/cache.py ships are not exercised here.
 """
 
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -71,6 +73,15 @@ def test_three_clients_fetch_each_package_file_upstream_once_and_recover_from_a_
                                 "'import torch, ninja; print(torch.__version__)'")
         assert check.returncode == 0, f"{client.name}: {check.stderr}"
         assert "+cu128" in check.stdout
+
+    stats = subprocess.run([sys.executable, "-m", "gpufleet.cli", "cache-stats", str(inventory)],
+                           capture_output=True, text=True, check=False)
+    assert stats.returncode == 0, stats.stderr
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in stats.stdout.splitlines()[1:]}
+    # Each client's tree .deb and its 3 wheels were served from the cache: 3 x 1 and 3 x 3 hits at least.
+    assert rows["apt-cacher-ng"][0] >= 3 and rows["apt-cacher-ng"][1] >= 1, stats.stdout
+    assert rows["devpi-server"][0] >= 9 and rows["devpi-server"][4] > 0, stats.stdout
+    print(stats.stdout)
 
     run_pyinfra(inventory, DEPLOY).assert_no_changes(names)
 
