@@ -250,7 +250,13 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
             if name in first_seen:
                 first = first_seen[name]
                 if CACHE_GROUP in (group, first.group) and group != first.group:
-                    continue  # a workstation that also serves the cache: merged below
+                    # A workstation that also serves the cache: its workstation entry is the host, merged below.
+                    if first.group == CACHE_GROUP:
+                        hosts[hosts.index(first)] = spec
+                        first_seen[name] = spec
+                        own_settings[name] = spec.settings
+                        spec.settings = {**fleet_settings, **group_settings, **spec.settings}
+                    continue
                 checker.problem(
                     name_node,
                     f"host '{name}'",
