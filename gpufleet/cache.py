@@ -62,7 +62,15 @@ def through_cache(config: dict[str, Any], cache_address: str | None) -> dict[str
     view["pip_index_url"] = _index(base, PYPI_INDEX)
     view["torch_index_url"] = _index(base, TORCH_INDEX if TORCH_INDEX in mirrors else PYPI_INDEX)
     view["pip_trusted_hosts"] = list(dict.fromkeys([*config["pip_trusted_hosts"], cache_address]))
+    view["xformers_source_url"] = sdist_url(base, config)
     return view
+
+
+def sdist_url(base: str, config: dict[str, Any]) -> str:
+    """Where devpi's PyPI mirror serves the xformers sdist: its file path is derived from the sha256 we pin."""
+    sha = config["xformers_source_sha256"]
+    name = urlparse(config["xformers_source_url"]).path.rsplit("/", 1)[-1]
+    return f"{base}/{PYPI_INDEX}/+f/{sha[:3]}/{sha[3:16]}/{name}"
 
 
 def warm_commands(config: dict[str, Any], python: str, base: str, packages: list[str], dest: str) -> list[str]:
@@ -76,7 +84,10 @@ def warm_commands(config: dict[str, Any], python: str, base: str, packages: list
               f"--only-binary :all: --python-version {config['python_version']} "
               f"--trusted-host {base.split('//', 1)[1].rsplit(':', 1)[0]}")
     torch_pre = " --pre" if config["torch_channel"] == "nightly" else ""
+    # devpi knows a file once it has read the project's page; then the sdist is fetched into the cache.
     return [
+        f"curl -fsS -o /dev/null {_index(base, PYPI_INDEX)}xformers/",
+        f"curl -fsS -o /dev/null {sdist_url(base, config)}",
         f"{common} --index-url {view['pip_index_url']} {' '.join(packages)}",
         f"{common}{torch_pre} --index-url {view['torch_index_url']} --extra-index-url {view['pip_index_url']} "
         f"torch=={config['torch_version']}",

@@ -56,7 +56,8 @@ class Lab:
         mirrors.build_os_repo(self.www, self.keys, downloads.os_packages())
         torch = standins.torch_wheel(self.state_dir / "built")
         wheels = {w.name: w for d in (downloads.wheels(), downloads.cache_server_wheels()) for w in d.glob("*.whl")}
-        mirrors.build_simple_index(self.www, [*sorted(wheels.values()), torch])
+        # The sdist is listed too, as on PyPI, so a devpi mirror of this index can serve it (fleet cache).
+        mirrors.build_simple_index(self.www, [*sorted(wheels.values()), torch, downloads.xformers_sdist()])
         mirrors.place_file(self.www, downloads.xformers_sdist())
 
     def add_hosts(self, count: int, gpus: list[str] | None = None) -> list[Host]:

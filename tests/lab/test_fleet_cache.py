@@ -64,8 +64,8 @@ def test_three_clients_fetch_each_package_file_upstream_once_and_recover_from_a_
     per_file = Counter(path for _, path in files)
     debs = {p: n for p, n in per_file.items() if p.endswith(".deb")}
     # What the clients install; devpi-server's own dependencies come once more for its installation.
-    client_wheels = {p: n for p, n in per_file.items() if re.search(r"/(ninja|wheel|torch)-[^/]+\.whl$", p)}
-    assert any("/tree_" in p for p in debs) and len(client_wheels) == 3, per_file
+    client_wheels = {p: n for p, n in per_file.items() if re.search(r"/(ninja|wheel|torch)-[^/]+\.whl$|xformers-[\d.]+\.tar\.gz$", p)}
+    assert any("/tree_" in p for p in debs) and len(client_wheels) == 4, per_file
     assert {p: n for p, n in {**debs, **client_wheels}.items() if n != 1} == {}, per_file
     assert {ip for ip, _ in files} == {cache_host.ip}, "a client went to the upstream mirror itself"
     for client in clients:
@@ -78,9 +78,9 @@ def test_three_clients_fetch_each_package_file_upstream_once_and_recover_from_a_
                            capture_output=True, text=True, check=False)
     assert stats.returncode == 0, stats.stderr
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in stats.stdout.splitlines()[1:]}
-    # Each client's tree .deb and its 3 wheels were served from the cache: 3 x 1 and 3 x 3 hits at least.
+    # Each client's tree .deb, its 3 wheels and the sdist were served from the cache: 3 x 1 and 3 x 4 hits at least.
     assert rows["apt-cacher-ng"][0] >= 3 and rows["apt-cacher-ng"][1] >= 1, stats.stdout
-    assert rows["devpi-server"][0] >= 9 and rows["devpi-server"][4] > 0, stats.stdout
+    assert rows["devpi-server"][0] >= 12 and rows["devpi-server"][4] > 0, stats.stdout
     print(stats.stdout)
 
     run_pyinfra(inventory, DEPLOY).assert_no_changes(names)

@@ -62,9 +62,18 @@ def test_devpi_listens_on_each_allowed_address():
 
 def test_warm_fetches_the_pinned_torch_through_the_torch_mirror_with_pypi_for_dependencies():
     commands = cache.warm_commands(DEFAULTS, "/opt/v/bin/python", "http://127.0.0.1:3141", ["pip", "ninja"], "/tmp/w")
-    assert commands[0].endswith("--index-url http://127.0.0.1:3141/root/pypi/+simple/ pip ninja")
-    assert "--pre --index-url http://127.0.0.1:3141/root/pytorch/+simple/" in commands[1]
-    assert commands[1].endswith(f"torch=={DEFAULTS['torch_version']}")
+    assert commands[0] == "curl -fsS -o /dev/null http://127.0.0.1:3141/root/pypi/+simple/xformers/"
+    assert commands[1].endswith(cache.sdist_url("http://127.0.0.1:3141", DEFAULTS))
+    assert commands[2].endswith("--index-url http://127.0.0.1:3141/root/pypi/+simple/ pip ninja")
+    assert "--pre --index-url http://127.0.0.1:3141/root/pytorch/+simple/" in commands[3]
+    assert commands[3].endswith(f"torch=={DEFAULTS['torch_version']}")
+
+
+def test_xformers_sdist_comes_from_devpis_pypi_mirror_by_its_pinned_sha256():
+    view = cache.through_cache(dict(DEFAULTS), "10.0.0.5")
+    assert view["xformers_source_url"] == (
+        "http://10.0.0.5:3141/root/pypi/+f/f7f/c183a58e4bf0e/xformers-0.0.35.tar.gz")
+    assert view["xformers_source_sha256"] == DEFAULTS["xformers_source_sha256"]
 
 
 ACNG_LOG = """\

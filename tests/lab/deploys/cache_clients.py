@@ -1,5 +1,6 @@
 """Lab test deploy for the fleet cache: deploys/cache.py, then every workstation installs Debian packages
-through apt and wheels (pip's index and the torch index) through pip, so the cache sees each file from every client.
+through apt and wheels (pip's index and the torch index) through pip, and the
+xformers sdist as the xformers stage downloads it, so the cache sees each file from every client.
 
 Debian packages come from env CACHE_TEST_PACKAGES (default "tree"), so a test can ask for another one later.
 """
@@ -30,6 +31,8 @@ if not cache_only():
               dest=f"{VENV}/pip.conf")
     pip_packages(name="Install ninja and wheel through pip.conf", packages=["ninja", "wheel"],
                  python=f"{VENV}/bin/python", extra_args="--no-cache-dir")
+    files.download(name="Download the xformers sdist (sha256 checked)", src=config["xformers_source_url"],
+                   dest="/opt/gpufleet-cache-test/xformers.tar.gz", sha256sum=config["xformers_source_sha256"])
     pip_packages(name="Install torch from the torch index", packages=[f"torch=={config['torch_version']}"],
                  python=f"{VENV}/bin/python",
                  extra_args=f"--no-cache-dir --no-deps --index-url {config['torch_index_url']}")
