@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 from pyinfra.api import FactBase
 
 PYPI_SIMPLE = "https://pypi.org/simple/"
+# apt-cacher-ng's virtual directory for cuda_repo_url: https repositories are cached only through a remap.
+CUDA_REMAP = "gpufleet-cuda"
 APT_DROPIN = "/etc/apt/apt.conf.d/01gpufleet-cache-proxy"
 ACNG_CONF = "/etc/apt-cacher-ng/zz_gpufleet.conf"
 DEVPI_UNIT = "/etc/systemd/system/gpufleet-devpi.service"
@@ -63,6 +65,7 @@ def through_cache(config: dict[str, Any], cache_address: str | None) -> dict[str
     view["torch_index_url"] = _index(base, TORCH_INDEX if TORCH_INDEX in mirrors else PYPI_INDEX)
     view["pip_trusted_hosts"] = list(dict.fromkeys([*config["pip_trusted_hosts"], cache_address]))
     view["xformers_source_url"] = sdist_url(base, config)
+    view["cuda_repo_url"] = f"http://{cache_address}:{config['cache_apt_port']}/{CUDA_REMAP}"
     return view
 
 
@@ -98,7 +101,9 @@ def apt_proxy_dropin(config: dict[str, Any], cache_address: str) -> str:
     """apt through apt-cacher-ng: http repositories are cached; https ones pass through its CONNECT tunnel."""
     proxy = f"http://{cache_address}:{config['cache_apt_port']}"
     return (f'Acquire::http::Proxy "{proxy}";\n'
-            f'Acquire::https::Proxy "{proxy}";\n')
+            f'Acquire::https::Proxy "{proxy}";\n'
+            # The CUDA repository is addressed to the cache itself (its remap), so apt goes there directly.
+            f'Acquire::http::Proxy::{cache_address} "DIRECT";\n')
 
 
 def upstream_ports(config: dict[str, Any]) -> list[int]:
@@ -120,7 +125,9 @@ def acng_config(config: dict[str, Any], listen: list[str]) -> str:
         f"Port: {config['cache_apt_port']}",
         f"BindAddress: {' '.join(listen)}",
         f"AllowUserPorts: {' '.join(str(p) for p in upstream_ports(config))}",
-        # https repositories (NVIDIA's) go through as CONNECT tunnels: reachable, not cached.
+        # cuda_repo_url (https at NVIDIA) as a virtual directory of the cache: fetched once, cached for all.
+        f"Remap-{CUDA_REMAP}: /{CUDA_REMAP} ; {config['cuda_repo_url'].rstrip('/')}",
+        # Other https repositories go through as CONNECT tunnels: reachable, not cached.
         "PassThroughPattern: .*:443$",
         # Never serve what the report page's maintenance would delete without asking.
         "ExThreshold: 4",

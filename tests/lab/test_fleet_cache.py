@@ -66,6 +66,8 @@ def test_three_clients_fetch_each_package_file_upstream_once_and_recover_from_a_
     # What the clients install; devpi-server's own dependencies come once more for its installation.
     client_wheels = {p: n for p, n in per_file.items() if re.search(r"/(ninja|wheel|torch)-[^/]+\.whl$|xformers-[\d.]+\.tar\.gz$", p)}
     assert any("/tree_" in p for p in debs) and len(client_wheels) == 4, per_file
+    # The CUDA repository through the cache's remap of cuda_repo_url, the keyring .deb through it too.
+    assert any(re.search(r"/cuda/repos/debian12/x86_64/.*cuda-toolkit-12-8_", p) for p in debs), per_file
     assert {p: n for p, n in {**debs, **client_wheels}.items() if n != 1} == {}, per_file
     assert {ip for ip, _ in files} == {cache_host.ip}, "a client went to the upstream mirror itself"
     for client in clients:

@@ -51,7 +51,15 @@ def test_acng_config_binds_the_allowed_addresses_and_allows_the_mirrors_ports():
 
 def test_apt_dropin_names_the_proxy_for_http_and_https():
     text = cache.apt_proxy_dropin(DEFAULTS, "10.0.0.5")
-    assert text == 'Acquire::http::Proxy "http://10.0.0.5:3142";\nAcquire::https::Proxy "http://10.0.0.5:3142";\n'
+    assert text == ('Acquire::http::Proxy "http://10.0.0.5:3142";\nAcquire::https::Proxy "http://10.0.0.5:3142";\n'
+                    'Acquire::http::Proxy::10.0.0.5 "DIRECT";\n')
+
+
+def test_cuda_repository_is_read_through_the_caches_remap_of_cuda_repo_url():
+    view = cache.through_cache(dict(DEFAULTS), "10.0.0.5")
+    assert view["cuda_repo_url"] == "http://10.0.0.5:3142/gpufleet-cuda"
+    text = cache.acng_config(DEFAULTS, ["10.0.0.5"])
+    assert "Remap-gpufleet-cuda: /gpufleet-cuda ; https://developer.download.nvidia.com/compute/cuda/repos\n" in text
 
 
 def test_devpi_listens_on_each_allowed_address():

@@ -33,6 +33,15 @@ if not cache_only():
                  python=f"{VENV}/bin/python", extra_args="--no-cache-dir")
     files.download(name="Download the xformers sdist (sha256 checked)", src=config["xformers_source_url"],
                    dest="/opt/gpufleet-cache-test/xformers.tar.gz", sha256sum=config["xformers_source_sha256"])
+    files.download(name="Download the CUDA keyring package (sha256 checked)",
+                   src=f"{config['cuda_repo_url']}/debian12/x86_64/cuda-keyring_1.1-1_all.deb",
+                   dest="/opt/gpufleet-cache-test/cuda-keyring.deb", sha256sum=config["cuda_keyring_sha256"]["debian12"])
+    cuda_repo = apt.repo(name="Add the CUDA repository", filename="gpufleet-cache-test-cuda",
+                         src=f"deb [signed-by=/usr/share/keyrings/gpufleet-lab-archive.gpg] "
+                             f"{config['cuda_repo_url']}/debian12/x86_64/ /")
+    apt.update(name="Refresh apt lists for the CUDA repository", _if=cuda_repo.did_change)
+    apt.packages(name="Install the CUDA toolkit (lab stand-in) from the CUDA repository",
+                 packages=["cuda-toolkit-12-8"], no_recommends=True)
     pip_packages(name="Install torch from the torch index", packages=[f"torch=={config['torch_version']}"],
                  python=f"{VENV}/bin/python",
                  extra_args=f"--no-cache-dir --no-deps --index-url {config['torch_index_url']}")
