@@ -184,9 +184,9 @@ _ACNG_LINE = re.compile(r"^\d+\|([IO])\|(\d+)\|[^|]*\|(.+)$")
 
 
 def acng_stats(log_text: str) -> CacheStats:
+    """Each upstream fetch ("I") makes the next send of that path ("O") a miss; every other send is a hit."""
     stats = CacheStats("apt-cacher-ng")
-    fetched: set[str] = set()
-    sent: list[str] = []
+    pending: dict[str, int] = {}
     for line in log_text.splitlines():
         match = _ACNG_LINE.match(line.strip())
         if not match:
@@ -194,14 +194,12 @@ def acng_stats(log_text: str) -> CacheStats:
         kind, size, path = match.group(1), int(match.group(2)), match.group(3)
         if kind == "I":
             stats.bytes_fetched += size
-            fetched.add(path)
-        else:
-            stats.bytes_served += size
-            sent.append(path)
-    for path in sent:
-        if path in fetched:
+            pending[path] = pending.get(path, 0) + 1
+            continue
+        stats.bytes_served += size
+        if pending.get(path):
             stats.misses += 1
-            fetched.discard(path)
+            pending[path] -= 1
         else:
             stats.hits += 1
     return stats

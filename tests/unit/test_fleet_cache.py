@@ -98,6 +98,13 @@ def test_acng_counts_a_fetched_file_as_one_miss_and_the_rest_as_hits():
     assert stats.bytes_saved == 9360
 
 
+def test_acng_counts_an_index_file_fetched_again_for_each_client_as_misses():
+    log = ("1795829418|I|367893|10.0.0.11|m/debian/Packages\n1795829418|O|367735|10.0.0.11|m/debian/Packages\n"
+           "1795829418|I|367893|10.0.0.12|m/debian/Packages\n1795829418|O|367735|10.0.0.12|m/debian/Packages\n")
+    stats = cache.acng_stats(log)
+    assert (stats.hits, stats.misses, stats.bytes_saved) == (0, 2, 0)
+
+
 DEVPI_LOG = """\
 2026-11-28 01:07:40,418 INFO  [req12] GET /root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl
 2026-11-28 01:07:40,422 INFO  [req12] [Rtx4] reading remote: URL('http://127.0.0.1:18047/packages/ninja-1.13.2-py3-none-any.whl'), target root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl
