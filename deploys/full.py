@@ -4,6 +4,7 @@ Each stage is called on its own line: pyinfra orders operations by the lines tha
 call site would collide.
 """
 
+from deploys.cache import fleet_cache
 from deploys.cuda import cuda
 from deploys.driver import driver
 from deploys.preflight import preflight
@@ -11,9 +12,14 @@ from deploys.python import python
 from deploys.smoke import smoke
 from deploys.torch import torch
 from deploys.xformers import xformers
-from gpufleet.stage import refused
+from gpufleet.stage import cache_only, refused, skip_remaining_stages
 
-preflight()
+# First: with a cache host in the inventory, every later apt and pip download goes through it.
+fleet_cache()
+if cache_only():
+    skip_remaining_stages()
+if not refused():
+    preflight()
 if not refused():
     driver()
 if not refused():

@@ -44,6 +44,48 @@ def cmd_check_inventory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    """Hits, misses and bytes saved, read over SSH from the cache host's apt-cacher-ng and devpi-server logs."""
+    import shlex
+    import subprocess
+
+    from gpufleet import cache
+    from gpufleet.inventory import InventoryError, load_inventory
+    from gpufleet.settings import load_settings
+
+    try:
+        inventory = load_inventory(args.file)
+    except InventoryError as error:
+        print(f"gpufleet: invalid inventory {error}", file=sys.stderr)
+        return 2
+    spec = inventory.cache_host
+    if spec is None:
+        print(f"gpufleet cache-stats: {inventory.path} has no host in group 'cache'; nothing to ask", file=sys.stderr)
+        return 2
+    cache_dir = spec.settings.get("cache_dir", load_settings()["cache_dir"].default)
+    command = cache.stats_command(cache_dir)
+    conn = spec.connection
+    ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"]
+    for key, option in (("ssh_key", "-i"), ("ssh_port", "-p")):
+        if key in conn:
+            ssh += [option, str(Path(str(conn[key])).expanduser()) if key == "ssh_key" else str(conn[key])]
+    if "ssh_known_hosts_file" in conn:
+        ssh += ["-o", f"UserKnownHostsFile={Path(conn['ssh_known_hosts_file']).expanduser()}"]
+    user = f"{conn['ssh_user']}@" if "ssh_user" in conn else ""
+    remote = f"sudo -n sh -c {shlex.quote(command)}" if conn.get("sudo") else command
+    proc = subprocess.run([*ssh, f"{user}{spec.address}", remote], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        print(f"gpufleet cache-stats: could not read the logs on {spec.name} ({spec.address}): "
+              f"{proc.stderr.strip() or f'ssh exit {proc.returncode}'}", file=sys.stderr)
+        return 1
+    stats = cache.parse_stats_output(proc.stdout)
+    print(f"{'server':<15} {'hits':>7} {'misses':>7} {'served MB':>10} {'fetched MB':>11} {'saved MB':>9}")
+    for s in stats:
+        print(f"{s.server:<15} {s.hits:>7} {s.misses:>7} {s.bytes_served / 1e6:>10.1f} "
+              f"{s.bytes_fetched / 1e6:>11.1f} {s.bytes_saved / 1e6:>9.1f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Provision and check a fleet of GPU workstations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -58,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and list every problem with file, line, key and fix. Exit 0 when valid, 2 when not.")
     c.add_argument("file", nargs="?", help="inventory YAML (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml)")
     c.set_defaults(handler=cmd_check_inventory)
+    s = sub.add_parser("cache-stats", help="hits, misses and bytes saved of the fleet cache",
+                       description="Read apt-cacher-ng's transfer log and devpi-server's log on the inventory's "
+                                   "cache host over SSH and print requests answered from the cache (hits), fetched "
+                                   "upstream (misses) and bytes saved. Exit 0, 1 when the host cannot be read, "
+                                   "2 without a cache host.")
+    s.add_argument("file", nargs="?", help="inventory YAML (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml)")
+    s.set_defaults(handler=cmd_cache_stats)
     return parser
 
 

@@ -20,7 +20,9 @@ from gpufleet.settings import REPO_ROOT, Setting, load_settings, suggest, valida
 DEFAULT_INVENTORY = REPO_ROOT / "inventory" / "hosts.yaml"
 INVENTORY_ENV = "GPUFLEET_INVENTORY"
 
-GROUPS = ("workstations", "wsl")
+GROUPS = ("workstations", "wsl", "cache")
+# The group whose host serves the fleet download cache (deploys/cache.py); it may also be a workstation.
+CACHE_GROUP = "cache"
 TOP_KEYS = ("settings", "groups")
 GROUP_KEYS = ("settings", "hosts")
 HOST_KEYS = ("address", "ssh_user", "ssh_port", "ssh_key", "ssh_known_hosts_file", "sudo", "settings")
@@ -34,11 +36,23 @@ class HostSpec:
     line: int
     connection: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    # Serves the fleet cache (listed under `cache`, alone or besides its workstations/wsl entry).
+    cache_server: bool = False
+    # The cache host's address every host reaches apt and pip through; None = no cache in this inventory.
+    cache_address: str | None = None
+
+    @property
+    def address(self) -> str:
+        return str(self.connection.get("address", self.name))
 
     def pyinfra_data(self) -> dict[str, Any]:
         """Host data for pyinfra: merged settings plus connection keys, host-key checking always strict."""
         data: dict[str, Any] = dict(self.settings)
         data["gpufleet_group"] = self.group
+        if self.cache_address:
+            data["gpufleet_cache_address"] = self.cache_address
+        if self.cache_server:
+            data["gpufleet_cache_server"] = True
         conn = self.connection
         if conn.get("sudo"):
             data["_sudo"] = True
@@ -60,7 +74,14 @@ class Inventory:
     hosts: list[HostSpec]
 
     def group(self, name: str) -> list[tuple[str, dict[str, Any]]]:
+        """pyinfra's (name, data) list; a cache host that is also a workstation is in both, with the same data."""
+        if name == CACHE_GROUP:
+            return [(h.name, h.pyinfra_data()) for h in self.hosts if h.cache_server]
         return [(h.name, h.pyinfra_data()) for h in self.hosts if h.group == name]
+
+    @property
+    def cache_host(self) -> HostSpec | None:
+        return next((h for h in self.hosts if h.cache_server), None)
 
 
 class InventoryError(Exception):
@@ -202,6 +223,9 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
 
     hosts: list[HostSpec] = []
     first_seen: dict[str, HostSpec] = {}
+    # Per host listed under cache: its name node, whether its entry there is empty, the cache group's settings.
+    cache_entries: dict[str, tuple[yaml.Node, bool, dict[str, Any]]] = {}
+    own_settings: dict[str, dict[str, Any]] = {}
     for group, group_key, group_node in checker.mapping(groups_node, "groups"):
         if group not in GROUPS:
             checker.problem(
@@ -221,17 +245,62 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
                 checker.unknown(key_node, f"group '{group}'", key, GROUP_KEYS)
         for name, name_node, host_node in checker.mapping(hosts_node, f"group '{group}' hosts"):
             spec = checker.host(name, name_node, host_node, group)
+            if group == CACHE_GROUP:
+                cache_entries[name] = (name_node, not spec.connection and not spec.settings, group_settings)
             if name in first_seen:
+                first = first_seen[name]
+                if CACHE_GROUP in (group, first.group) and group != first.group:
+                    # A workstation that also serves the cache: its workstation entry is the host, merged below.
+                    if first.group == CACHE_GROUP:
+                        hosts[hosts.index(first)] = spec
+                        first_seen[name] = spec
+                        own_settings[name] = spec.settings
+                        spec.settings = {**fleet_settings, **group_settings, **spec.settings}
+                    continue
                 checker.problem(
                     name_node,
                     f"host '{name}'",
-                    f"listed twice (first in group '{first_seen[name].group}' on line {first_seen[name].line}); "
-                    "a host belongs to one group",
+                    f"listed twice (first in group '{first.group}' on line {first.line}); "
+                    "a host belongs to one group (besides 'cache')",
                 )
                 continue
             first_seen[name] = spec
+            own_settings[name] = spec.settings
             spec.settings = {**fleet_settings, **group_settings, **spec.settings}
             hosts.append(spec)
+
+    by_name = {h.name: h for h in hosts}
+    for name, (name_node, empty, cache_settings) in cache_entries.items():
+        spec = by_name.get(name)
+        if spec is None:
+            continue
+        spec.cache_server = True
+        if spec.group == CACHE_GROUP:
+            continue
+        if not empty:
+            checker.problem(
+                name_node,
+                f"host '{name}'",
+                f"is in group '{spec.group}' and in 'cache': give its address, connection and settings under "
+                f"'{spec.group}' only and list it under cache as `{name}: {{}}`",
+            )
+        # The cache group's settings (cache_dir, ...) apply to it too, under its own host settings.
+        spec.settings = {**spec.settings, **cache_settings, **own_settings[name]}
+    servers = [h for h in hosts if h.cache_server]
+    if len(servers) > 1:
+        checker.problems.append(
+            f"{path}: group 'cache' lists {len(servers)} hosts ({', '.join(h.name for h in servers)}); "
+            "one cache host serves the fleet: keep one"
+        )
+    for spec in servers:
+        if spec.name == "@local":
+            checker.problems.append(
+                f"{path}: @local cannot be the cache host: the other hosts need its network address; "
+                "list it by name with address:"
+            )
+    if len(servers) == 1:
+        for spec in hosts:
+            spec.cache_address = servers[0].address
 
     names = {h.name for h in hosts}
     for node, where, builder in checker.builder_values:

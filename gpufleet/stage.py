@@ -8,7 +8,7 @@ from typing import Any, Callable
 from pyinfra import host, state
 from pyinfra.api.host import Host
 
-from gpufleet import facts
+from gpufleet import cache, facts
 from gpufleet.decide import HostProfile, host_gpus
 from gpufleet.operations import refuse
 from gpufleet.settings import load_settings
@@ -22,10 +22,17 @@ _refused: set[str] = set()
 _stack_changes: dict[str, list[Any]] = {}
 
 
-def settings(target: Host | None = None) -> dict[str, Any]:
-    """Every setting for a host (default: the current one): inventory and group_data values over all.py's defaults."""
+def settings(target: Host | None = None, through_cache: bool = True) -> dict[str, Any]:
+    """Every setting for a host (default: the current one): inventory and group_data values over all.py's defaults.
+
+    With a fleet cache in the inventory the pip indexes are the cache's (gpufleet.cache.through_cache);
+    `through_cache=False` gives the upstreams as configured, which the cache host itself mirrors.
+    """
     target = host if target is None else target
-    return {name: target.data.get(name, s.default) for name, s in _SETTINGS.items()}
+    config = {name: target.data.get(name, s.default) for name, s in _SETTINGS.items()}
+    if not through_cache:
+        return config
+    return cache.through_cache(config, target.data.get("gpufleet_cache_address"))
 
 
 def is_control_machine(target: Host | None = None) -> bool:
@@ -75,6 +82,16 @@ def refuse_host(reasons: list[str]) -> None:
 
 def refused() -> bool:
     return host.name in _refused
+
+
+def cache_only() -> bool:
+    """The host serves the fleet cache and is no workstation: it gets no GPU stack."""
+    return host.data.get("gpufleet_group") == "cache"
+
+
+def skip_remaining_stages() -> None:
+    """Later stages plan nothing for this host, without an error (a cache-only host)."""
+    _refused.add(host.name)
 
 
 def not_implemented(stage: str, issue: int) -> None:

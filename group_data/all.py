@@ -85,3 +85,12 @@ min_memory_gb: int = 4
 smoke_heads: int = 1
 # Directory on the control machine where per-run fleet reports are written.
 report_dir: str = "reports"
+
+# Directory on the cache host (inventory group `cache`) where apt-cacher-ng and devpi-server keep what they fetched.
+cache_dir: str = "/var/cache/gpufleet"
+# Addresses the cache servers listen on; [] = the cache host's inventory address and 127.0.0.1.
+cache_listen: list = []
+# Port of the caching apt proxy (apt-cacher-ng) on the cache host.
+cache_apt_port: int = 3142
+# Port of the caching Python index (devpi-server) on the cache host.
+cache_pip_port: int = 3141

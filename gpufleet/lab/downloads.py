@@ -22,6 +22,9 @@ from gpufleet.lab.paths import (
 from gpufleet.lab.system import LabError, run
 
 PIP_PACKAGES: tuple[str, ...] = ("pip", "setuptools", "wheel", "ninja")
+# The fleet cache's Python index server (deploys/cache.py), for the lab hosts' Python 3.11.
+CACHE_SERVER_PACKAGES: tuple[str, ...] = ("devpi-server",)
+LAB_HOST_PYTHON = "3.11"
 XFORMERS_VERSION = "0.0.35"
 XFORMERS_SHA256 = "f7fc183a58e4bf0e2ae339a18fb1b1d4a37854c0f2545b4f360fef001646ab76"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
@@ -79,6 +82,19 @@ def wheels() -> Path:
     staging = _staging(target)
     # With their dependencies (wheel needs packaging), as a host resolves them from the lab index.
     run(["python3", "-m", "pip", "download", "--only-binary", ":all:", "-d", str(staging), *PIP_PACKAGES])
+    return _finish(staging, target)
+
+
+def cache_server_wheels() -> Path:
+    """devpi-server and its dependencies as wheels for the lab hosts' Python (which may differ from this one)."""
+    target = CACHE_DIR / f"wheels-{_key(CACHE_SERVER_PACKAGES + (LAB_HOST_PYTHON, 'manylinux'))}"
+    if (target / ".complete").exists():
+        return target
+    staging = _staging(target)
+    platforms = [arg for tag in ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64")
+                 for arg in ("--platform", tag)]
+    run(["python3", "-m", "pip", "download", "--only-binary", ":all:", "--python-version", LAB_HOST_PYTHON,
+         "--implementation", "cp", *platforms, "-d", str(staging), *CACHE_SERVER_PACKAGES])
     return _finish(staging, target)
 
 

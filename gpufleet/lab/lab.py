@@ -23,6 +23,7 @@ def prepare() -> None:
     rootfs.ensure_base()
     downloads.os_packages()
     downloads.wheels()
+    downloads.cache_server_wheels()
     downloads.xformers_sdist()
 
 
@@ -54,7 +55,9 @@ class Lab:
         mirrors.build_cuda_repos(self.www, self.keys, keyring, self.kernel_release, DEFAULT_DRIVER_VERSION)
         mirrors.build_os_repo(self.www, self.keys, downloads.os_packages())
         torch = standins.torch_wheel(self.state_dir / "built")
-        mirrors.build_simple_index(self.www, [*sorted(downloads.wheels().glob("*.whl")), torch])
+        wheels = {w.name: w for d in (downloads.wheels(), downloads.cache_server_wheels()) for w in d.glob("*.whl")}
+        # The sdist is listed too, as on PyPI, so a devpi mirror of this index can serve it (fleet cache).
+        mirrors.build_simple_index(self.www, [*sorted(wheels.values()), torch, downloads.xformers_sdist()])
         mirrors.place_file(self.www, downloads.xformers_sdist())
 
     def add_hosts(self, count: int, gpus: list[str] | None = None, build_env: bool = False) -> list[Host]:

@@ -165,3 +165,27 @@ def stop_server(pid_file: Path, www: Path) -> None:
         else:
             os.kill(pid, signal.SIGKILL)
     pid_file.unlink()
+
+
+# http.server's access log line: '10.213.47.11 - - [28/Nov/2026 01:07:40] "GET /debian/x.deb HTTP/1.1" 200 -'.
+_ACCESS = re.compile(r'^(\S+) - - \[[^\]]+\] "GET (\S+) HTTP/[\d.]+" (\d{3}) ')
+
+
+def access_log(log_text: str) -> list[tuple[str, str, int]]:
+    """(client address, path, status) of every GET the mirror server logged, in order."""
+    found = []
+    for line in log_text.splitlines():
+        match = _ACCESS.match(line)
+        if match:
+            found.append((match.group(1), match.group(2).split("?")[0], int(match.group(3))))
+    return found
+
+
+def served_bytes(www: Path, requests: list[tuple[str, str, int]]) -> int:
+    """Bytes the mirror sent for these requests: the size of each file answered with 200 (directories: 0)."""
+    total = 0
+    for _, path, status in requests:
+        target = www / path.lstrip("/")
+        if status == 200 and target.is_file():
+            total += target.stat().st_size
+    return total

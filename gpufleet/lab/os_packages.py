@@ -6,6 +6,8 @@ OS_PACKAGES: tuple[str, ...] = (
     "build-essential", "git", "ccache", "patch", "python3-dev", "python3-venv", "python3-pip",
     # what preflight and the driver stage read or need
     "pciutils", "kmod", "mokutil", "unattended-upgrades", "ca-certificates", "gnupg", "curl", "sudo",
+    # the fleet cache host's apt proxy (deploys/cache.py)
+    "apt-cacher-ng",
     # the lab's own test deploy
     "tree",
 )

@@ -1,0 +1,134 @@
+"""The fleet cache in the lab: one cache host (apt-cacher-ng, devpi-server) and 3 workstations.
+
+The lab hosts have no systemd, so the servers run from apt-cacher-ng's init script and as a detached process;
+the systemd units deploys/cache.py ships are not exercised here.
+"""
+
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gpufleet.lab import Lab, mirrors
+from gpufleet.lab.hosts import Host
+from gpufleet.lab.paths import BRIDGE_IP
+
+pytestmark = pytest.mark.lab
+
+DEPLOY = Path(__file__).parent / "deploys" / "cache_clients.py"
+PACKAGE_FILE = (".deb", ".whl", ".tar.gz")
+
+
+def cache_inventory(lab: Lab, path: Path, cache_host: Host, clients: list[Host]) -> Path:
+    """The lab's YAML inventory with `cache_host` moved to the group cache."""
+    lab.write_inventory_yaml(path, [cache_host, *clients])
+    document = yaml.safe_load(path.read_text())
+    workstations = document["groups"]["workstations"]["hosts"]
+    document["groups"]["cache"] = {"hosts": {cache_host.name: workstations.pop(cache_host.name)}}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def mirror_requests(lab: Lab, since: int) -> list[tuple[str, str, int]]:
+    return mirrors.access_log((lab.state_dir / "mirror.log").read_text()[since:])
+
+
+def log_offset(lab: Lab) -> int:
+    return len((lab.state_dir / "mirror.log").read_text())
+
+
+@pytest.fixture
+def cache_lab(lab: Lab, fresh_hosts: list[Host], tmp_path: Path):
+    cache_host = lab.add_host(gpu="none")
+    try:
+        yield cache_host, fresh_hosts, cache_inventory(lab, tmp_path / "inventory.yaml", cache_host, fresh_hosts)
+    finally:
+        lab.remove_host(cache_host)
+
+
+def test_three_clients_fetch_package_files_upstream_once_and_recover_from_a_stopped_cache(
+        lab: Lab, cache_lab, run_pyinfra, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_host, clients, inventory = cache_lab
+    names = [cache_host.name, *(c.name for c in clients)]
+    start = log_offset(lab)
+    # The cache host first (installs its servers, fetches the pinned wheels once), then everyone.
+    run_pyinfra(inventory, DEPLOY, "--limit", cache_host.name).assert_converged([cache_host.name])
+    run_pyinfra(inventory, DEPLOY).assert_converged(names)
+
+    requests = mirror_requests(lab, start)
+    files = [(ip, path) for ip, path, status in requests if status == 200 and path.endswith(PACKAGE_FILE)]
+    per_file = Counter(path for _, path in files)
+    debs = {p: n for p, n in per_file.items() if p.endswith(".deb")}
+    # What the clients install; devpi-server's own dependencies come once more for its installation.
+    client_wheels = {p: n for p, n in per_file.items() if re.search(r"/(ninja|wheel|torch)-[^/]+\.whl$|xformers-[\d.]+\.tar\.gz$", p)}
+    assert any("/tree_" in p for p in debs) and len(client_wheels) == 4, per_file
+    # The CUDA repository through the cache's remap of cuda_repo_url, the keyring .deb through it too.
+    assert any(re.search(r"/cuda/repos/debian12/x86_64/.*cuda-toolkit-12-8_", p) for p in debs), per_file
+    assert {p: n for p, n in client_wheels.items() if n != 1} == {}, per_file
+    # apt-cacher-ng does not always share one upstream download between clients asking in the same instant: in
+    # about half of the lab runs a .deb was fetched twice for 3 clients. Exactly once holds for pip (devpi, with
+    # the pinned set fetched first), not for apt; what is asserted is that no .deb came once per client.
+    assert {p: n for p, n in debs.items() if n >= len(clients)} == {}, per_file
+    assert {ip for ip, _ in files} == {cache_host.ip}, "a client went to the upstream mirror itself"
+    for client in clients:
+        check = lab.ssh(client, "dpkg -s tree >/dev/null && /opt/gpufleet-cache-test/venv/bin/python -c "
+                                "'import torch, ninja; print(torch.__version__)'")
+        assert check.returncode == 0, f"{client.name}: {check.stderr}"
+        assert "+cu128" in check.stdout
+
+    stats = subprocess.run([sys.executable, "-m", "gpufleet.cli", "cache-stats", str(inventory)],
+                           capture_output=True, text=True, check=False)
+    assert stats.returncode == 0, stats.stderr
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in stats.stdout.splitlines()[1:]}
+    # Each client's tree .deb, its 3 wheels and the sdist were served from the cache: 3 x 1 and 3 x 4 hits at least.
+    assert rows["apt-cacher-ng"][0] >= 3 and rows["apt-cacher-ng"][1] >= 1, stats.stdout
+    assert rows["devpi-server"][0] >= 12 and rows["devpi-server"][4] > 0, stats.stdout
+    print(stats.stdout)
+
+    run_pyinfra(inventory, DEPLOY).assert_no_changes(names)
+
+    assert lab.ssh(cache_host, "/etc/init.d/apt-cacher-ng stop").returncode == 0
+    monkeypatch.setenv("CACHE_TEST_PACKAGES", "tree ccache")
+    # Only a client: the cache host's own run would start apt-cacher-ng again.
+    down = run_pyinfra(inventory, DEPLOY, "--limit", clients[0].name)
+    assert down.returncode != 0, down.explain()
+    assert f"Could not connect to {cache_host.ip}:3142" in down.stderr, down.explain()
+
+    again = run_pyinfra(inventory, DEPLOY)
+    again.assert_converged(names)
+    for client in clients:
+        assert lab.ssh(client, "dpkg -s ccache >/dev/null").returncode == 0, client.name
+
+
+def test_removing_the_cache_host_removes_the_apt_drop_in(lab: Lab, cache_lab, run_pyinfra, tmp_path: Path) -> None:
+    cache_host, clients, inventory = cache_lab
+    run_pyinfra(inventory, DEPLOY).assert_converged([cache_host.name, *(c.name for c in clients)])
+    assert lab.ssh(clients[0], "grep -q 3142 /etc/apt/apt.conf.d/01gpufleet-cache-proxy").returncode == 0
+
+    plain = lab.write_inventory_yaml(tmp_path / "plain.yaml", clients)
+    run_pyinfra(plain, DEPLOY).assert_converged([c.name for c in clients])
+    for client in clients:
+        assert lab.ssh(client, "test -e /etc/apt/apt.conf.d/01gpufleet-cache-proxy").returncode == 1, client.name
+        conf = lab.ssh(client, "cat /opt/gpufleet-cache-test/venv/pip.conf").stdout
+        assert f"{BRIDGE_IP}:8047" in conf and ":3141" not in conf
+
+
+def test_a_workstation_that_serves_the_cache_installs_through_it_too(
+        lab: Lab, fresh_hosts: list[Host], run_pyinfra, tmp_path: Path) -> None:
+    server_host, *clients = fresh_hosts
+    path = lab.write_inventory_yaml(tmp_path / "inventory.yaml", fresh_hosts)
+    document = yaml.safe_load(path.read_text())
+    document["groups"]["cache"] = {"hosts": {server_host.name: {}}}
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    names = [h.name for h in fresh_hosts]
+
+    run_pyinfra(path, DEPLOY).assert_converged(names)
+    for host in fresh_hosts:
+        conf = lab.ssh(host, "cat /opt/gpufleet-cache-test/venv/pip.conf").stdout
+        assert f"index-url = http://{server_host.ip}:3141/root/pypi/+simple/" in conf, (host.name, conf)
+        assert lab.ssh(host, "dpkg -s tree cuda-toolkit-12-8 >/dev/null").returncode == 0, host.name
+    run_pyinfra(path, DEPLOY).assert_no_changes(names)

@@ -1,0 +1,140 @@
+"""The fleet cache's decisions: where pip and apt go with and without a cache, the servers' configuration, and
+hit/miss statistics read from the servers' own logs."""
+
+from __future__ import annotations
+
+from gpufleet import cache
+from gpufleet.settings import load_settings
+
+DEFAULTS = {name: s.default for name, s in load_settings().items()}
+
+
+def test_without_a_cache_settings_are_unchanged():
+    assert cache.through_cache(dict(DEFAULTS), None) == DEFAULTS
+
+
+def test_with_a_cache_both_pip_indexes_are_the_caches_devpi_mirrors():
+    view = cache.through_cache(dict(DEFAULTS), "10.0.0.5")
+    assert view["pip_index_url"] == "http://10.0.0.5:3141/root/pypi/+simple/"
+    assert view["torch_index_url"] == "http://10.0.0.5:3141/root/pytorch/+simple/"
+    assert view["pip_trusted_hosts"] == ["10.0.0.5"]
+    assert view["torch_version"] == DEFAULTS["torch_version"]
+
+
+def test_cache_mirrors_pypi_and_the_torch_index_by_default():
+    assert cache.mirror_urls(DEFAULTS) == {"root/pypi": "https://pypi.org/simple/",
+                                           "root/pytorch": DEFAULTS["torch_index_url"]}
+
+
+def test_one_upstream_for_both_indexes_gives_one_mirror():
+    config = {**DEFAULTS, "pip_index_url": "http://10.0.0.1:8047/simple", "torch_index_url": "http://10.0.0.1:8047/simple/",
+              "pip_trusted_hosts": ["10.0.0.1"]}
+    assert cache.mirror_urls(config) == {"root/pypi": "http://10.0.0.1:8047/simple"}
+    view = cache.through_cache(config, "10.0.0.5")
+    assert view["torch_index_url"] == view["pip_index_url"] == "http://10.0.0.5:3141/root/pypi/+simple/"
+    assert view["pip_trusted_hosts"] == ["10.0.0.1", "10.0.0.5"]
+
+
+def test_servers_listen_on_the_hosts_address_and_loopback_unless_told():
+    assert cache.listen_addresses(DEFAULTS, "10.0.0.5") == ["10.0.0.5", "127.0.0.1"]
+    assert cache.listen_addresses({**DEFAULTS, "cache_listen": ["192.168.1.2", "127.0.0.1"]}, "10.0.0.5") == [
+        "192.168.1.2", "127.0.0.1"]
+
+
+def test_acng_config_binds_the_allowed_addresses_and_allows_the_mirrors_ports():
+    config = {**DEFAULTS, "cuda_repo_url": "http://10.0.0.1:8047/cuda/repos", "cache_dir": "/srv/c"}
+    text = cache.acng_config(config, ["10.0.0.5", "127.0.0.1"])
+    assert "BindAddress: 10.0.0.5 127.0.0.1\n" in text
+    assert "CacheDir: /srv/c/apt\n" in text and "Port: 3142\n" in text
+    assert "AllowUserPorts: 80 8047\n" in text
+
+
+def test_apt_dropin_names_the_proxy_for_http_and_https():
+    text = cache.apt_proxy_dropin(DEFAULTS, "10.0.0.5")
+    assert text == ('Acquire::http::Proxy "http://10.0.0.5:3142";\nAcquire::https::Proxy "http://10.0.0.5:3142";\n'
+                    'Acquire::http::Proxy::10.0.0.5 "DIRECT";\n')
+
+
+def test_cuda_repository_is_read_through_the_caches_remap_of_cuda_repo_url():
+    view = cache.through_cache(dict(DEFAULTS), "10.0.0.5")
+    assert view["cuda_repo_url"] == "http://10.0.0.5:3142/gpufleet-cuda"
+    text = cache.acng_config(DEFAULTS, ["10.0.0.5"])
+    assert "Remap-gpufleet-cuda: /gpufleet-cuda ; https://developer.download.nvidia.com/compute/cuda/repos\n" in text
+
+
+def test_devpi_listens_on_each_allowed_address():
+    command = cache.devpi_command("/opt/v", {**DEFAULTS, "cache_dir": "/srv/c"}, ["10.0.0.5", "127.0.0.1"])
+    assert command == ["/opt/v/bin/devpi-server", "--serverdir", "/srv/c/pypi",
+                       "--listen", "10.0.0.5:3141", "--listen", "127.0.0.1:3141"]
+
+
+def test_warm_fetches_the_pinned_torch_through_the_torch_mirror_with_pypi_for_dependencies():
+    commands = cache.warm_commands(DEFAULTS, "/opt/v/bin/python", "http://127.0.0.1:3141", ["pip", "ninja"], "/tmp/w")
+    assert commands[0] == "curl -fsS -o /dev/null http://127.0.0.1:3141/root/pypi/+simple/xformers/"
+    assert commands[1].endswith(cache.sdist_url("http://127.0.0.1:3141", DEFAULTS))
+    assert commands[2].endswith("--index-url http://127.0.0.1:3141/root/pypi/+simple/ pip ninja")
+    assert "--pre --index-url http://127.0.0.1:3141/root/pytorch/+simple/" in commands[3]
+    assert commands[3].endswith(f"torch=={DEFAULTS['torch_version']}")
+
+
+def test_xformers_sdist_comes_from_devpis_pypi_mirror_by_its_pinned_sha256():
+    view = cache.through_cache(dict(DEFAULTS), "10.0.0.5")
+    assert view["xformers_source_url"] == (
+        "http://10.0.0.5:3141/root/pypi/+f/f7f/c183a58e4bf0e/xformers-0.0.35.tar.gz")
+    assert view["xformers_source_sha256"] == DEFAULTS["xformers_source_sha256"]
+
+
+ACNG_LOG = """\
+1795828060|I|4500|10.0.0.11|debian/./tree_2.1.0-1_amd64.deb
+1795828060|O|4620|10.0.0.11|debian/./tree_2.1.0-1_amd64.deb
+1795828061|O|4620|10.0.0.12|debian/./tree_2.1.0-1_amd64.deb
+1795828061|O|4620|10.0.0.13|debian/./tree_2.1.0-1_amd64.deb
+"""
+
+
+def test_acng_counts_a_fetched_file_as_one_miss_and_the_rest_as_hits():
+    stats = cache.acng_stats(ACNG_LOG + "not a transfer line\n")
+    assert (stats.hits, stats.misses, stats.bytes_served, stats.bytes_fetched) == (2, 1, 13860, 4500)
+    assert stats.bytes_saved == 9360
+
+
+def test_acng_counts_an_index_file_fetched_again_for_each_client_as_misses():
+    log = ("1795829418|I|367893|10.0.0.11|m/debian/Packages\n1795829418|O|367735|10.0.0.11|m/debian/Packages\n"
+           "1795829418|I|367893|10.0.0.12|m/debian/Packages\n1795829418|O|367735|10.0.0.12|m/debian/Packages\n")
+    stats = cache.acng_stats(log)
+    assert (stats.hits, stats.misses, stats.bytes_saved) == (0, 2, 0)
+
+
+DEVPI_LOG = """\
+2026-11-28 01:07:40,418 INFO  [req12] GET /root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl
+2026-11-28 01:07:40,422 INFO  [req12] [Rtx4] reading remote: URL('http://127.0.0.1:18047/packages/ninja-1.13.2-py3-none-any.whl'), target root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl
+2026-11-28 01:07:40,988 INFO  [req13] GET /root/p2/+simple/ninja/
+2026-11-28 01:07:41,000 INFO  [req14] GET /root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl
+"""
+
+
+def test_devpi_counts_a_file_read_from_remote_as_a_miss_and_later_requests_as_hits():
+    sizes = {"root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl": 1000}
+    stats = cache.devpi_stats(DEVPI_LOG, sizes)
+    assert (stats.hits, stats.misses, stats.bytes_served, stats.bytes_fetched) == (1, 1, 2000, 1000)
+
+
+def test_stats_output_is_split_per_server():
+    text = ("=== gpufleet-cache-stats acng ===\n" + ACNG_LOG + "=== gpufleet-cache-stats devpi ===\n" + DEVPI_LOG
+            + "=== gpufleet-cache-stats files ===\n1000 root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl\n")
+    apt_stats, pip_stats = cache.parse_stats_output(text)
+    assert (apt_stats.server, apt_stats.hits, pip_stats.server, pip_stats.bytes_saved) == (
+        "apt-cacher-ng", 2, "devpi-server", 1000)
+
+
+def test_lab_mirror_access_log_gives_client_path_status_and_served_bytes(tmp_path):
+    from gpufleet.lab import mirrors
+
+    (tmp_path / "packages").mkdir()
+    (tmp_path / "packages" / "a.whl").write_bytes(b"x" * 10)
+    log = ('Serving HTTP on 10.213.47.1 port 8047 ...\n'
+           '10.213.47.14 - - [28/Nov/2026 01:07:40] "GET /packages/a.whl HTTP/1.1" 200 -\n'
+           '10.213.47.15 - - [28/Nov/2026 01:07:41] "GET /packages/missing.whl HTTP/1.1" 404 -\n')
+    requests = mirrors.access_log(log)
+    assert requests == [("10.213.47.14", "/packages/a.whl", 200), ("10.213.47.15", "/packages/missing.whl", 404)]
+    assert mirrors.served_bytes(tmp_path, requests) == 10
