@@ -14,12 +14,15 @@ from deploys.torch import torch
 from deploys.xformers import xformers
 from gpufleet.stage import cache_only, refused, skip_remaining_stages
 
-# First: with a cache host in the inventory, every later apt and pip download goes through it.
-fleet_cache()
+# Preflight before anything changes; a host that only serves the fleet cache needs no GPU to pass.
+if not cache_only():
+    preflight()
+# Then the cache, on one line for every host (pyinfra orders hosts' operations by their call lines, so the cache
+# host's servers start before any client downloads through them); every later apt and pip use goes through it.
+if not refused():
+    fleet_cache()
 if cache_only():
     skip_remaining_stages()
-if not refused():
-    preflight()
 if not refused():
     driver()
 if not refused():

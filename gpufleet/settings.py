@@ -160,6 +160,10 @@ VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "work_dir": _absolute_path,
     "cuda_existing_home": _absolute_path,
     "python_interpreter": _absolute_path,
+    "cache_dir": _absolute_path,
+    "cache_apt_port": lambda v: None if 0 < v < 65536 else "a port number from 1 to 65535",
+    "cache_pip_port": lambda v: None if 0 < v < 65536 else "a port number from 1 to 65535",
+    "cache_listen": _check_list_of(re.compile(r"^[\w.\-:\[\]]+$"), '"10.0.0.5"'),
     "build_user": lambda v: None if re.match(r"^[a-z_][a-z0-9_-]{0,31}$", v) and v != "root" else "an unprivileged user name (not root)",
 }
 
