@@ -12,13 +12,15 @@ import shlex
 from io import StringIO
 from pathlib import Path
 
-from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra import host, inventory
+from pyinfra.api import Host, deploy
 from pyinfra.facts.files import File, FileContents
+from pyinfra.facts.server import KernelVersion
 from pyinfra.operations import apt, files, server, systemd
 
 from deploys.python import VENV_TOOLS
-from gpufleet import cache
+from gpufleet import cache, facts
+from gpufleet.decide import cuda_repo_dir
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
 from gpufleet.stage import run_alone, settings
@@ -34,6 +36,7 @@ LOG_DIR = "/var/log/gpufleet-cache"
 DEVPI_LOG = f"{LOG_DIR}/devpi.log"
 DEVPI_PID = f"{RUN_DIR}/devpi.pid"
 WARM_STAMP = f"{SECRETS_DIR}/warmed"
+APT_WARM_STAMP = f"{SECRETS_DIR}/warmed-apt"
 MIRRORS_SCRIPT = "/usr/local/lib/gpufleet/devpi_mirrors.py"
 MIRRORS_SOURCE = Path(__file__).resolve().parents[1] / "files" / "cache" / "devpi_mirrors.py"
 
@@ -66,6 +69,32 @@ def _apt_cacher(config: dict, listen: list[str], systemd_host: bool, listening: 
     else:
         server.shell(name="Restart apt-cacher-ng for its new settings (its init script)",
                      commands=["/etc/init.d/apt-cacher-ng restart"], _if=conf.did_change)
+
+
+def _repo_dir(target: Host) -> str:
+    wsl = target.get_fact(facts.WslInfo) or {"is_wsl": False}
+    os_release = target.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
+    return cuda_repo_dir(os_release, wsl["is_wsl"])
+
+
+def _warm_apt(config: dict) -> None:
+    """The packages the fleet's deploys install, fetched once through apt-cacher-ng before any client asks.
+
+    Resolved against this host's own OS repositories: hosts of another distribution (another CUDA repository
+    directory) are not warmed, their files are cached on their first request.
+    """
+    own = _repo_dir(host)
+    fleet = [h for h in inventory.get_active_hosts() if _repo_dir(h) == own]
+    kernels = sorted({str(h.get_fact(KernelVersion)) for h in fleet})
+    packages = cache.apt_warm_packages(config, kernels)
+    scratch = f"{config['cache_dir']}/warm-apt"
+    warm = cache.apt_warm_commands(config, [own], packages, scratch)
+    stamp = "\n".join(warm) + "\n"
+    if host.get_fact(FileContents, path=APT_WARM_STAMP) != stamp.splitlines():
+        server.shell(name=f"Fetch the fleet's Debian packages into the cache once ({', '.join(packages)})",
+                     commands=warm)
+        files.put(name="Record which Debian packages the cache holds", src=StringIO(stamp), dest=APT_WARM_STAMP,
+                  mode="644")
 
 
 def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[int]) -> None:
@@ -142,6 +171,7 @@ def _serve() -> None:
     listening = host.get_fact(cache.ListeningPorts)
     _apt_cacher(config, listen, systemd_host, listening)
     _devpi(config, listen, systemd_host, listening)
+    _warm_apt(config)
 
 
 @deploy("Fleet cache")

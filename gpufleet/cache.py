@@ -21,6 +21,8 @@ from urllib.parse import urlparse
 
 from pyinfra.api import FactBase
 
+from gpufleet.decide import driver_packages
+
 PYPI_SIMPLE = "https://pypi.org/simple/"
 # apt-cacher-ng's virtual directory for cuda_repo_url: https repositories are cached only through a remap.
 CUDA_REMAP = "gpufleet-cuda"
@@ -94,6 +96,54 @@ def warm_commands(config: dict[str, Any], python: str, base: str, packages: list
         f"{common} --index-url {view['pip_index_url']} {' '.join(packages)}",
         f"{common}{torch_pre} --index-url {view['torch_index_url']} --extra-index-url {view['pip_index_url']} "
         f"torch=={config['torch_version']}",
+    ]
+
+
+def apt_warm_packages(config: dict[str, Any], kernels: list[str]) -> list[str]:
+    """Debian packages the fleet's deploys install: driver, toolkit, venv module, build tools, each kernel's headers.
+
+    A superset is harmless (fetched once more into the cache); names a host's repositories lack are skipped.
+    """
+    tools = ["g++", "make", "patch"] + (["ccache"] if config["xformers_ccache"] else [])
+    return sorted({
+        *driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"]),
+        "cuda-toolkit-" + config["cuda_version"].replace(".", "-"),
+        "python3-venv", f"python{config['python_version']}-dev", *tools,
+        *(f"linux-headers-{k}" for k in kernels),
+    })
+
+
+def apt_warm_commands(config: dict[str, Any], repo_dirs: list[str], packages: list[str], scratch: str) -> list[str]:
+    """apt downloads through this host's apt-cacher-ng of `packages` with every dependency, as for an empty host.
+
+    apt-cacher-ng can fetch a file once per client asking in the same instant, so clients installing together
+    could each cause an upstream download; fetched here first, every client's request is a hit. A throwaway
+    status (nothing installed) makes apt fetch what this host already has; the host's own sources plus the CUDA
+    repositories at the cache's remap, the URLs the clients use.
+    """
+    base = f"http://127.0.0.1:{config['cache_apt_port']}"
+    options = " ".join(f"-o {o}" for o in (
+        f"Dir::State::Lists={scratch}/lists", f"Dir::State::status={scratch}/status", f"Dir::Cache={scratch}/cache",
+        f"Dir::Cache::archives={scratch}/archives", f"Dir::Etc::SourceParts={scratch}/parts",
+        "Debug::NoLocking=1", f"Acquire::http::Proxy={base}", "Acquire::http::Proxy::127.0.0.1=DIRECT",
+        # One request at a time: a whole closure pipelined to an upstream that closes after each answer (HTTP/1.0)
+        # used up apt-cacher-ng's retries ("503 Connection closed, check DlMaxRetries").
+        "Acquire::http::Pipeline-Depth=0", "Acquire::Retries=3"))
+    # Nothing fetched here is installed: the clients check the repository signatures themselves.
+    cuda = "\\n".join(f"deb [trusted=yes] {base}/{CUDA_REMAP}/{d}/x86_64/ /" for d in repo_dirs)
+    wanted = " ".join(packages)
+    return [
+        f"rm -rf {scratch} && mkdir -p {scratch}/lists/partial {scratch}/archives/partial {scratch}/cache "
+        f"{scratch}/parts && touch {scratch}/status",
+        f"for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do "
+        f"[ -f \"$f\" ] && cp \"$f\" {scratch}/parts/; done; true",
+        f"printf '{cuda}\\n' > {scratch}/parts/zz-gpufleet-warm-cuda.list",
+        # The init script returns before the daemon listens.
+        f"for i in $(seq 100); do curl -s -o /dev/null {base}/ && break; sleep 0.1; done",
+        f"apt-get -q {options} update",
+        f"apt-get -q -y {options} install --download-only $(for p in {wanted}; do "
+        f"apt-cache {options} show \"$p\" >/dev/null 2>&1 && echo \"$p\"; done)",
+        f"rm -rf {scratch}",
     ]
 
 

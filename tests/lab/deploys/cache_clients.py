@@ -2,7 +2,8 @@
 through apt and wheels (pip's index and the torch index) through pip, and the
 xformers sdist as the xformers stage downloads it, so the cache sees each file from every client.
 
-Debian packages come from env CACHE_TEST_PACKAGES (default "tree"), so a test can ask for another one later.
+Debian packages come from env CACHE_TEST_PACKAGES (default "patch", one of the xformers stage's build tools, so
+the cache host fetches it ahead as it does for the real deploys), so a test can ask for another one later.
 """
 
 import os
@@ -23,7 +24,7 @@ fleet_cache()
 if not cache_only():
     config = settings()
     apt.update(name="Refresh apt lists", cache_time=3600)
-    apt.packages(name="Install the test packages", packages=os.environ.get("CACHE_TEST_PACKAGES", "tree").split(),
+    apt.packages(name="Install the test packages", packages=os.environ.get("CACHE_TEST_PACKAGES", "patch").split(),
                  no_recommends=True)
     has_venv = host.get_fact(File, path=f"{VENV}/bin/python") is not None
     server.shell(name=f"Create {VENV}", commands=[f"python3 -m venv {VENV}"], _if=lambda: not has_venv)
