@@ -30,10 +30,9 @@ from gpufleet.stage import (
     settings,
 )
 
-DRIVER_PATTERNS = ("nvidia-*", "libnvidia-*", "linux-modules-nvidia-*")
 HOLD_COMMAND = (
     "dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n' "
-    + " ".join(f"'{p}'" for p in DRIVER_PATTERNS)
+    + " ".join(f"'{prefix}*'" for prefix in DRIVER_PACKAGE_PREFIXES)
     + " 2>/dev/null | awk '$2 ~ /^ii/ {print $1}' | xargs -r apt-mark hold"
 )
 UNATTENDED_BLACKLIST = """// gpufleet: the driver and CUDA change only when driver_branch / cuda_version do.

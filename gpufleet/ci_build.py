@@ -8,11 +8,9 @@ an unchanged rerun finds the finished manifest there and builds nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
-import runpy
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,13 +18,19 @@ from pathlib import Path
 from typing import Optional
 
 from gpufleet.buildplan import BUILD_SCRIPT, CUBIN_READER, WheelBuild, build_command
-from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
+from gpufleet.fingerprint import (
+    WheelInputs,
+    file_sha256,
+    fingerprint,
+    read_patch_series,
+)
+from gpufleet.settings import REPO_ROOT, load_settings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_ROOT
 CACHE = Path(os.environ.get("GPUFLEET_BUILD_CACHE", "/var/cache/gpufleet-build"))
 CUDA_HOME = os.environ.get("GPUFLEET_CI_CUDA_HOME", "/usr/local/cuda-13.0")
 # Version, checksum and patch series are the deploy's own defaults, so CI builds exactly what hosts build.
-_DEFAULTS = runpy.run_path(str(REPO / "group_data/all.py"))
+_DEFAULTS = {name: setting.default for name, setting in load_settings().items()}
 XFORMERS_VERSION: str = _DEFAULTS["xformers_version"]
 SDIST_SHA256: str = _DEFAULTS["xformers_source_sha256"]
 PATCH_DIR = REPO / _DEFAULTS["xformers_patch_dir"]
@@ -60,14 +64,6 @@ def _run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, check=True, text=True, **kwargs)  # type: ignore[call-overload]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def ensure_venv() -> Path:
     """Build venv with torch, ninja, wheel, setuptools and cuobjdump; pip leaves what is already satisfied alone."""
     python = venv_dir() / "bin/python"
@@ -85,13 +81,13 @@ def ensure_venv() -> Path:
 def ensure_sdist(python: Path) -> Path:
     """The xformers sdist from PyPI via pip, checked against the pinned sha256."""
     path = sdist_path()
-    if path.exists() and _sha256(path) == SDIST_SHA256:
+    if path.exists() and file_sha256(path) == SDIST_SHA256:
         return path
     path.unlink(missing_ok=True)
     # Without isolation pip reads the metadata with the venv's torch; with it, pip would fetch another torch.
     _run([str(python), "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps", "--no-build-isolation",
           f"xformers=={XFORMERS_VERSION}", "-d", str(path.parent)])
-    actual = _sha256(path)
+    actual = file_sha256(path)
     if actual != SDIST_SHA256:
         raise SystemExit(f"{path}: sha256 {actual}, expected {SDIST_SHA256}; PyPI served another file")
     return path

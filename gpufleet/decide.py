@@ -8,6 +8,7 @@ from typing import Any, Iterable
 
 from packaging.version import Version
 
+from gpufleet.buildplan import normalise_arch_list
 from gpufleet.facts import DriverState, OsRelease, PciGpu, SmiResult
 
 GB = 1024**3
@@ -28,6 +29,7 @@ GPU_MODELS: dict[str, GpuModel] = {
     "2b85": GpuModel("NVIDIA GeForce RTX 5090", "12.0", True, "570.86.16"),
     "2b87": GpuModel("NVIDIA GeForce RTX 5090 D", "12.0", True, "570.86.16"),
     "2b8c": GpuModel("NVIDIA GeForce RTX 5090 D v2", "12.0", True, "570.190", ("575",)),
+    # H100: the first driver is recalled, not checked here; gpufleet only accepts existing drivers on it so far.
     "2330": GpuModel("NVIDIA H100 80GB HBM3", "9.0", False, "525.60.13"),
 }
 
@@ -40,7 +42,9 @@ DRIVER_PACKAGE_PREFIXES = ("nvidia-", "libnvidia-", "linux-modules-nvidia-")
 SUPPORTED_OS = {("ubuntu", "24.04"), ("debian", "12")}
 
 # Lowest driver each CUDA toolkit runs on (12.8: NVIDIA's release notes via secondary sources, unverified).
-CUDA_MIN_DRIVER = {"12.8": "570.26", "12.9": "575.51.03", "13.0": "580.65.06"}
+# 13.0: the first driver NVIDIA shipped with CUDA 13.0 (580.65.06), as recalled, not checked here. Toolkits not listed
+# get no driver check.
+CUDA_MIN_DRIVER = {"12.8": "570.26", "13.0": "580.65.06"}
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,7 @@ def host_gpus(pci: list[PciGpu] | None, smi: SmiResult) -> list[HostGpu]:
 
 def arch_list(gpus: Iterable[HostGpu]) -> list[str]:
     """The CUDA architectures ("12.0") of a set of GPUs, sorted and without repeats."""
-    caps = {g.compute_cap for g in gpus if g.compute_cap}
-    return sorted(caps, key=Version)
+    return normalise_arch_list(g.compute_cap for g in gpus if g.compute_cap)
 
 
 def cuda_repo_dir(os_release: OsRelease, is_wsl: bool) -> str:
@@ -105,11 +108,6 @@ def driver_packages(source: str, branch: str, flavour: str) -> list[str]:
         # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch.
         return [f"nvidia-driver-pinning-{branch}", "nvidia-open" if flavour == "open" else "cuda-drivers"]
     return [f"nvidia-open-{branch}" if flavour == "open" else f"cuda-drivers-{branch}"]
-
-
-def max_jobs(mem_available: int, cpus: int, per_job_gb: float = 3.0) -> int:
-    """Parallel nvcc jobs that fit in memory: about 3 GB each, at least 1, at most the CPU count."""
-    return max(1, min(cpus, int(mem_available // (per_job_gb * GB))))
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,15 @@ def canonical_inputs(inputs: WheelInputs) -> dict[str, object]:
     }
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (wheels and sdists can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fingerprint(inputs: WheelInputs) -> str:
     """Short hex digest of the canonical inputs; patch order counts, arch order and duplicates do not."""
     encoded = json.dumps(canonical_inputs(inputs), sort_keys=True, separators=(",", ":")).encode()

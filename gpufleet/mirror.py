@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import sys
 from pathlib import Path
+
+from gpufleet.fingerprint import file_sha256
 
 
 def project_name(wheel: str) -> str:
@@ -28,7 +29,7 @@ def build_simple_index(source: Path, dest: Path) -> list[str]:
             target = folder / wheel.name
             if not target.exists() or target.stat().st_size != wheel.stat().st_size:
                 shutil.copy2(wheel, target)
-            sha = hashlib.sha256(target.read_bytes()).hexdigest()
+            sha = file_sha256(target)
             links.append(f'<a href="{wheel.name}#sha256={sha}">{wheel.name}</a><br>')
         (folder / "index.html").write_text("<!DOCTYPE html><html><body>\n" + "\n".join(links) + "\n</body></html>\n")
     root = "\n".join(f'<a href="{p}/">{p}</a><br>' for p in sorted(projects))

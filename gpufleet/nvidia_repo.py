@@ -15,10 +15,17 @@ from gpufleet.facts import InterruptedPackageInstall
 KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
 SOURCE_NAME = "gpufleet-cuda"
-# Hosts whose repository is already planned in this run: the driver and CUDA stages share it.
-_planned: set[str] = set()
-_apt_ready: set[str] = set()
-_pinned: set[str] = set()
+# What is already planned for which host in this run: the driver and CUDA stages share these steps.
+_planned: set[tuple[str, str]] = set()
+
+
+def _first_time(step: str) -> bool:
+    """True the first time a step is asked for on the current host in this run."""
+    key = (step, host.name)
+    if key in _planned:
+        return False
+    _planned.add(key)
+    return True
 
 
 def repo_url(config: dict[str, Any], repo_dir: str) -> str:
@@ -28,9 +35,8 @@ def repo_url(config: dict[str, Any], repo_dir: str) -> str:
 def apt_settings(config: dict[str, Any]) -> None:
     """apt waits for a lock held by another process (bounded by apt_lock_timeout), and dpkg work a dropped
     connection interrupted is finished first. Planned once per host and run."""
-    if host.name in _apt_ready:
+    if not _first_time("apt settings"):
         return
-    _apt_ready.add(host.name)
     files.put(
         name="Make apt wait for package locks held by other processes",
         src=StringIO(f'DPkg::Lock::Timeout "{config["apt_lock_timeout"]}";\n'),
@@ -52,9 +58,8 @@ def ensure_repo(config: dict[str, Any], repo_dir: str) -> None:
 
     Planned once per host and run; a no-op when the package, the keyring and the source file are in place.
     """
-    if host.name in _planned:
+    if not _first_time("repository"):
         return
-    _planned.add(host.name)
     apt_settings(config)
     deb = f"{config['work_dir']}/downloads/{KEYRING_DEB}"
     files.directory(name="Create the download directory", path=f"{config['work_dir']}/downloads", mode="755")
@@ -91,9 +96,8 @@ def pin_driver_source(config: dict[str, Any]) -> None:
 
     Planned once per host and run, before anything can add NVIDIA's repository; a no-op when the pin is in place.
     """
-    if host.name in _pinned:
+    if not _first_time("driver source pin"):
         return
-    _pinned.add(host.name)
     origin = urlparse(config["cuda_repo_url"]).hostname
     files.put(
         name=f"Never take driver packages from NVIDIA's repository ({origin}) on an Ubuntu-driver host",

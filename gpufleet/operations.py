@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shlex
@@ -12,6 +11,7 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from gpufleet.facts import PipFreeze
+from gpufleet.fingerprint import file_sha256
 
 
 @operation(is_idempotent=False)
@@ -19,14 +19,6 @@ def refuse(reasons: list[str]):
     """Fail this host with the reasons on stderr. Never a no-op: it exists to stop the host."""
     text = "\n".join(f"gpufleet refuses this host: {r}" for r in reasons)
     yield f"echo {shlex.quote(text)} >&2; exit 1"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @operation(is_idempotent=False)
@@ -47,7 +39,7 @@ def fetch_built_wheel(remote_dir: str, local_dir: str):
         wheel = cache / manifest["wheel"]
         if not host.get_file(f"{remote_dir}/{manifest['wheel']}", str(wheel)):
             raise RuntimeError(f"could not fetch {manifest['wheel']} from {host.name}")
-        if _sha256(wheel) != manifest["wheel_sha256"]:
+        if file_sha256(wheel) != manifest["wheel_sha256"]:
             wheel.unlink()
             raise RuntimeError(f"{manifest['wheel']} from {host.name} does not match its manifest's sha256")
         (cache / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -17,9 +17,8 @@ from gpufleet import facts
 from gpufleet.buildplan import arch_union, normalise_arch_list
 from gpufleet.decide import arch_list, host_gpus, preflight_problems
 from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
-from gpufleet.settings import REPO_ROOT, load_settings
-
-_SETTINGS = load_settings()
+from gpufleet.settings import REPO_ROOT
+from gpufleet.stage import profile, settings
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,6 @@ class HostWheel:
     needs_install: bool
     # Preflight passes: the host can take part (and so can build).
     eligible: bool = True
-
-
-def host_settings(h: Host) -> dict[str, Any]:
-    return {name: h.data.get(name, s.default) for name, s in _SETTINGS.items()}
 
 
 def patch_dir(config: dict[str, Any]) -> Path:
@@ -57,10 +52,9 @@ def fleet_arch_list() -> list[str]:
     return arch_union(_host_archs(h) for h in fleet_hosts())
 
 
-def host_wheel(h: Host) -> HostWheel:
-    config = host_settings(h)
-    archs = normalise_arch_list(config["xformers_arch_list"] or fleet_arch_list())
-    fp = fingerprint(
+def wheel_fingerprint(config: dict[str, Any], archs: list[str]) -> str:
+    """The fingerprint of the wheel these settings build for these architectures."""
+    return fingerprint(
         WheelInputs(
             xformers_version=config["xformers_version"],
             source_sha256=config["xformers_source_sha256"],
@@ -71,9 +65,13 @@ def host_wheel(h: Host) -> HostWheel:
             arch_list=archs,
         )
     )
-    installed = h.get_fact(facts.FileText, path=f"{config['work_dir']}/xformers/installed")
-    from gpufleet.stage import profile
 
+
+def host_wheel(h: Host) -> HostWheel:
+    config = settings(h)
+    archs = normalise_arch_list(config["xformers_arch_list"] or fleet_arch_list())
+    fp = wheel_fingerprint(config, archs)
+    installed = h.get_fact(facts.FileText, path=f"{config['work_dir']}/xformers/installed")
     eligible = not preflight_problems(profile(h), config)
     return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp, eligible=eligible)
 

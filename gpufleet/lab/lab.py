@@ -8,7 +8,16 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gpufleet.lab import buildenv, downloads, hardware, hosts, mirrors, network, rootfs, standins
+from gpufleet.lab import (
+    buildenv,
+    downloads,
+    hardware,
+    hosts,
+    mirrors,
+    network,
+    rootfs,
+    standins,
+)
 from gpufleet.lab.hosts import Host
 from gpufleet.lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
 from gpufleet.lab.system import LabError, ensure_tools, run

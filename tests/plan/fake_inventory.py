@@ -76,20 +76,9 @@ def _file_text(value: Any, config: dict[str, Any]) -> str:
     """A file's content; {xformers_installed: [ARCH, ...]} is the stamp a finished xformers install of these
     settings leaves (its wheel fingerprint), so a profile says "installed by an earlier run" without a stale hash."""
     if isinstance(value, dict) and "xformers_installed" in value:
-        from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
-        from gpufleet.xformers_fleet import patch_dir
+        from gpufleet.xformers_fleet import wheel_fingerprint
 
-        return fingerprint(
-            WheelInputs(
-                xformers_version=config["xformers_version"],
-                source_sha256=config["xformers_source_sha256"],
-                patches=read_patch_series(patch_dir(config)),
-                torch_version=config["torch_version"],
-                cuda_version=config["cuda_version"],
-                python_version=config["python_version"],
-                arch_list=value["xformers_installed"],
-            )
-        )
+        return wheel_fingerprint(config, value["xformers_installed"])
     return _text(value)
 
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from gpufleet.buildplan import max_jobs
 from gpufleet.decide import (
     GB,
     HostGpu,
@@ -15,7 +16,6 @@ from gpufleet.decide import (
     cuda_repo_dir,
     driver_packages,
     host_gpus,
-    max_jobs,
     may_reboot,
     preflight_problems,
     stale_driver_holds,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from gpufleet.facts import parse_dpkg_versions
 from tests.plan import fake_inventory
 

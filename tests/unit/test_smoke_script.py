@@ -7,7 +7,6 @@ made under /tmp with `pip install torch==2.13.0` (a CPU build from local disk he
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -18,24 +17,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "files" / "smoke" / "gpufleet_smoke.py"
+from tests.smoke_standins import SCRIPT, STANDIN_NVCC, STANDIN_NVIDIA_SMI, load_script
+
 VENV = Path("/tmp/gpufleet-smoke-cpu-torch-venv")
 TORCH_PIN = "torch==2.13.0"
 PYPI_XFORMERS = Path("/tmp/gpufleet-smoke-pypi-xformers-0.0.35")
 
-# Stand-ins for tools this machine lacks; each prints what the real tool prints on an H100 host (FACTS.md).
-STANDIN_NVIDIA_SMI = ("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 0x233010DE, 00000000:19:00.0, 9.0, 580.159.04, "
-                      "5, 16, 5, 16, 700.00, 81559'\n")
-STANDIN_NVCC = ("#!/bin/sh\nprintf 'nvcc: NVIDIA (R) Cuda compiler driver\\nCuda compilation tools, release 12.8, "
-                "V12.8.93\\nBuild cuda_12.8.r12.8/compiler.35583870_0\\n'\n")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpufleet_smoke", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 smoke = load_script()

@@ -10,7 +10,6 @@ an interpreter with a CPU torch). synthetic-*.json are built with the script's o
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import stat
@@ -20,21 +19,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-SCRIPT = ROOT / "files" / "smoke" / "gpufleet_smoke.py"
+sys.path.insert(0, str(ROOT))
+from tests.smoke_standins import SCRIPT, STANDIN_NVCC, STANDIN_NVIDIA_SMI, load_script  # noqa: E402
+
 FLEET = Path(__file__).resolve().parent / "fleet"
 
-# nvidia-smi and nvcc stand-ins print what a real H100 host prints (FACTS.md), so the ladder reaches torch.
-STANDIN_NVIDIA_SMI = ("#!/bin/sh\necho '0, NVIDIA H100 80GB HBM3, 0x233010DE, 00000000:19:00.0, 9.0, 580.159.04, "
-                      "5, 16, 5, 16, 700.00, 81559'\n")
-STANDIN_NVCC = ("#!/bin/sh\nprintf 'nvcc: NVIDIA (R) Cuda compiler driver\\nCuda compilation tools, release 12.8, "
-                "V12.8.93\\nBuild cuda_12.8.r12.8/compiler.35583870_0\\n'\n")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpufleet_smoke", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_standins(directory: Path) -> None:
