@@ -4,6 +4,7 @@ Each stand-in prints what the real tool prints on an H100 host (FACTS.md), so th
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "files" / "smoke" / "gpufleet_smoke.py"
@@ -18,3 +19,16 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def system_bin_without(tmp_path: Path, *tools: str) -> Path:
+    """/usr/bin and /bin as one directory of links, less `tools`: a PATH on which a GPU host's real nvidia-smi or
+    nvcc is not found, so a test that means "no driver here" says so on every machine."""
+    bin_dir = tmp_path / "system-bin"
+    bin_dir.mkdir(exist_ok=True)
+    for directory in (Path("/usr/bin"), Path("/bin")):
+        for entry in directory.iterdir():
+            link = bin_dir / entry.name
+            if entry.name not in tools and not os.path.lexists(link):
+                link.symlink_to(entry)
+    return bin_dir

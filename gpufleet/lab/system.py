@@ -17,6 +17,8 @@ REQUIRED_TOOLS: dict[str, str] = {
     "unshare": "util-linux",
     "setpriv": "util-linux",
     "lspci": "pciutils",
+    "modinfo": "kmod",
+    "depmod": "kmod",
 }
 
 

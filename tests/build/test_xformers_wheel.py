@@ -18,7 +18,6 @@ from gpufleet.ci_build import (
     PATCH_DIR,
     SDIST_SHA256,
     CiWheel,
-    ensure_wheel,
     find_cuobjdump,
     nvcc_version,
     sdist_path,
@@ -28,11 +27,6 @@ from gpufleet.cubins import parse_cuobjdump_listing, read_elf_device_code
 pytestmark = pytest.mark.build
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def ci_wheel() -> CiWheel:
-    return ensure_wheel()
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
 """The smoke script on a real GPU: every rung passes and the figures are filled in.
 
-Runs with $GPUFLEET_SMOKE_PYTHON (a venv with CUDA torch and our xformers build), else this interpreter.
-Skipped, saying why, where no NVIDIA driver answers or that interpreter's torch sees no GPU.
+Runs with the first Python whose torch sees a GPU, from: $GPUFLEET_SMOKE_PYTHON, the `venv_path` of the inventory
+($GPUFLEET_INVENTORY, else inventory/hosts.yaml and inventory/examples/*.yaml) and the default setting, then any venv
+under /opt, /srv, /root or /home, then this interpreter. Skipped only where no NVIDIA driver answers; with a driver
+and no such Python, the test fails naming where it looked.
 """
 
 from __future__ import annotations
@@ -11,36 +13,76 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
+
+from gpufleet.settings import load_settings
 
 pytestmark = pytest.mark.gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "files" / "smoke" / "gpufleet_smoke.py"
-PYTHON = os.environ.get("GPUFLEET_SMOKE_PYTHON", sys.executable)
+WSL_NVIDIA_SMI = "/usr/lib/wsl/lib/nvidia-smi"
 
 
-def gpu_skip_reason() -> str | None:
-    if not (shutil.which("nvidia-smi") or os.access("/usr/lib/wsl/lib/nvidia-smi", os.X_OK)):
-        return "no NVIDIA driver here: nvidia-smi is neither on PATH nor at /usr/lib/wsl/lib/nvidia-smi"
-    probe = subprocess.run([PYTHON, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
+def _venv_paths_in(node: object) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "venv_path" and isinstance(value, str):
+                yield value
+            else:
+                yield from _venv_paths_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _venv_paths_in(item)
+
+
+def candidate_pythons() -> list[str]:
+    """Interpreters to try, in the order the module docstring gives."""
+    found: list[str] = []
+    if os.environ.get("GPUFLEET_SMOKE_PYTHON"):
+        found.append(os.environ["GPUFLEET_SMOKE_PYTHON"])
+    inventories = ([Path(os.environ["GPUFLEET_INVENTORY"])] if os.environ.get("GPUFLEET_INVENTORY") else
+                   [ROOT / "inventory" / "hosts.yaml", *sorted((ROOT / "inventory" / "examples").glob("*.yaml"))])
+    for inventory in inventories:
+        try:
+            found += [f"{venv}/bin/python" for venv in _venv_paths_in(yaml.safe_load(inventory.read_text()))]
+        except (OSError, yaml.YAMLError):
+            continue
+    found.append(f"{load_settings()['venv_path'].default}/bin/python")
+    for pattern in ("/opt/*/bin/python", "/opt/*/*/bin/python", "/srv/*/bin/python", "/srv/*/*/bin/python",
+                    "/root/*/bin/python", "/root/.*/bin/python", "/home/*/*/bin/python", "/home/*/.*/bin/python"):
+        found += sorted(str(path) for path in Path("/").glob(pattern.lstrip("/")))
+    found.append(sys.executable)
+    return list(dict.fromkeys(path for path in found if os.access(path, os.X_OK)))
+
+
+def torch_sees_a_gpu(python: str) -> bool:
+    probe = subprocess.run([python, "-c", "import torch; print(torch.cuda.is_available())"], capture_output=True,
                            text=True, timeout=300, check=False)
-    if probe.returncode != 0:
-        return f"{PYTHON} cannot import torch (set GPUFLEET_SMOKE_PYTHON to the GPU venv's python)"
-    if probe.stdout.strip().splitlines()[-1:] != ["True"]:
-        return f"torch under {PYTHON} sees no GPU"
-    return None
+    return probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == ["True"]
+
+
+def gpu_python() -> str:
+    """The interpreter to run the smoke script with; skips where no driver answers, fails where none sees the GPU."""
+    if not (shutil.which("nvidia-smi") or os.access(WSL_NVIDIA_SMI, os.X_OK)):
+        pytest.skip(f"no NVIDIA driver: nvidia-smi is neither on PATH nor at {WSL_NVIDIA_SMI}")
+    tried = candidate_pythons()
+    for python in tried:
+        if torch_sees_a_gpu(python):
+            return python
+    pytest.fail("an NVIDIA driver answers, but no Python here has a torch that sees a GPU; tried "
+                + ", ".join(tried) + ". Set GPUFLEET_SMOKE_PYTHON to the GPU venv's python.")
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, str]:
-    reason = gpu_skip_reason()
-    if reason:
-        pytest.skip(reason)
+    python = gpu_python()
     out = tmp_path_factory.mktemp("smoke") / "smoke.json"
-    proc = subprocess.run([PYTHON, str(SCRIPT), "--quick", "--output", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([python, str(SCRIPT), "--quick", "--output", str(out)], capture_output=True, text=True,
                           timeout=1800, check=False)
     return proc.returncode, json.loads(out.read_text()), proc.stderr
 

@@ -12,18 +12,18 @@ toolkit and a real torch venv to compile xformers (gpufleet/lab/buildenv.py; tes
 """
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from gpufleet.lab import Lab, rootfs
+from gpufleet.lab import Lab, prepare, rootfs
 from gpufleet.lab.hosts import Host
 from gpufleet.lab.runner import PyinfraRun
 from gpufleet.lab.runner import run_pyinfra as _run_pyinfra
-from gpufleet.lab.system import missing_tools
+from gpufleet.lab.system import LabError
+from tests.conftest import cannot_run, timed
 
 DEPLOYS = Path(__file__).parent / "deploys"
 
@@ -31,25 +31,27 @@ DEPLOYS = Path(__file__).parent / "deploys"
 def _why_lab_cannot_run() -> str | None:
     if os.geteuid() != 0:
         return "the lab needs root (network namespaces, overlay mounts); run the lab tests as root"
-    if missing_tools():
-        return f"lab tools missing ({', '.join(missing_tools())}); run `python -m gpufleet.lab prepare` first"
-    if not (rootfs.base_dir() / ".complete").exists() and shutil.which("mmdebstrap") is None:
-        return "no cached Debian base and no mmdebstrap; run `python -m gpufleet.lab prepare` first"
     if subprocess.run(["unshare", "--net", "true"], capture_output=True, check=False).returncode != 0:
         return "cannot create network namespaces here (unshare --net failed)"
     return None
 
 
 @pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
+def lab(lab_tools: None) -> Iterator[Lab]:
     reason = _why_lab_cannot_run()
     if reason:
-        pytest.skip(reason)
-    from gpufleet.lab import prepare
-    prepare()
+        cannot_run(reason)
+    cold = not (rootfs.base_dir() / ".complete").exists()
+    try:
+        # Installs what is missing: the Debian base, OS packages, wheels and the sdist (minutes on a new machine).
+        with timed("lab prepare", "cold: no cached base" if cold else "cache was warm"):
+            prepare()
+    except LabError as error:
+        pytest.fail(f"the lab could not be prepared: {error}", pytrace=False)
     lab = Lab()
     try:
-        lab.up(3)
+        with timed("lab up (3 hosts)"):
+            lab.up(3)
         yield lab
     finally:
         lab.down()

@@ -14,7 +14,7 @@ from gpufleet.lab import Lab
 from gpufleet.lab.hosts import Host
 from gpufleet.lab.paths import SUBNET_PREFIX, mirror_base_url
 from gpufleet.lab.rootfs import SUDO_USER
-from gpufleet.lab.runner import REPO_ROOT, PyinfraRun
+from gpufleet.lab.runner import PyinfraRun
 
 MIRROR = mirror_base_url()
 
@@ -47,7 +47,6 @@ def test_deploy_as_a_sudo_user_converges_then_reruns_with_zero_changes(
     run_pyinfra(inventory, DEPLOYS / "basic.py").assert_no_changes(names)
 
 
-@pytest.mark.skipif(not (REPO_ROOT / "inventory.py").exists(), reason="root inventory.py (YAML loader) not merged yet")
 def test_yaml_inventory_through_root_inventory_converges_and_reruns_clean(
         fresh_hosts: list[Host], make_inventory: Callable[..., Path], run_pyinfra: Callable[..., PyinfraRun]) -> None:
     names = [h.name for h in fresh_hosts]

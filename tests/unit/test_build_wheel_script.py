@@ -3,7 +3,6 @@
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -11,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.ci_build import SDIST_SHA256, sdist_path
+from gpufleet.ci_build import SDIST_SHA256
+from tests.conftest import cannot_run
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "files/xformers/build_wheel.sh"
@@ -21,13 +21,15 @@ NVCC_HOME = "/usr/local/cuda-13.0"
 
 
 @pytest.fixture(scope="module")
-def sdist() -> Path:
-    path = sdist_path()
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing: .ci/run must run `python -m gpufleet.ci_build` before the unit tests")
-        pytest.skip(f"{path} not downloaded yet (python -m gpufleet.ci_build fetches it)")
-    return path
+def sdist(xformers_sdist: Path) -> Path:
+    return xformers_sdist
+
+
+@pytest.fixture
+def nvcc_home() -> str:
+    if not Path(NVCC_HOME, "bin/nvcc").exists():
+        cannot_run(f"no nvcc under {NVCC_HOME} (this machine kind ships CUDA 13.0 there)")
+    return NVCC_HOME
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -131,8 +133,7 @@ def finished_build(out: Path, fingerprint: str) -> Path:
     return wheel
 
 
-@pytest.mark.skipif(not Path(NVCC_HOME, "bin/nvcc").exists(), reason=f"no nvcc under {NVCC_HOME}")
-def test_finished_build_with_the_same_fingerprint_is_up_to_date(tmp_path: Path) -> None:
+def test_finished_build_with_the_same_fingerprint_is_up_to_date(tmp_path: Path, nvcc_home: str) -> None:
     mini, sha = mini_sdist(tmp_path, "x = 1\n")
     finished_build(tmp_path / "out", "fp1")
     result = run(*build_args(tmp_path, mini, sha, "fp1"))
@@ -140,8 +141,7 @@ def test_finished_build_with_the_same_fingerprint_is_up_to_date(tmp_path: Path) 
     assert "up to date: xformers-0.0.35-py39-none-linux_x86_64.whl" in result.stdout
 
 
-@pytest.mark.skipif(not Path(NVCC_HOME, "bin/nvcc").exists(), reason=f"no nvcc under {NVCC_HOME}")
-def test_changed_wheel_or_fingerprint_leaves_nothing_that_looks_finished(tmp_path: Path) -> None:
+def test_changed_wheel_or_fingerprint_leaves_nothing_that_looks_finished(tmp_path: Path, nvcc_home: str) -> None:
     mini, sha = mini_sdist(tmp_path, "x = 1\n")
     wheel = finished_build(tmp_path / "out", "old")
     (tmp_path / "out/.build.killed").mkdir()

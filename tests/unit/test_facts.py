@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -54,12 +55,15 @@ def fake_pci_device(root: Path, slot: str, device: int, pci_class: int, revision
     (function / "class").write_text(f"0x{pci_class:06x}\n")
 
 
-def real_lspci(sysfs: Path) -> str:
-    lspci = shutil.which("lspci")
-    if lspci is None:
-        pytest.skip("lspci (pciutils) is not installed here")
+@pytest.fixture
+def real_lspci(lab_tools: None):
+    """The real lspci (pciutils, installed by the lab_tools fixture where missing) reading a sysfs tree."""
+    return _real_lspci
+
+
+def _real_lspci(sysfs: Path) -> str:
     return subprocess.run(
-        [lspci, "-O", f"sysfs.path={sysfs}", "-nn"], check=True, capture_output=True, text=True
+        ["lspci", "-O", f"sysfs.path={sysfs}", "-nn"], check=True, capture_output=True, text=True
     ).stdout
 
 
@@ -106,7 +110,7 @@ def test_lspci_of_a_machine_without_nvidia_lists_no_gpu():
 @pytest.mark.parametrize(
     "device, name", [(0x2B87, "fake-sysfs-lspci-5090d.txt"), (0x2B8C, "fake-sysfs-lspci-5090dv2.txt")], ids=["5090d", "5090dv2"]
 )
-def test_lspci_shows_a_5090_d_by_pci_id_through_a_fake_sysfs(tmp_path, device, name):
+def test_lspci_shows_a_5090_d_by_pci_id_through_a_fake_sysfs(tmp_path, real_lspci, device, name):
     # The plan profiles use these captured lines, so they must stay what the real lspci prints.
     fake_pci_device(tmp_path, "01:00.0", device, 0x030000)
     text = real_lspci(tmp_path)
@@ -114,7 +118,7 @@ def test_lspci_shows_a_5090_d_by_pci_id_through_a_fake_sysfs(tmp_path, device, n
     assert parse_lspci(text) == [PciGpu("01:00.0", f"{device:04x}", "NVIDIA Corporation Device")]
 
 
-def test_lspci_skips_the_gpu_audio_function_and_keeps_3d_controllers(tmp_path):
+def test_lspci_skips_the_gpu_audio_function_and_keeps_3d_controllers(tmp_path, real_lspci):
     fake_pci_device(tmp_path, "01:00.0", 0x2B87, 0x030000)
     fake_pci_device(tmp_path, "01:00.1", 0x22E8, 0x040300)
     fake_pci_device(tmp_path, "41:00.0", 0x2330, 0x030200)
@@ -328,20 +332,58 @@ def test_fact_given_garbage_fails_that_host_only(fact, garbage):
         fact().process(garbage)
 
 
-def run_fact_here(fact: facts.FactBase, *args: str):
+def run_fact_here(fact: facts.FactBase, *args: str, env: dict[str, str] | None = None):
     """The fact's real command in a shell on this machine, through the fact's own process()."""
-    result = subprocess.run(["sh", "-c", fact.command(*args)], capture_output=True, text=True, check=True)
+    result = subprocess.run(["sh", "-c", fact.command(*args)], capture_output=True, text=True, check=True, env=env)
     lines = result.stdout.splitlines()
     return fact.process(lines) if lines else fact.default()
 
 
-def test_fact_commands_run_here_and_parse():
-    # This machine: Debian 12 VM, no GPU, no WSL, no mokutil, no NVIDIA driver.
+def nvidia_display_devices_in_sysfs() -> set[tuple[str, str]]:
+    """(slot, device id) of every NVIDIA display function this machine's sysfs lists, read without any tool."""
+    found = set()
+    for function in Path("/sys/bus/pci/devices").glob("*"):
+        try:
+            vendor = (function / "vendor").read_text().strip()
+            pci_class = (function / "class").read_text().strip()[2:6]
+            device = (function / "device").read_text().strip()[2:]
+        except OSError:
+            continue
+        if vendor == "0x10de" and pci_class in {"0300", "0302"}:
+            found.add((function.name, device.lower()))
+    return found
+
+
+def without_tool(tool: str, tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH holds every tool of this machine's PATH except `tool` (links in tmp_path)."""
+    stand_in_path = tmp_path / f"path-without-{tool}"
+    stand_in_path.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        for entry in Path(directory).glob("*") if Path(directory).is_dir() else ():
+            target = stand_in_path / entry.name
+            if entry.name != tool and not target.exists() and os.access(entry, os.X_OK):
+                target.symlink_to(entry)
+    return {**os.environ, "PATH": str(stand_in_path)}
+
+
+def test_fact_commands_run_here_and_parse(tmp_path):
+    # Whatever this machine is (a VM without a GPU, or a GPU host), each fact must agree with what the machine
+    # shows through files read directly here.
     assert run_fact_here(facts.OsInfo()) == parse_os_release(Path("/etc/os-release").read_text())
-    assert run_fact_here(facts.WslInfo())["is_wsl"] is False
-    assert run_fact_here(facts.NvidiaPciGpus()) == ([] if shutil.which("lspci") else None)
-    assert run_fact_here(facts.NvidiaSmi()) == SmiResult(available=False)
-    assert run_fact_here(facts.DriverStateFact()).loaded is None
+    is_wsl = "microsoft-standard-wsl2" in Path("/proc/sys/kernel/osrelease").read_text().lower()
+    assert run_fact_here(facts.WslInfo())["is_wsl"] is is_wsl
+    expected_gpus = nvidia_display_devices_in_sysfs()
+    # The sysfs fallback always runs (PATH without lspci); lspci's own branch where this machine has it.
+    sysfs_gpus = run_fact_here(facts.NvidiaPciGpus(), env=without_tool("lspci", tmp_path))
+    assert {(gpu.slot, gpu.device_id) for gpu in sysfs_gpus} == expected_gpus
+    if shutil.which("lspci"):
+        lspci_gpus = run_fact_here(facts.NvidiaPciGpus())
+        assert {gpu.device_id for gpu in lspci_gpus} == {device for _, device in expected_gpus}
+    smi = run_fact_here(facts.NvidiaSmi())
+    assert smi.available is bool(shutil.which("nvidia-smi") or os.access(facts.WSL_NVIDIA_SMI, os.X_OK))
+    proc_version = Path("/proc/driver/nvidia/version")
+    loaded = run_fact_here(facts.DriverStateFact()).loaded
+    assert loaded == (parse_proc_driver_version(proc_version.read_text()) if proc_version.exists() else None)
     assert run_fact_here(facts.MemoryInfo())["total"] > 0
     nearest = subprocess.run(["df", "-Pk", "/var/lib"], capture_output=True, text=True, check=True).stdout
     assert run_fact_here(facts.FreeDisk(), "/var/lib/gpufleet-test/not/there")["mount"] == parse_df(nearest)["mount"]

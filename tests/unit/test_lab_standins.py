@@ -1,10 +1,9 @@
-"""The lab's stand-ins read correctly through the real tools, without a running lab (no root needed).
+"""The lab's stand-ins read correctly through the real tools, without a running lab (root only to install the tools).
 
 Everything built here is a STAND-IN for NVIDIA hardware or software; lspci, depmod, modinfo and Python are real.
 """
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,10 @@ from gpufleet.lab import hardware, standins
 from gpufleet.lab.kmod_elf import modinfo_object
 from gpufleet.lab.runner import parse
 
+# lspci, depmod, modinfo and dpkg-deb: installed by the lab_tools fixture where missing.
+pytestmark = pytest.mark.usefixtures("lab_tools")
 
-@pytest.mark.skipif(shutil.which("lspci") is None, reason="lspci (pciutils) not installed")
+
 @pytest.mark.parametrize(("gpu", "expected"), [("5090d", "[10de:2b87]"), ("5090dv2", "[10de:2b8c]")])
 def test_real_lspci_reads_the_fake_pci_tree(tmp_path: Path, gpu: str, expected: str) -> None:
     hardware.write_pci_tree(tmp_path, gpu)
@@ -25,7 +26,6 @@ def test_real_lspci_reads_the_fake_pci_tree(tmp_path: Path, gpu: str, expected: 
     assert f"VGA compatible controller [0300]: NVIDIA Corporation Device {expected}" in out
 
 
-@pytest.mark.skipif(shutil.which("lspci") is None, reason="lspci (pciutils) not installed")
 def test_host_without_gpu_shows_no_nvidia_device(tmp_path: Path) -> None:
     hardware.write_pci_tree(tmp_path, "none")
     out = subprocess.run(["lspci", "-O", f"sysfs.path={tmp_path}", "-nn"], capture_output=True, text=True,
@@ -33,7 +33,6 @@ def test_host_without_gpu_shows_no_nvidia_device(tmp_path: Path) -> None:
     assert "10de:" not in out.stdout
 
 
-@pytest.mark.skipif(shutil.which("depmod") is None or shutil.which("modinfo") is None, reason="kmod not installed")
 def test_real_modinfo_reads_the_stand_in_module_version(tmp_path: Path) -> None:
     release = "6.1.0-lab"
     module = tmp_path / "lib/modules" / release / "updates/dkms/nvidia.ko"
@@ -62,7 +61,6 @@ def test_stand_in_torch_wheel_reports_the_pinned_cu128_nightly_with_sm_120(tmp_p
     assert out.split() == ["2.12.0.dev20260407+cu128", "12.8", "True"]
 
 
-@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not installed")
 def test_driver_packages_carry_the_bumped_version(tmp_path: Path) -> None:
     debs = standins.driver_debs(tmp_path, version="580.105.08-1")
     names = {subprocess.run(["dpkg-deb", "-f", str(d), "Package", "Version"], capture_output=True, text=True,

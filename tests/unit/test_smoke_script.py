@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.smoke_standins import SCRIPT, STANDIN_NVCC, STANDIN_NVIDIA_SMI, load_script
+from tests.conftest import cannot_run
+from tests.smoke_standins import SCRIPT, STANDIN_NVCC, STANDIN_NVIDIA_SMI, load_script, system_bin_without
 
 VENV = Path("/tmp/gpufleet-smoke-cpu-torch-venv")
 TORCH_PIN = "torch==2.13.0"
@@ -38,7 +39,7 @@ def torch_python() -> str:
     chosen = os.environ.get("GPUFLEET_SMOKE_PYTHON")
     if chosen:
         if not has_torch(chosen):
-            pytest.skip(f"GPUFLEET_SMOKE_PYTHON={chosen} cannot import torch")
+            cannot_run(f"GPUFLEET_SMOKE_PYTHON={chosen} cannot import torch")
         return chosen
     if has_torch(sys.executable):
         return sys.executable
@@ -48,7 +49,7 @@ def torch_python() -> str:
         install = subprocess.run([python, "-m", "pip", "install", "-q", TORCH_PIN], capture_output=True, text=True,
                                  timeout=900, check=False)
         if install.returncode != 0:
-            pytest.skip(f"no torch to run the smoke script with: `pip install {TORCH_PIN}` into {VENV} failed: "
+            cannot_run(f"no torch to run the smoke script with: `pip install {TORCH_PIN}` into {VENV} failed: "
                         f"{install.stderr.strip()[-300:]}")
     return python
 
@@ -61,7 +62,7 @@ def pypi_xformers(torch_python: str) -> Path:
                                   str(PYPI_XFORMERS), "xformers==0.0.35"], capture_output=True, text=True,
                                  timeout=600, check=False)
         if install.returncode != 0:
-            pytest.skip(f"PyPI's xformers 0.0.35 wheel could not be installed: {install.stderr.strip()[-300:]}")
+            cannot_run(f"PyPI's xformers 0.0.35 wheel could not be installed: {install.stderr.strip()[-300:]}")
     return PYPI_XFORMERS
 
 
@@ -103,7 +104,7 @@ def standin_dir(tmp_path: Path, **scripts: str) -> Path:
 
 def run_script(python: str, tmp_path: Path, path_dirs: list[Path], *extra: str) -> tuple[int, dict, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
-    env["PATH"] = ":".join([str(d) for d in path_dirs] + ["/usr/bin", "/bin"])
+    env["PATH"] = ":".join([str(d) for d in path_dirs] + [str(system_bin_without(tmp_path, "nvidia-smi", "nvcc"))])
     out = tmp_path / "smoke.json"
     proc = subprocess.run([python, str(SCRIPT), "--output", str(out), *extra], env=env, capture_output=True,
                           text=True, timeout=300, check=False)
@@ -161,7 +162,7 @@ def test_a_hung_driver_query_is_stopped_by_the_watchdog(tmp_path: Path) -> None:
 
 
 def test_without_output_the_document_goes_to_stdout(tmp_path: Path) -> None:
-    env = dict(os.environ, PATH="/usr/bin:/bin")
+    env = dict(os.environ, PATH=str(system_bin_without(tmp_path, "nvidia-smi", "nvcc")))
     proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == 1
