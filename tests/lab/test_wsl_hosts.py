@@ -55,7 +55,8 @@ class Fleet:
 
 def ok(lab: Lab, host: Host, command: str) -> str:
     result = lab.ssh(host, command)
-    assert result.returncode == 0, f"{host.name}: `{command}` failed ({result.returncode}):\n{result.stderr}{result.stdout}"
+    assert result.returncode == 0, (f"{host.name}: `{command}` failed ({result.returncode}):\n"
+                                    f"{result.stderr}{result.stdout}")
     return result.stdout
 
 
