@@ -11,7 +11,7 @@ from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
-from gpufleet.decide import cuda_driver_problem, cuda_repo_dir
+from gpufleet.decide import cuda_repo_dir
 from gpufleet.nvidia_repo import ensure_repo, pin_driver_source
 from gpufleet.stage import profile, refuse_host, run_alone, settings
 
@@ -26,14 +26,7 @@ def cuda() -> None:
     me = profile()
     version = config["cuda_version"]
     home = cuda_home(config)
-    driver_version = me.driver.loaded.version if me.driver.loaded else None
-    if me.is_wsl and me.smi.gpus:
-        driver_version = me.smi.gpus[0].driver_version
-    problem = cuda_driver_problem(version, driver_version)
-    if problem and (config["driver_accept_existing"] or me.is_wsl):
-        refuse_host([problem])
-        return
-
+    # A driver too old for the toolkit (Windows' on WSL, an accepted existing one) is refused by preflight.
     found = host.get_fact(facts.NvccVersion, cuda_home=home)
     if config["cuda_existing_home"]:
         if found != version:

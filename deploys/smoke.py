@@ -1,8 +1,8 @@
 """Stage 6, smoke: each host proves its own GPU with what was installed; the results make one fleet report.
 
-The test runs again only when something it depends on changed (script, torch, xformers build, driver, heads)
-or no result exists yet; each host's JSON lands in <report_dir>/latest/<host>.json on this machine, and the fleet
-table is printed when the run ends. A failed rung fails that host, not the fleet.
+The test runs again only when something it depends on changed (script, torch, xformers build, driver, on WSL2 the
+Windows driver, heads) or no result exists yet; each host's JSON lands in <report_dir>/latest/<host>.json on this
+machine, and the fleet table is printed when the run ends. A failed rung fails that host, not the fleet.
 Runs alone (after preflight): pyinfra inventory.py deploys/smoke.py
 """
 
@@ -16,23 +16,35 @@ from pyinfra.operations import files, server
 
 from deploys.cuda import cuda_home
 from deploys.preflight import preflight
+from gpufleet.decide import HostProfile
 from gpufleet.fleet_report import print_report_when_run_ends
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, run_alone, settings, stack_changed
+from gpufleet.stage import as_user, profile, run_alone, settings, stack_changed
 
 SCRIPT = REPO_ROOT / "files" / "smoke" / "gpufleet_smoke.py"
 
 
-def smoke_stamp(config: dict) -> str:
-    """The desired stack the result belongs to: script, driver branch, CUDA, torch, xformers source, heads.
+def smoke_stamp(config: dict, windows_driver: str | None = None) -> str:
+    """The stack the result belongs to: script, driver branch, CUDA, torch, xformers source, heads, and on WSL2 the
+    Windows driver's version.
 
-    Only settings go in, so a run after a successful one computes the same stamp; changes made during a run
-    (install, reboot) trigger the test through stack_changed() instead.
+    Only settings go in, and on WSL the Windows driver, which gpufleet never changes, so a run after a successful one
+    computes the same stamp; changes made during a run (install, reboot) trigger the test through stack_changed()
+    instead. An update of the Windows driver between runs gives a new stamp, so the test runs again.
     """
     digest = hashlib.sha256(SCRIPT.read_bytes())
     for key in ("driver_branch", "cuda_version", "torch_version", "xformers_source_sha256", "smoke_heads"):
         digest.update(b"\0" + str(config[key]).encode())
+    if windows_driver is not None:
+        digest.update(b"\0windows-driver\0" + windows_driver.encode())
     return digest.hexdigest()[:16]
+
+
+def windows_driver(me: HostProfile) -> str | None:
+    """The Windows driver's version(s) as WSL2's nvidia-smi reports them; None on bare metal."""
+    if not me.is_wsl:
+        return None
+    return ",".join(sorted({gpu.driver_version for gpu in me.smi.gpus})) or None
 
 
 @deploy("Smoke test")
@@ -40,7 +52,7 @@ def smoke() -> None:
     config = settings()
     work = f"{config['work_dir']}/smoke"
     user = config["build_user"]
-    stamp = smoke_stamp(config)
+    stamp = smoke_stamp(config, windows_driver(profile()))
     result = f"{work}/result-{stamp}.json"
     have_result = bool(host.get_fact(File, path=result))
     changed = stack_changed()

@@ -45,6 +45,11 @@ SUPPORTED_OS = {("ubuntu", "24.04"), ("debian", "12")}
 # 13.0: the first driver NVIDIA shipped with CUDA 13.0 (580.65.06), as recalled, not checked here. Toolkits not listed
 # get no driver check.
 CUDA_MIN_DRIVER = {"12.8": "570.26", "13.0": "580.65.06"}
+# The same for the Windows driver a WSL2 host uses, which has its own numbering (NVIDIA's CUDA release notes, table 3,
+# "CUDA 12.8 GA: >=570.65", as copied in public repositories; unverified against NVIDIA's page). From CUDA 13.0 on the
+# table lists no Windows driver: not judged.
+CUDA_MIN_WINDOWS_DRIVER = {"12.8": "570.65"}
+_DRIVER_VERSION = re.compile(r"^\d+\.\d+(\.\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,9 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
             )
     if settings["driver_accept_existing"] and not host.is_wsl:
         problems.extend(_existing_driver_problems(host, settings))
+    too_old = _driver_too_old_for_cuda(host, settings)
+    if too_old:
+        problems.append(too_old)
     if (
         host.os.id == "debian"
         and settings["python_version"] != "3.11"
@@ -263,22 +271,43 @@ def _existing_driver_problems(host: HostProfile, settings: dict[str, Any]) -> li
     return problems
 
 
+def _driver_too_old_for_cuda(host: HostProfile, settings: dict[str, Any]) -> str | None:
+    """A driver gpufleet will not replace (Windows' on WSL, an accepted existing one) that cannot run the toolkit."""
+    if host.is_wsl:
+        # A version nvidia-smi did not print as digits ("[N/A]") is not judged here.
+        versions = sorted({g.driver_version for g in host.smi.gpus if _DRIVER_VERSION.match(g.driver_version)},
+                          key=Version)
+        return cuda_driver_problem(settings["cuda_version"], versions[0] if versions else None, windows=True)
+    if settings["driver_accept_existing"] and host.driver.loaded is not None:
+        return cuda_driver_problem(settings["cuda_version"], host.driver.loaded.version)
+    return None
+
+
 def may_reboot(host: HostProfile, settings: dict[str, Any]) -> bool:
     """Whether gpufleet may reboot this host: never WSL, never the machine running pyinfra."""
     return settings["reboot_policy"] == "auto" and not host.is_wsl and not host.is_control_machine
 
 
-def cuda_driver_problem(cuda_version: str, driver_version: str | None) -> str | None:
-    """A too-old driver for the CUDA toolkit, as an error text; None when fine or unknown."""
-    minimum = CUDA_MIN_DRIVER.get(cuda_version)
+def cuda_driver_problem(cuda_version: str, driver_version: str | None, windows: bool = False) -> str | None:
+    """A too-old driver for the CUDA toolkit, as an error text; None when fine or unknown.
+
+    `windows`: the driver is Windows' as WSL2's nvidia-smi reports it (own minimum, fixed on Windows, not here).
+    """
+    minimum = (CUDA_MIN_WINDOWS_DRIVER if windows else CUDA_MIN_DRIVER).get(cuda_version)
     if minimum is None or driver_version is None:
         return None
-    if Version(driver_version) < Version(minimum):
+    if Version(driver_version) >= Version(minimum):
+        return None
+    if windows:
         return (
-            f"CUDA {cuda_version} needs driver {minimum} or newer and the host runs {driver_version}; "
-            "raise driver_branch (or update the Windows driver on WSL), then run again."
+            f"the Windows NVIDIA driver is {driver_version} and CUDA {cuda_version} needs {minimum} or newer; "
+            "update the NVIDIA driver on Windows (Game Ready or Studio, from nvidia.com or the GeForce app), "
+            "restart WSL (wsl --shutdown in PowerShell), then run gpufleet again. Nothing inside WSL was changed."
         )
-    return None
+    return (
+        f"CUDA {cuda_version} needs driver {minimum} or newer and the host runs {driver_version}; "
+        "raise driver_branch (or, with driver_accept_existing, update the installed driver), then run again."
+    )
 
 
 def torch_problems(info: dict[str, Any], cuda_version: str, archs: list[str]) -> list[str]:

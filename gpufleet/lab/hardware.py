@@ -13,7 +13,9 @@ No GPU exists on the lab machine, so each test host gets, in its own mount names
 A WSL host (platform "wsl") instead shows what WSL2 shows: the PCI tree holds only Microsoft's virtual
 render device (1414:008e, no NVIDIA entry), /proc/driver has no nvidia/, /proc/sys/kernel/osrelease reads
 "...-microsoft-standard-WSL2" (a file bind-mounted over it; `uname -r` still gives this machine's kernel), and
-/usr/lib/wsl/lib holds a stand-in nvidia-smi (off PATH) answering for the Windows driver's GPU.
+/usr/lib/wsl/lib holds a stand-in nvidia-smi (off PATH) answering for the Windows driver's GPU, whose version a test
+changes to simulate a Windows driver update (`Lab.set_windows_driver`), and /etc/os-release says Ubuntu 24.04 (the
+only distribution gpufleet accepts under WSL2) while the packages stay Debian 12's.
 
 Both tmpfs mounts live under the lab state dir in the root namespace and are bind-mounted into the host,
 so the lab can change them while the host runs; teardown unmounts them.
@@ -47,6 +49,21 @@ MICROSOFT_VENDOR = 0x1414
 WSL_RENDER_DEVICE = 0x008E  # "Basic Render Driver", what lspci shows inside WSL2
 WSL_KERNEL_RELEASE = "5.15.167.4-microsoft-standard-WSL2"
 WSL_DRIVER_VERSION = "581.57"  # stand-in for the Windows driver's version as WSL's nvidia-smi reports it
+# What Ubuntu 24.04's /etc/os-release says (tests/data/captured/ubuntu2404-os-release.txt), shown by WSL hosts.
+UBUNTU_2404_OS_RELEASE = """PRETTY_NAME="Ubuntu 24.04.3 LTS"
+NAME="Ubuntu"
+VERSION_ID="24.04"
+VERSION="24.04.3 LTS (Noble Numbat)"
+VERSION_CODENAME=noble
+ID=ubuntu
+ID_LIKE=debian
+HOME_URL="https://www.ubuntu.com/"
+SUPPORT_URL="https://help.ubuntu.com/"
+BUG_REPORT_URL="https://bugs.launchpad.net/ubuntu/"
+PRIVACY_POLICY_URL="https://www.ubuntu.com/legal/terms-and-policies/privacy-policy"
+UBUNTU_CODENAME=noble
+LOGO=ubuntu-logo
+"""
 
 
 def pci_config(vendor: int, device_id: int, subclass: int = 0x00) -> bytes:

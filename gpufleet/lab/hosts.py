@@ -177,14 +177,22 @@ def personalise(host: Host, control_pubkey: str, keyring: bytes, kernel_release:
 
 
 def make_wsl(host: Host) -> None:
-    """What WSL2 adds: its kernel release string and Windows' driver tools under /usr/lib/wsl/lib (stand-ins)."""
+    """What WSL2 adds: its kernel release string, Windows' driver tools under /usr/lib/wsl/lib (stand-ins), and
+    Ubuntu 24.04's os-release (the packages stay Debian 12's)."""
     (host.path / "osrelease").write_text(hardware.WSL_KERNEL_RELEASE + "\n")
+    os_release = host.root / "etc/os-release"
+    os_release.unlink()  # Debian's is a link into /usr/lib; replace the link, not its target
+    _write(os_release, hardware.UBUNTU_2404_OS_RELEASE)
+    _write(host.root / "usr/lib/wsl/lib/libcuda.so.1", b"gpufleet lab stand-in for the WSL libcuda stub\n")
+    set_windows_driver(host, hardware.WSL_DRIVER_VERSION)
+
+
+def set_windows_driver(host: Host, version: str) -> None:
+    """Make WSL's stand-in nvidia-smi report the Windows driver `version` (a GPU-less host gets none)."""
     spec = hardware.GPUS[host.gpu]
     if spec is None:
         return
-    lib = host.root / "usr/lib/wsl/lib"
-    _write(lib / "nvidia-smi", standins.nvidia_smi_script(hardware.WSL_DRIVER_VERSION, spec.device_id), 0o755)
-    _write(lib / "libcuda.so.1", b"gpufleet lab stand-in for the WSL libcuda stub\n")
+    _write(host.root / "usr/lib/wsl/lib/nvidia-smi", standins.nvidia_smi_script(version, spec.device_id), 0o755)
 
 
 def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_release: str) -> str:

@@ -158,6 +158,12 @@ class Lab:
         host.loaded_driver = version
         host.save()
 
+    def set_windows_driver(self, host: Host, version: str) -> None:
+        """Simulate a WSL host's Windows driver at `version` (e.g. "591.44"), as after an update on Windows."""
+        if host.platform != "wsl":
+            raise LabError(f"lab host {host.name} is {host.platform}, not wsl: it has no Windows driver")
+        hosts.set_windows_driver(host, version)
+
     def publish_driver(self, version: str, branch: str = "580") -> None:
         """Add stand-in driver packages `version` (e.g. "580.105.08-1") to the CUDA repos, re-signed."""
         mirrors.publish_driver(self.www, self.keys, version, branch)

@@ -67,6 +67,7 @@ def build_cuda_repos(www: Path, keys_dir: Path, keyring: bytes, kernel_release: 
         standins.cuda_keyring_deb(repo, keyring, repo_dir)
         standins.cuda_toolkit_deb(repo)
         standins.driver_debs(repo, version=driver_version)
+        standins.cuda_metapackage_debs(repo, driver_version=driver_version)
         standins.linux_headers_deb(repo, kernel_release)
         sign_flat_repo(repo, keys_dir)
 

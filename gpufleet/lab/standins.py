@@ -12,6 +12,9 @@ and paths:
   /lib/modules/$(uname -r)/updates/dkms/nvidia.ko and runs depmod, so `modinfo -F version nvidia` answers;
   like DKMS it builds nothing (and says so on stderr) when /lib/modules/$(uname -r)/build is missing.
   `nvidia-utils-580` ships a stand-in `nvidia-smi` (see nvidia_smi_standin.py).
+- `cuda`, `cuda-12-8`, `cuda-drivers` and `cuda-drivers-580`: empty metapackages with NVIDIA's dependency chain
+  (cuda -> cuda-12-8 -> cuda-toolkit-12-8 + cuda-drivers -> a driver), which gpufleet must never install; they are
+  in the repos so that a deploy asking for one would get it and a test would see it.
 - `linux-headers-<this kernel>`: /usr/src/linux-headers-<kr> and the /lib/modules/<kr>/build link.
 - a `torch` wheel 2.12.0.dev20260407+cu128: pure Python, exposing `__version__`, `version.cuda` and
   `cuda.get_arch_list()` with sm_120; no tensors, no CUDA.
@@ -157,6 +160,19 @@ def driver_debs(out_dir: Path, branch: str = "580", version: str = "580.95.05-1"
         build_deb(out_dir, f"nvidia-open-{branch}", version, {},
                   depends=f"nvidia-dkms-{branch}-open (= {version}), nvidia-utils-{branch} (= {version})",
                   description=f"NVIDIA open driver metapackage, branch {branch}"),
+    ]
+
+
+def cuda_metapackage_debs(out_dir: Path, branch: str = "580", driver_version: str = "580.95.05-1") -> list[Path]:
+    """`cuda`, `cuda-12-8`, `cuda-drivers` and `cuda-drivers-<branch>`: the metapackages that pull a driver."""
+    return [
+        build_deb(out_dir, f"cuda-drivers-{branch}", driver_version, {}, depends=f"nvidia-utils-{branch}",
+                  description=f"CUDA driver metapackage, branch {branch} (proprietary flavour at NVIDIA)"),
+        build_deb(out_dir, "cuda-drivers", driver_version, {}, depends=f"cuda-drivers-{branch}",
+                  description="CUDA driver metapackage"),
+        build_deb(out_dir, "cuda-12-8", "12.8.1-1", {}, depends="cuda-toolkit-12-8, cuda-drivers",
+                  description="CUDA 12.8 metapackage: toolkit and driver"),
+        build_deb(out_dir, "cuda", "12.8.1-1", {}, depends="cuda-12-8", description="CUDA metapackage (newest)"),
     ]
 
 

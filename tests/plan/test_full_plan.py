@@ -220,6 +220,16 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     ],
     # A missing keyring checksum is known before anything runs: preflight refuses before any change.
     "wsl2-ubuntu2404": [checksum_refusal("wsl-ubuntu")],
+    # The build's jobs come from the VM's /proc/meminfo (8 GB by .wslconfig), not from the Windows PC's 64 GB.
+    "wsl2-ubuntu2404-8gb-vm": [
+        op(CHANGE, DRIVER, "Put Windows' nvidia-smi on PATH"), *CUDA_ON_WSL, *FRESH_VENV, *PINNED_TORCH,
+        *xformers_build("12.0", 2, "g++, make, python3.12-dev"), *SMOKE_TEST,
+    ],
+    # A Windows driver too old for CUDA 12.8 is fixed on Windows: refused before anything inside WSL changes.
+    "wsl2-old-windows-driver": [
+        refusal(PREFLIGHT, "the Windows NVIDIA driver is 566.36 and CUDA 12.8 needs 570.65 or newer; update the "
+                "NVIDIA driver on Windows"),
+    ],
     "debian12-5090d": [checksum_refusal("debian12")],
     # Debian 12: its own kernel's headers, NVIDIA's debian12 repository, Debian's Python 3.11 and its -dev package.
     "debian12-5090d-keyring-pinned": [
@@ -284,7 +294,7 @@ PREFLIGHT_PASSES = {
     "ubuntu2404-5090d", "driver-branch-590", "driver-source-ubuntu-secure-boot", "driver-branch-upgrade-held",
     "control-machine-5090d", "mismatch-reboot-auto", "mismatch-reboot-never", "wsl2-ubuntu2404-keyring-pinned",
     "h100-preprovisioned", "debian12-5090d-keyring-pinned", "ubuntu2404-5090d-provisioned",
-    "interrupted-package-install",
+    "interrupted-package-install", "wsl2-ubuntu2404-8gb-vm",
 }
 
 
@@ -446,6 +456,18 @@ def test_wsl_host_gets_no_driver_no_nouveau_no_hold_and_no_reboot():
     assert [n for n in names if n.startswith(f"{DRIVER} | ")] == [f"{DRIVER} | Put Windows' nvidia-smi on PATH"]
     for name in names:
         assert not any(word in name for word in ("nouveau", "Hold", "Reboot", "reboot", "linux-headers")), name
+
+
+def test_wsl_build_jobs_come_from_the_vm_memory_that_wslconfig_caps():
+    # 7.3 GiB available in the VM / 3 GB a job = 2 jobs, although the VM has 16 CPUs (and Windows 64 GB).
+    builds = [n for n in names_only("wsl2-ubuntu2404-8gb-vm") if n.startswith(f"{XFORMERS} | Build xformers")]
+    assert len(builds) == 1 and " with 2 jobs " in builds[0], builds
+
+
+def test_wsl_windows_driver_too_old_is_refused_before_any_change_with_the_windows_update_as_the_fix():
+    (only,) = names_only("wsl2-old-windows-driver")
+    assert only.startswith(f"{PREFLIGHT} | Refuse ")
+    assert "update the NVIDIA driver on Windows" in only and "wsl --shutdown" in only
 
 
 @pytest.mark.parametrize("profile", ["control-machine-5090d", "h100-preprovisioned"])

@@ -418,3 +418,41 @@ def test_unversioned_packages_count_by_their_version_major():
     packages = {"nvidia-open": "590.44.01-1", "nvidia-driver-pinning-590": "1.0"}
     assert stale_driver_holds(packages, set(packages), "590") == []
     assert stale_driver_holds(packages, set(packages), "600") == ["nvidia-driver-pinning-590", "nvidia-open"]
+
+
+def wsl_with_windows_driver(version: str) -> HostProfile:
+    smi = SmiResult(available=True, gpus=(SmiGpu("NVIDIA GeForce RTX 5090 D", "2b87", "12.0", version),))
+    return wsl_host(smi=smi, gpus=host_gpus([], smi))
+
+
+def test_wsl_windows_driver_too_old_for_the_toolkit_is_refused_with_the_windows_update_as_the_fix():
+    problem = only(preflight_problems(wsl_with_windows_driver("566.36"), settings()),
+                   "the Windows NVIDIA driver is 566.36", "CUDA 12.8 needs 570.65 or newer",
+                   "update the NVIDIA driver on Windows", "wsl --shutdown")
+    assert "driver_branch" not in problem  # nothing inside WSL, no setting, can fix it
+
+
+def test_wsl_windows_driver_at_the_windows_minimum_passes():
+    # Windows numbers its drivers apart from Linux: 570.65 is CUDA 12.8's Windows minimum, above Linux's 570.26.
+    assert preflight_problems(wsl_with_windows_driver("570.65"), settings()) == []
+    assert preflight_problems(wsl_with_windows_driver("570.64"), settings()) != []
+
+
+def test_wsl_windows_driver_is_not_judged_where_nvidia_lists_no_windows_minimum():
+    config = settings(cuda_version="13.0")
+    assert not [p for p in preflight_problems(wsl_with_windows_driver("566.36"), config) if "Windows NVIDIA" in p]
+
+
+def test_wsl_windows_driver_version_nvidia_smi_cannot_print_is_not_judged():
+    assert preflight_problems(wsl_with_windows_driver("[N/A]"), settings()) == []
+
+
+def test_accepted_existing_driver_too_old_for_the_toolkit_is_refused_by_preflight():
+    host = workstation(driver=DriverState(LoadedModule("580.20.01", True), "580.20.01"))
+    only(preflight_problems(host, settings(driver_accept_existing=True, cuda_version="13.0")),
+         "CUDA 13.0 needs driver 580.65.06", "580.20.01")
+
+
+def test_driver_gpufleet_installs_is_not_judged_against_the_toolkit_before_the_install():
+    host = workstation(driver=DriverState(LoadedModule("560.35.03", True), "560.35.03"))
+    assert not [p for p in preflight_problems(host, settings()) if "CUDA 12.8 needs" in p]
