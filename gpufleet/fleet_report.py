@@ -8,6 +8,7 @@ from pyinfra import state
 from pyinfra.api.state import BaseStateCallback, StateStage
 
 _registered: set[int] = set()
+_run_names: dict[int, str] = {}
 
 
 class _ReportAtEnd(BaseStateCallback):
@@ -34,3 +35,10 @@ def print_report_when_run_ends(directory: Path) -> None:
         return
     _registered.add(id(state))
     state.add_callback_handler(_ReportAtEnd(directory))
+
+
+def history_run_name() -> str:
+    """This pyinfra run's folder under <report_dir>/history: its start time, the same for every host."""
+    from gpufleet.report_history import run_name
+
+    return _run_names.setdefault(id(state), run_name())

@@ -89,7 +89,7 @@ def compare(current: dict, previous: dict, fraction: float = report.OUTLIER_FRAC
         elif pct is not None and pct < -100 * fraction:
             note = "slower, same driver and torch"
         elif new["status"] != "passed":
-            note = f"failed at {new['failed_rung'] or new['status']}"
+            note = f"FAILED {new['failed_rung'] or new['status']}"
         changes.append(HostChange(host, a, b, pct, changed, flagged, note))
     return changes
 
@@ -108,7 +108,7 @@ def print_compare(changes: list[HostChange], previous: Path, fraction: float, st
     for name in ("before", "now", "change"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("versions changed")
-    table.add_column("")
+    table.add_column("", no_wrap=True)
     fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
     for c in changes:
         table.add_row(c.host, fmt(c.before), fmt(c.after), "-" if c.change_pct is None else f"{c.change_pct:+.0f}%",

@@ -156,7 +156,7 @@ def _versions_section(summary: dict) -> list[str]:
     v = versions(summary["hosts"])
     out = ["<h2>Versions</h2>"]
     if v.common:
-        who = "Every host that reports it" if v.some_missing else "Every host"
+        who = "Same on every host that reports it" if v.some_missing else "Same on every host"
         out.append(f'<p class="common">{who}: ' + ", ".join(f"{_e(k)} <b>{_e(val)}</b>" for k, val in v.common.items())
                    + "</p>")
     out.append('<table id="versions"><tr><th>host</th><th>GPU</th>'

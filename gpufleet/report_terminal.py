@@ -140,12 +140,13 @@ def print_table(summary: dict, console: Console) -> None:
     width = console.width
     v = versions(hosts)
     c = summary["counts"]
-    console.print(f"{c['hosts']} hosts: {c['passed']} passed, {c['failed']} failed, {c['flagged_slow']} slow",
-                  highlight=False)
+    counts = f"{c['hosts']} hosts: {c['passed']} passed, {c['failed']} failed, {c['flagged_slow']} slow."
     if v.common:
-        who = "Every host that reports it" if v.some_missing else "Every host"
-        console.print(f"{who}: " + ", ".join(f"{label} {value}" for label, value in v.common.items()),
-                      highlight=False)
+        who = "Same on every host that reports it:" if v.some_missing else "Same on every host:"
+        console.print(f"{counts} {who}", highlight=False)
+        console.print(", ".join(f"{label} {value}" for label, value in v.common.items()), highlight=False)
+    else:
+        console.print(counts, highlight=False)
     table, split = fitting_table(summary, v, width, console)
     console.print(table)
     if v.differing and not split:

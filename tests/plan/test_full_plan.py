@@ -154,6 +154,7 @@ SMOKE_TEST = [
     op(CHANGE, SMOKE, "Upload the smoke test"),
     op(MAYBE, SMOKE, "Run the smoke test on this host's GPU"),
     op(CHANGE, SMOKE, "Fetch the smoke result to the control machine"),
+    op(MAYBE, SMOKE, "Keep the smoke result in the report history"),
     op(MAYBE, SMOKE, "Check that every rung of the smoke test passed"),
 ]
 # Everything from venv to smoke test on a fresh host with a 5090 D (7 jobs: this VM's 21 GB available / 3 GB per job).
