@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from pyinfra import state
@@ -22,11 +23,12 @@ class _ReportAtEnd(BaseStateCallback):
             return
         if state.current_stage != StateStage.Disconnect:
             return
-        from gpufleet import report
+        from gpufleet import report, report_html
 
         summary = report.write_report(self.directory)
         if summary["hosts"]:
             report.print_report(summary, stderr=True)
+            print(f"Fleet report with charts: {self.directory / report_html.HTML_NAME}", file=sys.stderr)
 
 
 def print_report_when_run_ends(directory: Path) -> None:

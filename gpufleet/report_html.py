@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import io
+from datetime import datetime
 from typing import Optional
 
 from matplotlib.figure import Figure
@@ -17,6 +18,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from gpufleet import report
+from gpufleet.report_history import RUN_FORMAT
 
 HTML_NAME = "fleet-report.html"
 XFORMERS_COLOUR = "#3b6ea8"
@@ -26,8 +28,9 @@ STYLE = """
 body { font-family: sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; }
 table { border-collapse: collapse; font-size: 0.9em; }
+#rungs { font-size: 0.85em; } #rungs th { vertical-align: bottom; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; }
-td.num { text-align: right; } td.host, td.gpu { white-space: nowrap; }
+td.num { text-align: right; } td.host, td.gpu, td.status { white-space: nowrap; }
 td.pass { background: #d7f0d4; } td.fail { background: #f6c6cc; font-weight: bold; } td.skip { color: #999; }
 tr.outlier td.host, tr.failed td.host { font-weight: bold; }
 tr.outlier td.host { background: #fde7b0; } tr.failed td.host { background: #f6c6cc; }
@@ -48,9 +51,9 @@ def _svg(fig: Figure) -> str:
     return text[text.index("<svg"):]
 
 
-def _rc() -> dict:
-    # Text stays text (no embedded glyphs), and ids are stable from one run to the next.
-    return {"svg.fonttype": "none", "svg.hashsalt": "gpufleet", "font.size": 9}
+def _rc(chart: str) -> dict:
+    # Text stays text (no embedded glyphs); clip-path ids are stable from run to run and differ between charts.
+    return {"svg.fonttype": "none", "svg.hashsalt": f"gpufleet-{chart}", "font.size": 9}
 
 
 def chart_hosts(summary: dict) -> list[dict]:
@@ -79,7 +82,7 @@ def attention_chart(summary: dict) -> Optional[str]:
     panels = chart_panels(hosts)
     sets = list(dict.fromkeys(p[0] for p in panels))
     ncols = max(sum(p[0] == s for p in panels) for s in sets)
-    with matplotlib.rc_context(_rc()):
+    with matplotlib.rc_context(_rc("attention")):
         fig = Figure(figsize=(2.6 * ncols + 1.5, len(sets) * (0.32 * len(hosts) + 1.0) + 0.8))
         axes = fig.subplots(len(sets), ncols, squeeze=False, sharey=True)
         ys = {h["host"]: i for i, h in enumerate(reversed(hosts))}
@@ -109,11 +112,12 @@ def attention_chart(summary: dict) -> Optional[str]:
                 axes[row][col].set_visible(False)
             axes[row][0].set_ylabel(f"{set_name} shapes")
         axes[0][0].set_yticks(list(ys.values()), [h for h in ys])
-        for label in axes[0][0].get_yticklabels():
-            host = next(h for h in hosts if h["host"] == label.get_text())
-            if host["flagged_slow"]:
-                label.set_color(OUTLIER_COLOUR)
-                label.set_fontweight("bold")
+        slow = {h["host"] for h in hosts if h["flagged_slow"]}
+        for row in range(len(sets)):
+            for label in axes[row][0].get_yticklabels():
+                if label.get_text() in slow:
+                    label.set_color(OUTLIER_COLOUR)
+                    label.set_fontweight("bold")
         handles = [Patch(color=XFORMERS_COLOUR, label="xformers"),
                    Patch(color=OUTLIER_COLOUR, label="xformers, outlier host"),
                    Line2D([], [], ls="none", marker="|", color="black", ms=11, mew=2, label="SDPA"),
@@ -133,7 +137,7 @@ def trend_chart(trend: list[tuple[str, dict[str, float]]]) -> Optional[str]:
     hosts = sorted({host for _, values in trend for host in values})
     if not hosts:
         return None
-    with matplotlib.rc_context(_rc()):
+    with matplotlib.rc_context(_rc("trend")):
         fig = Figure(figsize=(9, 3.6))
         ax = fig.subplots()
         for host in hosts:
@@ -141,7 +145,9 @@ def trend_chart(trend: list[tuple[str, dict[str, float]]]) -> Optional[str]:
             (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], "-", label=host)
             for (i, value) in points:
                 ax.plot([i], [value], "o", color=line.get_color(), ms=5)[0].set_gid(f"trend/{host}/{trend[i][0]}")
-        ax.set_xticks(range(len(trend)), [run for run, _ in trend], rotation=30, ha="right")
+        labels = [datetime.strptime(run, RUN_FORMAT).strftime("%Y-%m-%d %H:%M") for run, _ in trend]
+        ax.set_xticks(range(len(trend)), labels, rotation=30, ha="right")
+        ax.set_xlabel("run start (UTC)")
         ax.set_ylabel("attn TFLOP/s (xformers, 16 heads)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -169,6 +175,14 @@ def _versions_section(summary: dict) -> list[str]:
     return out
 
 
+def _status(h: dict) -> str:
+    if h["status"] == "passed" and h["flagged_slow"]:
+        return f"SLOW: {h['below_median_pct']:.0f}% below median"
+    if h["status"] == "passed":
+        return "ok"
+    return "UNREADABLE" if h["status"] == "unreadable" else f"FAILED at {h['failed_rung'] or '?'}"
+
+
 def _row_class(h: dict) -> str:
     return "failed" if h["status"] != "passed" else ("outlier" if h["flagged_slow"] else "ok")
 
@@ -180,7 +194,7 @@ def _grid_section(summary: dict) -> list[str]:
             if r["id"] not in [x[0] for x in rungs]:
                 rungs.append((r["id"], r["title"]))
     out = ["<h2>Smoke test rungs</h2>", '<table id="rungs"><tr><th>host</th><th>GPU</th>'
-           + "".join(f'<th title="{_e(title)}">{_e(rid)}</th>' for rid, title in rungs)
+           + "".join(f'<th title="{_e(title)}">{_e(rid).replace("_", "_<wbr>")}</th>' for rid, title in rungs)
            + "<th>attn TFLOP/s</th><th>vs SDPA (x)</th><th>vs seed (x)</th><th>status</th></tr>"]
     for h in summary["hosts"]:
         by_id = {r["id"]: r for r in h["rungs"]}
@@ -194,7 +208,7 @@ def _grid_section(summary: dict) -> list[str]:
                    + ("*" if h["synthetic"] else "") + f"</td><td class=\"gpu\">{_e(h['gpu_short'])}</td>"
                    + "".join(cells) + num(h["attention_tflops"], ".1f") + num(h["vs_sdpa"], ".2f")
                    + num(h["vs_seed"], ".2f")
-                   + f"<td>{_e(h['status_text'])}</td></tr>")
+                   + f'<td class="status" title="{_e(h["status_text"])}">{_e(_status(h))}</td></tr>')
     out.append("</table>")
     problems = report.problem_rows(summary)
     if problems:
