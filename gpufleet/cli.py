@@ -35,8 +35,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             return 2
         changes = report_history.compare(summary, before, summary["outlier_fraction"])
         report_history.print_compare(changes, previous, summary["outlier_fraction"])
-    written = ", ".join(n for n in (report.MARKDOWN_NAME, report.JSON_NAME, report_html.HTML_NAME))
-    print(f"wrote {written} in {directory}", file=sys.stderr)
+    from rich.console import Console
+
+    written = ", ".join((report.MARKDOWN_NAME, report.JSON_NAME, report_html.HTML_NAME))
+    Console(stderr=True, highlight=False).print(f"wrote {written} in {directory}", overflow="fold")
     return 1 if summary["counts"]["failed"] else 0
 
 

@@ -295,6 +295,7 @@ def test_the_report_command_fits_80_columns_from_a_shell(fleet_dir: Path) -> Non
     assert proc.returncode == 1, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) > 15 and max(len(line) for line in lines) <= 80, proc.stdout
+    assert "fleet-report.html" in proc.stderr and max(len(line) for line in proc.stderr.splitlines()) <= 80
 
 
 @pytest.mark.parametrize(("name", "short"), [

@@ -13,7 +13,7 @@ import pytest
 from matplotlib import image
 
 from gpufleet import report, report_html
-from tests.unit.test_report import FLEET, TORCH, hosts_by_name, two_runs, write_run  # noqa: F401 (fixture)
+from tests.unit.test_report import FLEET, hosts_by_name, two_runs  # noqa: F401 (two_runs: a fixture)
 
 IN_CI = os.environ.get("CI") == "true"
 REFERENCE_SCREENSHOT = Path(__file__).resolve().parents[1] / "data" / "report" / "fleet-report.png"
