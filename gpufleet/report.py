@@ -73,7 +73,7 @@ _GPU_NAME_NOISE = re.compile(r"^(NVIDIA|GeForce|Tesla)$|^\d+GB$|^HBM\w*$", re.IG
 
 
 def short_gpu_name(name: Optional[str]) -> Optional[str]:
-    """The name nvidia-smi users say: "NVIDIA GeForce RTX 5090 D V2" -> "RTX 5090 D v2", "NVIDIA H100 80GB HBM3" -> "H100"."""
+    """The name people say: "NVIDIA GeForce RTX 5090 D V2" -> "RTX 5090 D v2", "NVIDIA H100 80GB HBM3" -> "H100"."""
     if not name:
         return None
     words = [w for w in re.sub(r"-\d+GB\b", "", name).split() if not _GPU_NAME_NOISE.match(w)]
@@ -110,8 +110,8 @@ def shape_figures(figures: dict, seed_gpu: bool) -> list[dict]:
         if (seed_gpu and e.get("set") == "seed" and e.get("heads") == figures.get("heads")
                 and key in SEED_REFERENCE_TOK_S and xf.get("tok_per_s") and xf.get("tflops")):
             seed = round(xf["tflops"] * SEED_REFERENCE_TOK_S[key] / xf["tok_per_s"], 2)
-        shapes.append({"set": e.get("set"), "shape": f"{e['batch']}x{e['seq']}x{e.get('heads')}x{e['head_dim']}", "batch": e["batch"],
-                       "seq": e["seq"], "heads": e.get("heads"), "head_dim": e["head_dim"],
+        shapes.append({"set": e.get("set"), "shape": f"{e['batch']}x{e['seq']}x{e.get('heads')}x{e['head_dim']}",
+                       "batch": e["batch"], "seq": e["seq"], "heads": e.get("heads"), "head_dim": e["head_dim"],
                        "xformers": _tflops(xf), "sdpa": _tflops(e.get("sdpa")), "naive": _tflops(e.get("naive")),
                        "seed": seed})
     return shapes

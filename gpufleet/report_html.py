@@ -92,12 +92,13 @@ def attention_chart(summary: dict) -> Optional[str]:
                 ax.set_title(title)
                 for h in hosts:
                     s = next((s for s in h["shapes"] if s["set"] == set_name and s["shape"] == shape), None)
-                    if s is None or s["xformers"] is None:
+                    if s is None:
                         continue
                     y = ys[h["host"]]
                     mark = f"{set_name}/{shape}/{h['host']}"
                     colour = OUTLIER_COLOUR if h["flagged_slow"] else XFORMERS_COLOUR
-                    ax.barh([y], [s["xformers"]], height=0.6, color=colour)[0].set_gid(f"xformers/{mark}")
+                    if s["xformers"] is not None:
+                        ax.barh([y], [s["xformers"]], height=0.6, color=colour)[0].set_gid(f"xformers/{mark}")
                     if s["sdpa"] is not None:
                         ax.plot([s["sdpa"]], [y], "|", color="black", ms=11, mew=2)[0].set_gid(f"sdpa/{mark}")
                     if s["naive"] is not None:

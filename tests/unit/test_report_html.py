@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -13,7 +14,8 @@ import pytest
 from matplotlib import image
 
 from gpufleet import report, report_html
-from tests.unit.test_report import FLEET, hosts_by_name, two_runs  # noqa: F401 (two_runs: a fixture)
+from tests.unit.test_report import FLEET, hosts_by_name
+from tests.unit.test_report import two_runs  # noqa: F401 (a fixture)
 
 IN_CI = os.environ.get("CI") == "true"
 REFERENCE_SCREENSHOT = Path(__file__).resolve().parents[1] / "data" / "report" / "fleet-report.png"
@@ -150,3 +152,17 @@ def test_html_report_screenshot_shows_the_page(chromium: str, fleet_page: Path, 
     if os.environ.get("GPUFLEET_UPDATE_REFERENCE") == "1":
         shutil.copyfile(shot, REFERENCE_SCREENSHOT)
     assert REFERENCE_SCREENSHOT.exists(), "no reviewed screenshot: rerun with GPUFLEET_UPDATE_REFERENCE=1 and look"
+
+
+def test_a_shape_that_could_not_be_measured_has_no_mark_and_breaks_nothing(tmp_path: Path) -> None:
+    doc = json.loads((FLEET / "synthetic-ws01.json").read_text())
+    broken = doc["figures"]["attention"][0]
+    broken["xformers"] = {"error": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    broken["naive"] = {"skipped": "out of memory: ..."}
+    (tmp_path / "ws01.json").write_text(json.dumps(doc))
+    report.write_report(tmp_path)
+    dom = PageDom()
+    dom.feed((tmp_path / report_html.HTML_NAME).read_text())
+    marks = [i for i in dom.ids if i.startswith("xformers/")]
+    assert len(marks) == 9 and "xformers/seed/2x1024x1x64/ws01" not in marks
+    assert "naive/seed/2x1024x1x64/ws01" not in dom.ids and "sdpa/seed/2x1024x1x64/ws01" in dom.ids
