@@ -94,6 +94,19 @@ def compare(current: dict, previous: dict, fraction: float = report.OUTLIER_FRAC
     return changes
 
 
+def since_previous_run(history: Path, run: str) -> Optional[tuple[Path, list[HostChange]]]:
+    """The hosts tested in `run` against the run before it (None when there is no earlier run)."""
+    runs = run_dirs(history)
+    names = [r.name for r in runs]
+    if run not in names or names.index(run) == 0:
+        return None
+    current = report.build_summary(history / run)
+    previous = runs[names.index(run) - 1]
+    tested = {h["host"] for h in current["hosts"]}
+    changes = compare(current, report.build_summary(previous))
+    return previous, [c for c in changes if c.host in tested]
+
+
 def print_compare(changes: list[HostChange], previous: Path, fraction: float, stderr: bool = False) -> None:
     """The comparison as a table that fits the terminal, version changes one line each below it."""
     from rich import box

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet import cli, report, report_history, report_html
+from tests.conftest import run_pyinfra
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "smoke"
 FLEET = DATA / "fleet"
@@ -367,3 +368,54 @@ def test_trend_reads_the_last_runs_of_the_history_oldest_first(two_runs: Path) -
 def test_compare_with_a_missing_directory_exits_2(two_runs: Path, capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["report", str(two_runs / "latest"), "--compare", str(two_runs / "nope")]) == 2
     assert "--compare" in capsys.readouterr().err
+
+
+def test_a_run_is_compared_with_the_run_before_it_for_the_hosts_it_tested(two_runs: Path) -> None:
+    history = two_runs / "history"
+    assert report_history.since_previous_run(history, "20261201T100000Z") is None
+    write_run(history / "20261203T100000Z", {"b": (1.0, DRIVER_NEW, TORCH)})
+    previous, changes = report_history.since_previous_run(history, "20261203T100000Z")
+    assert previous.name == "20261202T100000Z"
+    assert [(c.host, c.change_pct, c.flagged) for c in changes] == [("b", 25.0, False)]
+    previous, changes = report_history.since_previous_run(history, "20261202T100000Z")
+    assert [c.host for c in changes if c.flagged] == ["b"]
+
+
+LOCAL_RUN = '''
+from pathlib import Path
+from pyinfra.operations import python
+from deploys.smoke import keep_in_history
+from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
+
+reports = Path({reports!r})
+fetched = Path({fetched!r})
+# As deploys/smoke.py does after fetching a host's result: keep it in this run's history, report at the end.
+python.call(name="Fetch", function=keep_in_history, src=fetched, dest=reports / "latest" / fetched.name)
+python.call(name="Keep the smoke result in the report history", function=keep_in_history, src=fetched,
+            dest=reports / "history" / history_run_name() / fetched.name, _if=lambda: {tested})
+print_report_when_run_ends(reports / "latest")
+'''
+
+
+@pytest.mark.parametrize("tested", [True, False])
+def test_a_real_pyinfra_run_keeps_its_results_and_says_what_got_slower(tmp_path: Path, tested: bool) -> None:
+    """The real pyinfra CLI on this machine (@local, nothing but files in tmp_path): the smoke stage's history step
+    and the end-of-run report, after b's driver changed and it got 20% slower."""
+    reports = tmp_path / "reports"
+    write_run(reports / "history" / "20261201T100000Z", {"a": (1.0, DRIVER_OLD, TORCH), "b": (1.0, DRIVER_OLD, TORCH)})
+    write_run(reports / "latest", {"a": (1.0, DRIVER_OLD, TORCH)})
+    write_run(tmp_path / "fetched", {"b": (0.8, DRIVER_NEW, TORCH)})
+    deploy = tmp_path / "deploy.py"
+    deploy.write_text(LOCAL_RUN.format(reports=str(reports), fetched=str(tmp_path / "fetched" / "b.json"),
+                                       tested=tested))
+    result = run_pyinfra("-y", "@local", str(deploy), env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    runs = report_history.run_dirs(reports / "history")
+    output = result.stdout + result.stderr
+    if tested:
+        assert len(runs) == 2 and [p.name for p in runs[1].iterdir()] == ["b.json"]
+        assert re.search(r"^b +100\.0 +80\.0 +-20% +driver +SLOWER after driver change$", output, re.M), output
+    else:
+        assert [p.name for p in runs] == ["20261201T100000Z"]
+        assert "Change since" not in output
+    assert (reports / "latest" / report_html.HTML_NAME).exists()
