@@ -2,22 +2,24 @@
 
 The test runs again only when something it depends on changed (script, torch, xformers build, driver, on WSL2 the
 Windows driver, heads) or no result exists yet; each host's JSON lands in <report_dir>/latest/<host>.json on this
-machine, and the fleet table is printed when the run ends. A failed rung fails that host, not the fleet.
+machine (and, when the test ran, in <report_dir>/history/<run start, UTC>/), and the fleet table is printed when the
+run ends. A failed rung fails that host, not the fleet.
 Runs alone (after preflight): pyinfra inventory.py deploys/smoke.py
 """
 
 import hashlib
+import shutil
 from pathlib import Path
 
 from pyinfra import host, state
 from pyinfra.api import deploy
 from pyinfra.facts.files import File
-from pyinfra.operations import files, server
+from pyinfra.operations import files, python, server
 
 from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from gpufleet.decide import HostProfile
-from gpufleet.fleet_report import print_report_when_run_ends
+from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, profile, run_alone, settings, stack_changed
 
@@ -45,6 +47,12 @@ def windows_driver(me: HostProfile) -> str | None:
     if not me.is_wsl:
         return None
     return ",".join(sorted({gpu.driver_version for gpu in me.smi.gpus})) or None
+
+
+def keep_in_history(src: Path, dest: Path) -> None:
+    """Copy the fetched result into this run's history folder on the control machine."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
 
 
 @deploy("Smoke test")
@@ -78,13 +86,22 @@ def smoke() -> None:
         **as_user(user),
         _if=needed,
     )
-    local = Path(state.cwd or REPO_ROOT) / config["report_dir"] / "latest" / f"{host.name}.json"
+    reports = Path(state.cwd or REPO_ROOT) / config["report_dir"]
+    local = reports / "latest" / f"{host.name}.json"
     files.get(
         name="Fetch the smoke result to the control machine",
         src=result,
         dest=str(local),
         add_deploy_dir=False,
         create_local_dir=True,
+    )
+    # Only a run that tested keeps a copy (made when the run gets there), so a re-run stays zero changes.
+    python.call(
+        name="Keep the smoke result in the report history",
+        function=keep_in_history,
+        src=local,
+        dest=reports / "history" / history_run_name() / f"{host.name}.json",
+        _if=needed,
     )
     server.shell(
         name="Check that every rung of the smoke test passed",

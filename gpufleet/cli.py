@@ -10,20 +10,35 @@ from typing import Callable, Optional
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Summarise the smoke documents in a directory; exit 1 when a host failed, 2 when there is nothing to read."""
-    from gpufleet import report
+    from gpufleet import report, report_history, report_html
 
     directory = Path(args.dir)
-    if not directory.is_dir():
-        print(f"gpufleet report: {directory} is not a directory; pass the folder holding the hosts' smoke JSON",
-              file=sys.stderr)
+    for label, folder in (("", directory), ("--compare ", args.compare), ("--history ", args.history)):
+        if folder is not None and not Path(folder).is_dir():
+            print(f"gpufleet report: {label}{folder} is not a directory; pass the folder holding the hosts' smoke JSON"
+                  + (" (a run under reports/history)" if label == "--compare " else ""), file=sys.stderr)
+            return 2
+    if args.trend_runs < 1:
+        print(f"gpufleet report: --trend-runs {args.trend_runs} must be 1 or more", file=sys.stderr)
         return 2
-    summary = report.write_report(directory)
+    summary = report.write_report(directory, Path(args.history) if args.history else None, args.trend_runs)
     if not summary["hosts"]:
         print(f"gpufleet report: no smoke documents (*.json written by gpufleet_smoke.py) in {directory}",
               file=sys.stderr)
         return 2
     report.print_report(summary)
-    print(f"wrote {directory / report.MARKDOWN_NAME} and {directory / report.JSON_NAME}", file=sys.stderr)
+    if args.compare:
+        previous = Path(args.compare)
+        before = report.build_summary(previous)
+        if not before["hosts"]:
+            print(f"gpufleet report: no smoke documents in {previous} to compare with", file=sys.stderr)
+            return 2
+        changes = report_history.compare(summary, before, summary["outlier_fraction"])
+        report_history.print_compare(changes, previous, summary["outlier_fraction"])
+    from rich.console import Console
+
+    written = ", ".join((report.MARKDOWN_NAME, report.JSON_NAME, report_html.HTML_NAME))
+    Console(stderr=True, highlight=False).print(f"wrote {written} in {directory}", overflow="fold")
     return 1 if summary["counts"]["failed"] else 0
 
 
@@ -90,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Provision and check a fleet of GPU workstations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("report", help="fleet table from the smoke test's per-host JSON documents",
-                       description="Read every smoke document in DIR, print the fleet table, write "
-                                   "fleet-report.md and fleet-report.json into DIR. Exit 0 when every host "
-                                   "passed, 1 when any failed, 2 when DIR holds no smoke document.")
-    p.add_argument("dir", help="directory holding one smoke JSON document per host")
+                       description="Read every smoke document in DIR, print the fleet table (fitted to the "
+                                   "terminal's width), write fleet-report.md, fleet-report.json and "
+                                   "fleet-report.html into DIR. Exit 0 when every host passed, 1 when any failed, "
+                                   "2 when DIR holds no smoke document.")
+    p.add_argument("dir", help="directory holding one smoke JSON document per host (e.g. reports/latest)")
+    p.add_argument("--compare", metavar="PREVIOUS",
+                   help="a previous run's directory (e.g. reports/history/20261201T101500Z): show each host's change "
+                        "in TFLOP/s and versions, flag a host that got slower after a driver or torch change")
+    p.add_argument("--history", metavar="DIR",
+                   help="the runs kept by the smoke stage, for the HTML trend (default: 'history' beside DIR)")
+    p.add_argument("--trend-runs", type=int, default=10, metavar="N",
+                   help="how many of the last runs the HTML trend shows (default: 10)")
     p.set_defaults(handler=cmd_report)
     c = sub.add_parser("check-inventory", help="validate the inventory without contacting any host",
                        description="Validate the inventory (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml) "

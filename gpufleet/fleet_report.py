@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra import state
+from pyinfra import state as current_state
 from pyinfra.api.state import BaseStateCallback, StateStage
 
 _registered: set[int] = set()
+_run_names: dict[int, str] = {}
 
 
 class _ReportAtEnd(BaseStateCallback):
@@ -21,16 +22,34 @@ class _ReportAtEnd(BaseStateCallback):
             return
         if state.current_stage != StateStage.Disconnect:
             return
-        from gpufleet import report
+        from rich.console import Console
+
+        from gpufleet import report, report_history, report_html
 
         summary = report.write_report(self.directory)
         if summary["hosts"]:
             report.print_report(summary, stderr=True)
+            Console(stderr=True, highlight=False).print(
+                f"Fleet report with charts: {self.directory / report_html.HTML_NAME}", overflow="fold")
+        # A run that tested hosts says what changed since the run before it (a new driver that made one slower).
+        if id(current_state) in _run_names:
+            since = report_history.since_previous_run(report_history.history_for(self.directory),
+                                                      _run_names[id(current_state)])
+            if since:
+                previous, changes = since
+                report_history.print_compare(changes, previous, report.OUTLIER_FRACTION, stderr=True)
 
 
 def print_report_when_run_ends(directory: Path) -> None:
     """Register (once per run) the callback that prints the fleet table when the last host disconnects."""
-    if id(state) in _registered:
+    if id(current_state) in _registered:
         return
-    _registered.add(id(state))
-    state.add_callback_handler(_ReportAtEnd(directory))
+    _registered.add(id(current_state))
+    current_state.add_callback_handler(_ReportAtEnd(directory))
+
+
+def history_run_name() -> str:
+    """This pyinfra run's folder under <report_dir>/history: its start time, the same for every host."""
+    from gpufleet.report_history import run_name
+
+    return _run_names.setdefault(id(current_state), run_name())

@@ -8,6 +8,7 @@ the hosts with the same GPU model is flagged; failed hosts show the rung they fa
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -59,10 +60,61 @@ class HostResult:
     flagged_slow: bool = False
     synthetic: bool = False
     finished_at: Optional[str] = None
+    gpu_short: Optional[str] = None
+    rungs: list[dict] = field(default_factory=list)
+    shapes: list[dict] = field(default_factory=list)
 
 
 def shape_key(batch: int, seq: int, head_dim: int) -> str:
     return f"{batch}x{seq}x{head_dim}"
+
+
+_GPU_NAME_NOISE = re.compile(r"^(NVIDIA|GeForce|Tesla)$|^\d+GB$|^HBM\w*$", re.IGNORECASE)
+
+
+def short_gpu_name(name: Optional[str]) -> Optional[str]:
+    """The name people say: "NVIDIA GeForce RTX 5090 D V2" -> "RTX 5090 D v2", "NVIDIA H100 80GB HBM3" -> "H100"."""
+    if not name:
+        return None
+    words = [w for w in re.sub(r"-\d+GB\b", "", name).split() if not _GPU_NAME_NOISE.match(w)]
+    # Drivers spell the 5090 D v2 both "D v2" and "D V2".
+    return " ".join("v2" if w == "V2" else w for w in words) or name
+
+
+def rung_cells(doc: dict) -> list[dict]:
+    """Each rung's id, title and pass/fail/skip (a rung not run because an earlier one failed is a skip)."""
+    cells = []
+    for rung in doc.get("rungs", []):
+        status = rung.get("status")
+        cells.append({"id": str(rung.get("id")), "title": str(rung.get("title", "")),
+                      "state": {"passed": "pass", "failed": "fail"}.get(status, "skip"),
+                      "message": str(rung.get("message", ""))})
+    return cells
+
+
+def _tflops(figure: Any) -> Optional[float]:
+    return figure.get("tflops") if isinstance(figure, dict) else None
+
+
+def shape_figures(figures: dict, seed_gpu: bool) -> list[dict]:
+    """Per shape: xformers, SDPA and naive TFLOP/s, and the seed's 5090 D figure in TFLOP/s where the GPU matches.
+
+    The seed publishes tokens/s; for the same shape and head count FLOPs scale with tokens, so its TFLOP/s is the
+    host's xformers TFLOP/s times seed tokens/s over the host's tokens/s.
+    """
+    shapes = []
+    for e in figures.get("attention", []):
+        xf = e.get("xformers") or {}
+        key = shape_key(e["batch"], e["seq"], e["head_dim"])
+        seed = None
+        if (seed_gpu and e.get("set") == "seed" and e.get("heads") == figures.get("heads")
+                and key in SEED_REFERENCE_TOK_S and xf.get("tok_per_s") and xf.get("tflops")):
+            seed = round(xf["tflops"] * SEED_REFERENCE_TOK_S[key] / xf["tok_per_s"], 2)
+        shapes.append({"set": e.get("set"), "shape": f"{e['batch']}x{e['seq']}x{e.get('heads')}x{e['head_dim']}",
+                       "batch": e["batch"], "seq": e["seq"], "heads": e.get("heads"), "head_dim": e["head_dim"],
+                       "xformers": _tflops(xf), "sdpa": _tflops(e.get("sdpa")), "naive": _tflops(e.get("naive")),
+                       "seed": seed})
+    return shapes
 
 
 def matches_seed_gpu(pci_device_id: Optional[str], name: Optional[str]) -> bool:
@@ -131,6 +183,8 @@ def read_host(path: Path) -> Optional[HostResult]:
         message=failure_message(doc),
         synthetic=bool(doc.get("synthetic", False)),
         finished_at=doc.get("finished_at"),
+        gpu_short=short_gpu_name(gpu.get("name")),
+        rungs=rung_cells(doc),
     )
     figures = doc.get("figures") or {}
     if figures:
@@ -140,6 +194,7 @@ def read_host(path: Path) -> Optional[HostResult]:
         for e in figures.get("attention", []):
             if e.get("set") == "seed" and e.get("heads") == heads and "tok_per_s" in e.get("xformers", {}):
                 result.seed_tok_s[shape_key(e["batch"], e["seq"], e["head_dim"])] = e["xformers"]["tok_per_s"]
+        result.shapes = shape_figures(figures, matches_seed_gpu(result.pci_device_id, result.gpu))
         if matches_seed_gpu(result.pci_device_id, result.gpu):
             ratios = [result.seed_tok_s[k] / ref for k, ref in SEED_REFERENCE_TOK_S.items() if k in result.seed_tok_s]
             result.vs_seed = round(statistics.fmean(ratios), 3) if ratios else None
@@ -282,40 +337,33 @@ def render_markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(directory: Path) -> dict:
-    """Build the summary of `directory` and write fleet-report.json and fleet-report.md into it."""
+def write_report(directory: Path, history: Optional[Path] = None, trend_runs: Optional[int] = None) -> dict:
+    """Build the summary of `directory` and write fleet-report.json, .md and .html into it.
+
+    The HTML shows the trend of the last `trend_runs` runs kept in `history` (default: `history` beside
+    `directory`, when it exists).
+    """
+    from gpufleet import report_history, report_html
+
     summary = build_summary(directory)
     (directory / JSON_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (directory / MARKDOWN_NAME).write_text(render_markdown(summary), encoding="utf-8")
+    history = report_history.history_for(directory) if history is None else history
+    trend = report_history.trend(history, trend_runs or report_history.TREND_RUNS)
+    (directory / report_html.HTML_NAME).write_text(report_html.render_html(summary, trend), encoding="utf-8")
     return summary
 
 
 def print_report(summary: dict, stderr: bool = False) -> None:
-    """The fleet table on the terminal; the Markdown text where rich is not installed (e.g. a bare GPU venv).
+    """The fleet table on the terminal, fitted to its width; the Markdown text where rich is not installed.
 
     stderr=True keeps stdout clean, as inside a `pyinfra --json` run.
     """
     try:
         from rich.console import Console
-        from rich.table import Table
     except ImportError:
         print(render_markdown(summary), end="", file=sys.stderr if stderr else sys.stdout)
         return
-    table = Table(title="gpufleet smoke report")
-    for name in TABLE_COLUMNS:
-        table.add_column(name, overflow="fold")
-    for h, row in zip(summary["hosts"], table_rows(summary)):
-        style = "red" if h["status"] != "passed" else ("yellow" if h["flagged_slow"] else None)
-        table.add_row(*row, style=style)
-    console = Console(stderr=stderr)
-    console.print(table)
-    for host, where, message in problem_rows(summary):
-        console.print(f"[red]{host}[/red] failed at [bold]{where}[/bold]: {message}", markup=True, highlight=False)
-    seeds = seed_rows(summary)
-    if seeds:
-        seed_table = Table(title="Seed shapes, xformers tokens/s")
-        for name in ["host"] + list(SEED_REFERENCE_TOK_S):
-            seed_table.add_column(name)
-        for row in seeds:
-            seed_table.add_row(*row)
-        console.print(seed_table)
+    from gpufleet.report_terminal import print_table
+
+    print_table(summary, Console(stderr=stderr))

@@ -154,6 +154,7 @@ SMOKE_TEST = [
     op(CHANGE, SMOKE, "Upload the smoke test"),
     op(MAYBE, SMOKE, "Run the smoke test on this host's GPU"),
     op(CHANGE, SMOKE, "Fetch the smoke result to the control machine"),
+    op(MAYBE, SMOKE, "Keep the smoke result in the report history"),
     op(MAYBE, SMOKE, "Check that every rung of the smoke test passed"),
 ]
 # Everything from venv to smoke test on a fresh host with a 5090 D (7 jobs: this VM's 21 GB available / 3 GB per job).
@@ -688,3 +689,14 @@ def test_pyinfra_runs_this_checkout_s_gpufleet(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert which.read_text() == str(REPO_ROOT / "gpufleet" / "__init__.py")
+
+
+def test_a_run_keeps_history_only_when_its_smoke_test_runs(tmp_path):
+    """The history copy is gated like the test itself and made at run time: planning writes no history folder."""
+    result = run_pyinfra("--dry", "--json", "--limit", "@fake/ubuntu2404-5090d-provisioned", INVENTORY,
+                         "deploys/smoke.py", env={"GPUFLEET_PLAN_REPORT_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    marks = {o["names"][0]: mark(o) for o in json.loads(result.stdout)["plan"]}
+    assert marks[f"{SMOKE} | Keep the smoke result in the report history"] == MAYBE
+    assert marks[f"{SMOKE} | Run the smoke test on this host's GPU"] == MAYBE
+    assert not (tmp_path / "history").exists()

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from gpufleet import cli, report
+from gpufleet import cli, report, report_history, report_html
+from tests.conftest import run_pyinfra
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "smoke"
 FLEET = DATA / "fleet"
@@ -133,10 +138,11 @@ def test_headline_is_the_mean_over_the_16_head_shapes(summary: dict) -> None:
     assert vs_sdpa == pytest.approx(0.62, abs=0.005)
 
 
-def test_report_writes_markdown_and_json_into_the_directory(fleet_dir: Path) -> None:
+def test_report_writes_markdown_json_and_html_into_the_directory(fleet_dir: Path) -> None:
     summary = report.write_report(fleet_dir)
     written = json.loads((fleet_dir / report.JSON_NAME).read_text())
     assert written["counts"] == summary["counts"]
+    assert (fleet_dir / report_html.HTML_NAME).read_text().startswith("<!DOCTYPE html>")
     markdown = (fleet_dir / report.MARKDOWN_NAME).read_text()
     assert "| ws04 (synthetic) |" in markdown and "SLOW: 24% below" in markdown
     assert "| seed RTX 5090 D (published) | 19.9M | 46.4M | 60.4M | 61.1M | 42.0M |" in markdown
@@ -193,5 +199,223 @@ def test_report_command_prints_the_fleet_table(fleet_dir: Path, capsys: pytest.C
     cli.main(["report", str(fleet_dir)])
     out = capsys.readouterr().out
     assert "gpufleet smoke report" in out
-    assert "FAILED at torch_cuda" in out
+    assert "cpu-box-standin-h100 failed at torch_cuda" in out
     assert "cpu-box-no-driver failed at driver: no NVIDIA driver answered" in " ".join(out.split())
+
+
+def write_run(directory: Path, hosts: dict[str, tuple[float, str, str]]) -> None:
+    """RTX 5090 D hosts as {host: (speed scale, driver, torch)}, via the fixture maker."""
+    maker = load_fixture_maker()
+    smoke = maker.load_script()
+    directory.mkdir(parents=True, exist_ok=True)
+    for host, (scale, driver, torch_version) in hosts.items():
+        gpu = maker.gpu_info("NVIDIA GeForce RTX 5090 D", "2B87", "12.0", driver, 575.0, 32607)
+        doc = maker.synthetic_doc(smoke, host, gpu, torch_version=torch_version, scale=scale, gemm_tflops=209.5,
+                                  seed_tok_s=dict(report.SEED_REFERENCE_TOK_S), wide_tflops=100.0, vs_sdpa=0.62)
+        (directory / f"{host}.json").write_text(json.dumps(doc))
+
+
+def report_output(directory: Path, columns: int, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                  *extra: str) -> tuple[int, list[str]]:
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code = cli.main(["report", str(directory), *extra])
+    return code, capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("columns", [80, 120, 200])
+def test_terminal_table_fits_the_width_and_keeps_host_names_whole(
+        fleet_dir: Path, columns: int, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, lines = report_output(fleet_dir, columns, capsys, monkeypatch)
+    assert code == 1
+    assert max(len(line) for line in lines) <= columns, "\n".join(lines)
+    for host in hosts_by_name(report.build_summary(fleet_dir)):
+        # A table row starts with the whole name (a synthetic host's carries a *).
+        assert any(re.match(rf"{re.escape(host)}\*? ", line) for line in lines), (host, lines)
+
+
+def test_at_80_columns_shared_versions_head_the_table_and_differing_ones_get_stack_letters(
+        fleet_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, lines = report_output(fleet_dir, 80, capsys, monkeypatch)
+    assert lines[:2] == ["9 hosts: 6 passed, 3 failed, 1 slow. Same on every host that reports it:", "xformers 0.0.35"]
+    header = next(line for line in lines if line.startswith("host "))
+    assert header.split() == ["host", "GPU", "stack", "TFLOP/s", "SDPA", "seed", "status"]
+    ws01 = next(line for line in lines if line.startswith("ws01*"))
+    assert ws01.split()[:5] == ["ws01*", "RTX", "5090", "D", "D"]
+    assert "stack D: driver 580.95.05, CUDA 12.8.93, torch 2.12.0.dev20260407+cu128" in lines
+    assert "stack A: driver none, CUDA none, torch 2.13.0+cpu" in lines
+    assert next(line for line in lines if line.startswith("ws04*")).endswith("SLOW -24%")
+
+
+def test_at_120_columns_differing_versions_get_their_own_columns(
+        fleet_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, lines = report_output(fleet_dir, 120, capsys, monkeypatch)
+    header = next(line for line in lines if line.startswith("host "))
+    assert header.split()[:5] == ["host", "GPU", "driver", "CUDA", "torch"]
+    assert "xformers" not in header
+    assert "2.12.0.dev20260407+cu128" in next(line for line in lines if line.startswith("ws01*"))
+    assert not [line for line in lines if line.startswith("stack ")]
+
+
+def test_a_fleet_on_one_stack_has_no_version_column(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    write_5090_fleet(tmp_path, {"a": 1.0, "b": 0.99})
+    code, lines = report_output(tmp_path, 80, capsys, monkeypatch)
+    assert code == 0
+    assert lines[:2] == ["2 hosts: 2 passed, 0 failed, 0 slow. Same on every host:",
+                         "driver 580.95.05, CUDA 12.8.93, torch 2.12.0.dev20260407+cu128, xformers 0.0.35"]
+    header = next(line for line in lines if line.startswith("host "))
+    assert header.split() == ["host", "GPU", "sm", "code", "TFLOP/s", "SDPA", "seed", "status"]
+
+
+def test_at_200_columns_the_table_shows_per_shape_figures(fleet_dir: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _, lines = report_output(fleet_dir, 200, capsys, monkeypatch)
+    shape_header = next(line for line in lines if "attn" in line and "2x1024" in line)
+    assert [w for w in shape_header.split() if "x" in w and w[0].isdigit()] == [
+        "2x1024", "2x2048", "1x4096", "1x8192", "1x16384"]
+    h100 = next(line for line in lines if line.startswith("h100-a*")).split()
+    assert h100.count("300.0") == 6  # the headline and the five 16-head shapes
+    assert "seed RTX 5090 D (published)" in " ".join(lines)
+
+
+def test_each_failed_or_slow_host_gets_one_line_below_the_table(
+        fleet_dir: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, lines = report_output(fleet_dir, 80, capsys, monkeypatch)
+    failures = [line for line in lines if " failed at " in line]
+    assert [line.split(" failed at ")[0] for line in failures] == ["cpu-box-no-driver", "cpu-box-standin-h100",
+                                                                   "ws06"]
+    assert failures[2].startswith("ws06 failed at sp24_sass: the sparsify24 probe exited 1")
+    assert failures[2].endswith("…")
+    assert "ws04 is 24% below the RTX 5090 D median of 128.05 TFLOP/s" in lines
+
+
+def test_the_report_command_fits_80_columns_from_a_shell(fleet_dir: Path) -> None:
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-m", "gpufleet.cli", "report", str(fleet_dir)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) > 15 and max(len(line) for line in lines) <= 80, proc.stdout
+    assert "fleet-report.html" in proc.stderr and max(len(line) for line in proc.stderr.splitlines()) <= 80
+
+
+@pytest.mark.parametrize(("name", "short"), [
+    ("NVIDIA GeForce RTX 5090 D", "RTX 5090 D"), ("NVIDIA GeForce RTX 5090 D V2", "RTX 5090 D v2"),
+    ("NVIDIA GeForce RTX 5090 D v2", "RTX 5090 D v2"), ("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H200", "H200"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"), ("NVIDIA A100-SXM4-80GB", "A100-SXM4"), (None, None)])
+def test_gpu_names_are_shortened_the_way_people_say_them(name: str, short: str) -> None:
+    assert report.short_gpu_name(name) == short
+
+
+DRIVER_OLD, DRIVER_NEW = "580.95.05", "595.44.02"
+TORCH = "2.12.0.dev20260407+cu128"
+
+
+@pytest.fixture()
+def two_runs(tmp_path: Path) -> Path:
+    """reports/history with two runs and reports/latest holding the second: b got a new driver and is 20% slower,
+    c is 20% slower on the same stack, d got a new driver and is 10% slower, a did not change."""
+    reports = tmp_path / "reports"
+    write_run(reports / "history" / "20261201T100000Z",
+              {h: (1.0, DRIVER_OLD, TORCH) for h in "abcd"})
+    second = {"a": (1.0, DRIVER_OLD, TORCH), "b": (0.8, DRIVER_NEW, TORCH), "c": (0.8, DRIVER_OLD, TORCH),
+              "d": (0.9, DRIVER_NEW, TORCH)}
+    write_run(reports / "history" / "20261202T100000Z", second)
+    write_run(reports / "latest", second)
+    return reports
+
+
+def test_compare_flags_the_host_that_got_slower_after_a_driver_change(
+        two_runs: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    previous = two_runs / "history" / "20261201T100000Z"
+    code, lines = report_output(two_runs / "latest", 80, capsys, monkeypatch, "--compare", str(previous))
+    assert code == 0
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    below = lines[lines.index(next(x for x in lines if "Change since" in x)):]
+    rows = {h: next(line for line in below if line.startswith(f"{h} ")) for h in "abcd"}
+    assert rows["b"].split()[1:] == ["100.0", "80.0", "-20%", "driver", "SLOWER", "after", "driver", "change"]
+    assert rows["c"].split()[1:] == ["100.0", "80.0", "-20%", "-", "slower,", "same", "driver", "and", "torch"]
+    assert rows["d"].split()[1:] == ["100.0", "90.0", "-10%", "driver"]
+    assert rows["a"].split()[1:] == ["100.0", "100.0", "+0%", "-"]
+    assert f"b driver: {DRIVER_OLD} -> {DRIVER_NEW}" in lines
+
+
+def test_compare_flags_only_a_slowdown_after_a_driver_or_torch_change(two_runs: Path) -> None:
+    changes = {c.host: c for c in report_history.compare(
+        report.build_summary(two_runs / "latest"), report.build_summary(two_runs / "history" / "20261201T100000Z"))}
+    assert [h for h, c in changes.items() if c.flagged] == ["b"]
+    assert changes["b"].changed == {"driver": (DRIVER_OLD, DRIVER_NEW)}
+    assert changes["b"].change_pct == pytest.approx(-20.0, abs=0.1)
+
+
+def test_compare_lists_hosts_present_in_one_run_only(two_runs: Path) -> None:
+    write_run(two_runs / "latest", {"e": (1.0, DRIVER_OLD, TORCH)})
+    (two_runs / "latest" / "a.json").unlink()
+    changes = {c.host: c for c in report_history.compare(
+        report.build_summary(two_runs / "latest"), report.build_summary(two_runs / "history" / "20261201T100000Z"))}
+    assert changes["e"].note == "new in this run" and changes["a"].note == "not in this run"
+    assert not changes["e"].flagged and not changes["a"].flagged
+
+
+def test_trend_reads_the_last_runs_of_the_history_oldest_first(two_runs: Path) -> None:
+    (two_runs / "history" / "not-a-run").mkdir()
+    runs = report_history.trend(two_runs / "history")
+    assert [name for name, _ in runs] == ["20261201T100000Z", "20261202T100000Z"]
+    assert runs[1][1] == pytest.approx({"a": 100.0, "b": 80.0, "c": 80.0, "d": 90.0}, abs=0.1)
+    assert [name for name, _ in report_history.trend(two_runs / "history", last=1)] == ["20261202T100000Z"]
+
+
+def test_compare_with_a_missing_directory_exits_2(two_runs: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["report", str(two_runs / "latest"), "--compare", str(two_runs / "nope")]) == 2
+    assert "--compare" in capsys.readouterr().err
+
+
+def test_a_run_is_compared_with_the_run_before_it_for_the_hosts_it_tested(two_runs: Path) -> None:
+    history = two_runs / "history"
+    assert report_history.since_previous_run(history, "20261201T100000Z") is None
+    write_run(history / "20261203T100000Z", {"b": (1.0, DRIVER_NEW, TORCH)})
+    previous, changes = report_history.since_previous_run(history, "20261203T100000Z")
+    assert previous.name == "20261202T100000Z"
+    assert [(c.host, c.change_pct, c.flagged) for c in changes] == [("b", 25.0, False)]
+    previous, changes = report_history.since_previous_run(history, "20261202T100000Z")
+    assert [c.host for c in changes if c.flagged] == ["b"]
+
+
+LOCAL_RUN = '''
+from pathlib import Path
+from pyinfra.operations import python
+from deploys.smoke import keep_in_history
+from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
+
+reports = Path({reports!r})
+fetched = Path({fetched!r})
+# As deploys/smoke.py does after fetching a host's result: keep it in this run's history, report at the end.
+python.call(name="Fetch", function=keep_in_history, src=fetched, dest=reports / "latest" / fetched.name)
+python.call(name="Keep the smoke result in the report history", function=keep_in_history, src=fetched,
+            dest=reports / "history" / history_run_name() / fetched.name, _if=lambda: {tested})
+print_report_when_run_ends(reports / "latest")
+'''
+
+
+@pytest.mark.parametrize("tested", [True, False])
+def test_a_real_pyinfra_run_keeps_its_results_and_says_what_got_slower(tmp_path: Path, tested: bool) -> None:
+    """The real pyinfra CLI on this machine (@local, nothing but files in tmp_path): the smoke stage's history step
+    and the end-of-run report, after b's driver changed and it got 20% slower."""
+    reports = tmp_path / "reports"
+    write_run(reports / "history" / "20261201T100000Z", {"a": (1.0, DRIVER_OLD, TORCH), "b": (1.0, DRIVER_OLD, TORCH)})
+    write_run(reports / "latest", {"a": (1.0, DRIVER_OLD, TORCH)})
+    write_run(tmp_path / "fetched", {"b": (0.8, DRIVER_NEW, TORCH)})
+    deploy = tmp_path / "deploy.py"
+    deploy.write_text(LOCAL_RUN.format(reports=str(reports), fetched=str(tmp_path / "fetched" / "b.json"),
+                                       tested=tested))
+    result = run_pyinfra("-y", "@local", str(deploy), env={"COLUMNS": "80"})
+    assert result.returncode == 0, result.stderr
+    runs = report_history.run_dirs(reports / "history")
+    output = result.stdout + result.stderr
+    if tested:
+        assert len(runs) == 2 and [p.name for p in runs[1].iterdir()] == ["b.json"]
+        assert re.search(r"^b +100\.0 +80\.0 +-20% +driver +SLOWER after driver change$", output, re.M), output
+    else:
+        assert [p.name for p in runs] == ["20261201T100000Z"]
+        assert "Change since" not in output
+    assert (reports / "latest" / report_html.HTML_NAME).exists()
