@@ -3,11 +3,13 @@
 Runs alone (after preflight): pyinfra inventory.py deploys/python.py
 """
 
+import shlex
 from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import Directory
 from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
@@ -83,12 +85,14 @@ def python() -> None:
             # Planned only while missing, so the list refresh never makes a re-run report a change.
             apt.packages(name="Install Python's venv module", packages=["python3-venv"], update=True, cache_time=3600)
         parent = venv.rsplit("/", 1)[0] or "/"
-        files.directory(name=f"Create {parent}", path=parent, mode="755")
+        # Only a parent gpufleet creates gets a mode: an existing one (/opt, /srv, someone's home) is left as it is.
+        if host.get_fact(Directory, path=parent) is None:
+            files.directory(name=f"Create {parent}", path=parent, mode="755")
         files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
         has_venv = host.get_fact(facts.PythonVersion, python=venv_python) is not None
         server.shell(
             name=f"Create the venv {venv}",
-            commands=[f"{interpreter} -m venv {venv}"],
+            commands=[shlex.join([interpreter, "-m", "venv", venv])],
             **as_user(user),
             _if=lambda: not has_venv,
         )

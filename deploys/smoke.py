@@ -7,6 +7,8 @@ Runs alone (after preflight): pyinfra inventory.py deploys/smoke.py
 """
 
 import hashlib
+import shlex
+from shlex import quote
 from pathlib import Path
 
 from pyinfra import host, state
@@ -58,10 +60,11 @@ def smoke() -> None:
     server.shell(
         name="Run the smoke test on this host's GPU",
         commands=[
-            f"rm -f {work}/result-*.json {work}/result-*.rc; "
-            f"{config['venv_path']}/bin/python {work}/gpufleet_smoke.py --output {result}.tmp "
-            f"--heads {config['smoke_heads']} --nvcc {cuda_home(config)}/bin/nvcc --host-label {host.name}; "
-            f"echo $? > {result[:-5]}.rc; mv {result}.tmp {result}"
+            f"rm -f {quote(work)}/result-*.json {quote(work)}/result-*.rc; "
+            + shlex.join([f"{config['venv_path']}/bin/python", f"{work}/gpufleet_smoke.py", "--output",
+                          f"{result}.tmp", "--heads", str(config["smoke_heads"]), "--nvcc",
+                          f"{cuda_home(config)}/bin/nvcc", "--host-label", host.name])
+            + f"; echo $? > {quote(result[:-5] + '.rc')}; mv {quote(result + '.tmp')} {quote(result)}"
         ],
         **as_user(user),
         _if=needed,
@@ -77,8 +80,8 @@ def smoke() -> None:
     server.shell(
         name="Check that every rung of the smoke test passed",
         commands=[
-            f'rc=$(cat {result[:-5]}.rc); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); '
-            f'see {local} or run: gpufleet report {local.parent}" >&2; exit 1; }}'
+            f'rc=$(cat {quote(result[:-5] + ".rc")}); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); "'
+            f'{quote(f"see {local} or run: gpufleet report {local.parent}")} >&2; exit 1; }}'
         ],
         _if=needed,
     )

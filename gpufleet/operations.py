@@ -92,4 +92,4 @@ def pip_packages(python: str, packages: list[str], extra_args: str = ""):
     if not missing:
         host.noop(f"{', '.join(packages)} already installed")
         return
-    yield f"{python} -m pip install {extra_args} {' '.join(shlex.quote(m) for m in missing)}".replace("  ", " ")
+    yield f"{shlex.quote(python)} -m pip install {extra_args} {shlex.join(missing)}".replace("  ", " ")

@@ -71,6 +71,7 @@ def profile(target: Host | None = None) -> HostProfile:
         disk_mount=disk["mount"],
         is_control_machine=is_control_machine(host_),
         missing_tools=tuple(host_.get_fact(facts.MissingTools)),
+        build_account=host_.get_fact(facts.Account, user=config["build_user"]),
     )
 
 
