@@ -543,3 +543,23 @@ class Account(_ParsedFact):
     def command(self, user: str) -> str:
         user = shlex.quote(user)
         return f"getent passwd {user} && id -Gn {user} || echo {NO_TOOL}"
+
+
+class PlantedLinks(FactBase):
+    """Symbolic links among paths root writes to or reads in the build user's tree ("path -> target" each).
+
+    gpufleet makes no links there: one found was planted, and root must not follow it.
+    """
+
+    def command(self, paths: list[str], trees: list[str] = ()) -> str:
+        checks = " ".join(shlex.quote(p) for p in paths)
+        finds = "".join(f"[ -d {shlex.quote(t)} ] && [ ! -L {shlex.quote(t)} ] && "
+                        f"find {shlex.quote(t)} -mindepth 1 -type l -printf '%p -> %l\\n'; " for t in trees)
+        return (f'for p in {checks}; do [ -L "$p" ] && printf \'%s -> %s\\n\' "$p" "$(readlink -- "$p")"; done; '
+                f"{finds}true")
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip() for line in output if " -> " in line]
+
+    def default(self) -> list[str]:
+        return []

@@ -63,7 +63,7 @@ def nvidia_repo(deploy: str, repo_dir: str = "ubuntu2404", *, apt_settings: bool
     return [
         *([op(CHANGE, deploy, APT_LOCK_TIMEOUT)] if apt_settings else []),
         *([op(CHANGE, deploy, FINISH_INTERRUPTED)] if repair else []),
-        op(CHANGE, deploy, "Create the download directory"),
+        op(CHANGE, deploy, "Create root's download directory /var/lib/gpufleet-root/downloads"),
         op(CHANGE, deploy, f"Download {REPO_URL}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb (sha256 checked)"),
         op(MAYBE, deploy, "Install NVIDIA's repository keyring"),
         op(CHANGE, deploy, "Add NVIDIA's CUDA repository"),
@@ -146,6 +146,7 @@ def xformers_build(archs: str, jobs: int, tools: str | None, source: str = XFORM
         op(MAYBE, XFORMERS, "Fetch the built wheel to this machine's cache"),
         op(MAYBE, XFORMERS, "Upload the xformers wheel built by {host}"),
         op(CHANGE, XFORMERS, "Install xformers 0.0.35 ("),
+        op(MAYBE, XFORMERS, "Record that xformers "),
     ]
 
 
@@ -361,11 +362,14 @@ FACT_CALLS: dict[str, list[dict]] = {
                       {"python": "/opt/torch/.venv/bin/python"}],
     "PathOwner": [{"path": "/opt/gpufleet/venv"}, {"path": "/opt/torch/.venv"}],
     "TorchInfo": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
-    "FileText": [{"path": "/var/lib/gpufleet/xformers/installed"},
+    "FileText": [{"path": "/var/lib/gpufleet-root/xformers/installed"},
                  {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InterruptedPackageInstall": [{}],
+    "Account": [{"user": "gpufleet"}],
+    "PlantedLinks": [{"paths": ["/var/lib/gpufleet/xformers/build_wheel.sh"],
+                      "trees": ["/var/lib/gpufleet/xformers/patches-0.0.35"]}],
 }
 
 
@@ -481,12 +485,15 @@ def test_mismatch_with_reboot_policy_never_stops_with_instructions():
 
 def test_nvidia_repository_keyring_is_checked_before_use_and_apt_key_is_never_run():
     commands = executed("mismatch-reboot-never", "deploys/driver.py")
-    deb = "/var/lib/gpufleet/downloads/cuda-keyring_1.1-1_all.deb"
+    deb = "/var/lib/gpufleet-root/downloads/cuda-keyring_1.1-1_all.deb"
     url = "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64/cuda-keyring_1.1-1_all.deb"
     download = next(i for i, c in enumerate(commands) if c.startswith(f"curl -sSLf {url} "))
     check = next(i for i, c in enumerate(commands) if f"sha256sum {deb}" in c)
     assert "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba" in commands[check]
-    keyring = next(i for i, c in enumerate(commands) if c.startswith(f"dpkg-deb --fsys-tarfile {deb} "))
+    sha = "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba"
+    # The extracting command checks the sha256 itself: nothing can swap the file between the check and the use.
+    keyring = next(i for i, c in enumerate(commands)
+                   if c.startswith(f"echo '{sha}  {deb}' | sha256sum -c --quiet && dpkg-deb --fsys-tarfile {deb} "))
     source = commands.index("/etc/apt/sources.list.d/gpufleet-cuda.sources")
     update = commands.index("apt-get update")
     assert download < check < keyring < source < update
@@ -606,6 +613,7 @@ def test_a_cached_wheel_is_uploaded_instead_of_built(tmp_path):
         f"{MAYBE} {XFORMERS} | Fetch the built wheel to this machine's cache",
         f"{MAYBE} {XFORMERS} | Upload the xformers wheel built earlier",
         f"{CHANGE} {XFORMERS} | Install xformers 0.0.35 ({fingerprint}) and prove its sm code",
+        f"{MAYBE} {XFORMERS} | Record that xformers {fingerprint} is installed",
     ]
 
 
