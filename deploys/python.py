@@ -38,6 +38,22 @@ def pip_conf(config: dict) -> str | None:
     return "\n".join(lines) + "\n"
 
 
+def foreign_directories(config: dict) -> list[str]:
+    """work_dir and (unless adopted) venv_path are handed to build_user: never a directory someone else owns.
+
+    Absent, or owned by build_user (gpufleet made it) or by root (an earlier gpufleet's stage made it first), is fine.
+    """
+    user = config["build_user"]
+    keys = ("work_dir",) if config["venv_adopt"] else ("work_dir", "venv_path")
+    problems = []
+    for key in keys:
+        owner = host.get_fact(facts.PathOwner, path=config[key])
+        if owner not in (None, user, "root"):
+            problems.append(f"setting {key} is {config[key]}, which exists and belongs to {owner}; gpufleet hands "
+                            f"only a directory of its own to {user}: choose a new path")
+    return problems
+
+
 @deploy("Python venv")
 def python() -> None:
     config = settings()
@@ -68,6 +84,11 @@ def python() -> None:
                 ]
             )
             return
+
+    taken = foreign_directories(config)
+    if taken:
+        refuse_host(taken)
+        return
 
     server.user(
         name=f"Create the unprivileged build user {user}",

@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 from pyinfra.api import FactBase
 
 from gpufleet import facts
@@ -674,3 +675,14 @@ def test_pyinfra_runs_this_checkout_s_gpufleet(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert which.read_text() == str(REPO_ROOT / "gpufleet" / "__init__.py")
+
+
+def test_a_venv_path_someone_else_owns_is_refused_not_chowned(tmp_path):
+    profile = yaml.safe_load((PROFILES / "ubuntu2404-5090d-provisioned.yaml").read_text())
+    profile["venv"]["owner"] = "alice"
+    (tmp_path / "ubuntu2404-5090d-provisioned.yaml").write_text(yaml.safe_dump(profile))
+    plan = plan_json(INVENTORY, "deploys/python.py", profiles=tmp_path)["plan"]
+    names = [operation["names"][0] for operation in plan]
+    assert names == [f"Python venv | Refuse @fake/ubuntu2404-5090d-provisioned: setting venv_path is "
+                     "/opt/gpufleet/venv, which exists and belongs to alice; gpufleet hands only a directory of its "
+                     "own to gpufleet: choose a new path"], names
