@@ -76,6 +76,8 @@ def smoke() -> None:
         dest=str(local),
         add_deploy_dir=False,
         create_local_dir=True,
+        # Read as the build user, who wrote it: root never opens a path of the build user's tree.
+        **as_user(user),
     )
     server.shell(
         name="Check that every rung of the smoke test passed",
