@@ -56,8 +56,9 @@ def stage_commands(staging: str, manifest: dict, source: str | None = None, user
 def check_staged_commands(staging: str, manifest: dict) -> list[str]:
     """The staged wheel's checksum line written by root, then checked."""
     quoted = shlex.quote(staging)
+    # Readable by the build user, who installs it; writable by root only.
     return [f"printf '%s' {shlex.quote(staged_checksum_line(manifest))} > {quoted}/wheel.sha256 && "
-            f"cd {quoted} && sha256sum -c --quiet wheel.sha256"]
+            f"cd {quoted} && chmod 644 wheel.sha256 {shlex.quote(manifest['wheel'])} && sha256sum -c --quiet wheel.sha256"]
 
 
 @operation(is_idempotent=False)
