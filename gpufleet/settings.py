@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 from packaging.version import InvalidVersion, Version
 
+from gpufleet.buildplan import ROOT_STATE_DIR
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_SETTINGS_FILE = REPO_ROOT / "group_data" / "all.py"
 
@@ -245,6 +247,8 @@ def _owned_path(value: str) -> str | None:
     tree = next((t for t in FORBIDDEN_TREES if value.startswith(t + "/")), None)
     if tree:
         return f"a path outside {tree} (gpufleet never keeps files there), e.g. /var/lib/gpufleet"
+    if value == ROOT_STATE_DIR or value.startswith(ROOT_STATE_DIR + "/"):
+        return f"a path outside {ROOT_STATE_DIR}, root's own directory for staged wheels and stamps"
     return None
 
 

@@ -161,6 +161,10 @@ def fact_answers(profile: dict) -> list[Answer]:
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
         answers.append(Answer("FileText", f"cat {path} 2>/dev/null", _file_text(text, config)))
+    # Optional: directories that exist already (root's, 755), for pyinfra's Directory fact.
+    for path in profile.get("directories", []):
+        answers.append(Answer("Directory", f"! (test -e {path} ||",
+                              f"user=root group=root mode=drwxr-xr-x atime=0 mtime=0 ctime=0 size=4096 '{path}'"))
 
     # Anything not listed above does not exist on the host: each fact's own "absent" answer.
     answers += [

@@ -686,3 +686,18 @@ def test_a_venv_path_someone_else_owns_is_refused_not_chowned(tmp_path):
     assert names == [f"Python venv | Refuse @fake/ubuntu2404-5090d-provisioned: setting venv_path is "
                      "/opt/gpufleet/venv, which exists and belongs to alice; gpufleet hands only a directory of its "
                      "own to gpufleet: choose a new path"], names
+
+
+def test_an_existing_venv_parent_keeps_its_owner_and_mode(tmp_path):
+    # /opt (or /srv, someone's home) exists already: gpufleet did not make it and never chmods it.
+    def python_stage(profile: dict) -> list[str]:
+        fleet = tmp_path / str(len(list(tmp_path.iterdir())))
+        fleet.mkdir()
+        (fleet / "ubuntu2404-5090d.yaml").write_text(yaml.safe_dump(profile))
+        return [o["names"][0] for o in plan_json(INVENTORY, "deploys/python.py", profiles=fleet)["plan"]]
+
+    profile = yaml.safe_load((PROFILES / "ubuntu2404-5090d.yaml").read_text())
+    assert "Python venv | Create /opt/gpufleet" in python_stage(profile)
+    existing = python_stage({**profile, "directories": ["/opt/gpufleet"]})
+    assert "Python venv | Create /opt/gpufleet" not in existing, existing
+    assert "Python venv | Create /opt/gpufleet/venv for gpufleet" in existing, existing

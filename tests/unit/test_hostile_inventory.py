@@ -46,6 +46,8 @@ HOSTILE = [
     ("work_dir_climbs_with_dotdot", inventory({"work_dir": "/var/lib/../etc"}), ["no '..'", "'/var/etc'"]),
     ("work_dir_with_trailing_slash", inventory({"work_dir": "/var/lib/gpufleet/"}), ["in normal form"]),
     ("work_dir_relative", inventory({"work_dir": "var/lib/gpufleet"}), ["an absolute path"]),
+    ("work_dir_is_roots_staging_directory", inventory({"work_dir": "/var/lib/gpufleet-root"}),
+     ["a path outside /var/lib/gpufleet-root, root's own directory"]),
     ("work_dir_inside_the_venv", inventory({"work_dir": "/opt/gpufleet/venv/work"}),
      ["setting 'work_dir'", "must not be the venv or lie inside venv_path"]),
     ("cuda_home_with_a_space", inventory({"cuda_existing_home": "/usr/local/cuda 13"}),
