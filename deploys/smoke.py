@@ -8,7 +8,6 @@ Runs alone (after preflight): pyinfra inventory.py deploys/smoke.py
 
 import hashlib
 import shlex
-from shlex import quote
 from pathlib import Path
 
 from pyinfra import host, state
@@ -20,7 +19,7 @@ from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from gpufleet.fleet_report import print_report_when_run_ends
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, run_alone, settings, stack_changed
+from gpufleet.stage import as_user, refuse_planted_links, run_alone, settings, stack_changed
 
 SCRIPT = REPO_ROOT / "files" / "smoke" / "gpufleet_smoke.py"
 
@@ -48,6 +47,8 @@ def smoke() -> None:
     changed = stack_changed()
     needed = lambda: not have_result or changed()  # noqa: E731
 
+    if refuse_planted_links([config["work_dir"], work, f"{work}/gpufleet_smoke.py"]):
+        return
     files.directory(name="Create the smoke test directory", path=work, user=user, group=user, mode="755")
     files.put(
         name="Upload the smoke test",
@@ -60,11 +61,11 @@ def smoke() -> None:
     server.shell(
         name="Run the smoke test on this host's GPU",
         commands=[
-            f"rm -f {quote(work)}/result-*.json {quote(work)}/result-*.rc; "
+            f"rm -f {shlex.quote(work)}/result-*.json {shlex.quote(work)}/result-*.rc; "
             + shlex.join([f"{config['venv_path']}/bin/python", f"{work}/gpufleet_smoke.py", "--output",
                           f"{result}.tmp", "--heads", str(config["smoke_heads"]), "--nvcc",
                           f"{cuda_home(config)}/bin/nvcc", "--host-label", host.name])
-            + f"; echo $? > {quote(result[:-5] + '.rc')}; mv {quote(result + '.tmp')} {quote(result)}"
+            + f"; echo $? > {shlex.quote(result[:-5] + '.rc')}; mv {shlex.quote(result + '.tmp')} {shlex.quote(result)}"
         ],
         **as_user(user),
         _if=needed,
@@ -82,8 +83,8 @@ def smoke() -> None:
     server.shell(
         name="Check that every rung of the smoke test passed",
         commands=[
-            f'rc=$(cat {quote(result[:-5] + ".rc")}); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); "'
-            f'{quote(f"see {local} or run: gpufleet report {local.parent}")} >&2; exit 1; }}'
+            f'rc=$(cat {shlex.quote(result[:-5] + ".rc")}); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); "'
+            f'{shlex.quote(f"see {local} or run: gpufleet report {local.parent}")} >&2; exit 1; }}'
         ],
         _if=needed,
     )

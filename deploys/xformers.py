@@ -33,7 +33,15 @@ from gpufleet.buildplan import (
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, profile, record_stack_change, refuse_host, run_alone, settings
+from gpufleet.stage import (
+    as_user,
+    profile,
+    record_stack_change,
+    refuse_host,
+    refuse_planted_links,
+    run_alone,
+    settings,
+)
 from gpufleet.xformers_fleet import builder_for, fleet_wheels, host_wheel, patch_dir
 
 
@@ -56,11 +64,7 @@ def xformers() -> None:
     cache = local_cache(config, fp)
     cached = (cache / "manifest.json").is_file()
     builder = None if cached else builder_for(fp, fleet_wheels(), config["xformers_builder"])
-    paths, trees = build_paths(layout, config["work_dir"])
-    links = host.get_fact(facts.PlantedLinks, paths=paths, trees=trees)
-    if links:
-        refuse_host([f"{link} is a symbolic link in the build user's tree; gpufleet never follows such a link as "
-                     f"root. Remove it (and check who made it), then run again." for link in links])
+    if refuse_planted_links(*build_paths(layout, config["work_dir"])):
         return
     is_builder = builder == host.name
     usable, finished = _finished(config, layout, fp) if is_builder else (True, None)

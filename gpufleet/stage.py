@@ -81,6 +81,16 @@ def refuse_host(reasons: list[str]) -> None:
     refuse(reasons=reasons, name=f"Refuse {host.name}: {reasons[0]}")
 
 
+def refuse_planted_links(paths: list[str], trees: list[str] = ()) -> bool:
+    """Refuse this host when any of these paths in the build user's tree (or anything inside `trees`) is a
+    symbolic link: gpufleet makes none there, and root must not follow one. True when refused."""
+    links = host.get_fact(facts.PlantedLinks, paths=paths, trees=list(trees))
+    if links:
+        refuse_host([f"{link} is a symbolic link in the build user's tree; gpufleet never follows such a link as "
+                     "root. Remove it (and check who made it), then run again." for link in links])
+    return bool(links)
+
+
 def refused() -> bool:
     return host.name in _refused
 

@@ -181,8 +181,8 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("DebPackages", "dpkg -l", "\n".join(f"{status[n]}  {n}  {v}  amd64  (profile)" for n, v in installed)),
         Answer("Command(systemd)", "test -d /run/systemd/system", "yes" if profile["systemd"] else "no"),
         Answer("Os", "uname -s", "Linux"),
-        # No symbolic link in the build user's tree.
-        Answer("PlantedLinks", '[ -L "$p" ] && printf', ""),
+        # Symbolic links the build user planted in its tree ("path -> target" lines; optional, default none).
+        Answer("PlantedLinks", '[ -L "$p" ] && printf', "\n".join(profile.get("planted_links", []))),
         # build_user does not exist yet: gpufleet creates it.
         Answer("Account", "getent passwd ", NO_TOOL),
         Answer("Which(useradd)", "command -v useradd", "/usr/sbin/useradd"),

@@ -701,3 +701,18 @@ def test_an_existing_venv_parent_keeps_its_owner_and_mode(tmp_path):
     existing = python_stage({**profile, "directories": ["/opt/gpufleet"]})
     assert "Python venv | Create /opt/gpufleet" not in existing, existing
     assert "Python venv | Create /opt/gpufleet/venv for gpufleet" in existing, existing
+
+
+@pytest.mark.parametrize("deploy_file, link", [
+    ("deploys/smoke.py", "/var/lib/gpufleet/smoke -> /etc/cron.d"),
+    ("deploys/xformers.py", "/var/lib/gpufleet/xformers/build_wheel.sh -> /etc/passwd"),
+])
+def test_a_symlink_the_build_user_planted_refuses_the_host_before_any_change(tmp_path, deploy_file, link):
+    profile = yaml.safe_load((PROFILES / "ubuntu2404-5090d-provisioned.yaml").read_text())
+    profile["planted_links"] = [link]
+    profile["files"] = {}  # xformers not installed yet, so the xformers stage has work to do
+    (tmp_path / "ubuntu2404-5090d-provisioned.yaml").write_text(yaml.safe_dump(profile))
+    names = [o["names"][0] for o in plan_json(INVENTORY, deploy_file, profiles=tmp_path)["plan"]]
+    assert len(names) == 1 and names[0].endswith(
+        f"Refuse @fake/ubuntu2404-5090d-provisioned: {link} is a symbolic link in the build user's tree; "
+        "gpufleet never follows such a link as root. Remove it (and check who made it), then run again."), names
