@@ -58,7 +58,8 @@ def check_staged_commands(staging: str, manifest: dict) -> list[str]:
     quoted = shlex.quote(staging)
     # Readable by the build user, who installs it; writable by root only.
     return [f"printf '%s' {shlex.quote(staged_checksum_line(manifest))} > {quoted}/wheel.sha256 && "
-            f"cd {quoted} && chmod 644 wheel.sha256 {shlex.quote(manifest['wheel'])} && sha256sum -c --quiet wheel.sha256"]
+            f"cd {quoted} && chmod 644 wheel.sha256 {shlex.quote(manifest['wheel'])} && "
+            "sha256sum -c --quiet wheel.sha256"]
 
 
 @operation(is_idempotent=False)
