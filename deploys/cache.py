@@ -117,10 +117,11 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
     initialised = host.get_fact(File, path=f"{serverdir}/.nodeinfo") is not None
     server.shell(
         name=f"Initialise devpi-server's store in {serverdir} (random root password, root only)",
+        # The password reaches devpi-init in its environment (readable by root only), never on a command line.
         commands=[f"umask 077; head -c 32 /dev/urandom | base64 > {DEVPI_PASSWORD}",
-                  f"{DEVPI_VENV}/bin/devpi-init --serverdir {serverdir} --no-root-pypi "
-                  f"--root-passwd \"$(cat {DEVPI_PASSWORD})\"",
-                  f"chown -R {CACHE_USER}: {serverdir}"],
+                  f"DEVPISERVER_ROOT_PASSWD=\"$(cat {DEVPI_PASSWORD})\" "
+                  f"{DEVPI_VENV}/bin/devpi-init --serverdir {shlex.quote(serverdir)} --no-root-pypi",
+                  f"chown -R {CACHE_USER}: {shlex.quote(serverdir)}"],
         _if=lambda: not initialised,
     )
     command = cache.devpi_command(DEVPI_VENV, config, listen)
@@ -151,14 +152,14 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
     if found != wanted:
         pairs = " ".join(shlex.quote(f"{index}={url}") for index, url in sorted(wanted.items()))
         server.shell(name=f"Point devpi's mirror indexes at {', '.join(sorted(set(wanted.values())))}",
-                     commands=[f"{venv_python} {MIRRORS_SCRIPT} {base} {DEVPI_PASSWORD} {pairs}"])
+                     commands=[f"{shlex.join([venv_python, MIRRORS_SCRIPT, base, DEVPI_PASSWORD])} {pairs}"])
 
     scratch = f"{config['cache_dir']}/warm-download"
     warm = cache.warm_commands(config, venv_python, base, VENV_TOOLS, scratch)
     stamp = "\n".join([*warm, *(f"{i}={u}" for i, u in sorted(wanted.items()))]) + "\n"
     if host.get_fact(FileContents, path=WARM_STAMP) != stamp.splitlines():
         server.shell(name=f"Fetch the fleet's pinned Python packages into the cache once (torch {config['torch_version']})",
-                     commands=[f"rm -rf {scratch}", *warm, f"rm -rf {scratch}"])
+                     commands=[f"rm -rf {shlex.quote(scratch)}", *warm, f"rm -rf {shlex.quote(scratch)}"])
         files.put(name="Record which packages the cache holds", src=StringIO(stamp), dest=WARM_STAMP, mode="644")
 
 

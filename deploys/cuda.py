@@ -3,6 +3,7 @@
 Runs alone (after preflight): pyinfra inventory.py deploys/cuda.py
 """
 
+import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -49,8 +50,9 @@ def cuda() -> None:
         server.shell(
             name=f"Check that nvcc reports CUDA {version}",
             commands=[
-                f"{home}/bin/nvcc --version | grep -q 'release {version},' || "
-                f"{{ echo '{package} installed but {home}/bin/nvcc does not report release {version}' >&2; exit 1; }}"
+                f"{shlex.quote(home + '/bin/nvcc')} --version | grep -q {shlex.quote(f'release {version},')} || "
+                f"{{ echo {shlex.quote(f'{package} installed but {home}/bin/nvcc does not report release {version}')}"
+                " >&2; exit 1; }"
             ],
             _if=install.did_change,
         )
@@ -59,7 +61,7 @@ def cuda() -> None:
         name=f"Put CUDA {version} on PATH for login shells",
         src=StringIO(
             "# gpufleet: the CUDA toolkit the venv's torch and xformers are built for.\n"
-            f"export CUDA_HOME={home}\n"
+            f"export CUDA_HOME={shlex.quote(home)}\n"
             'export PATH="$CUDA_HOME/bin:$PATH"\n'
             'export LD_LIBRARY_PATH="$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"\n'
         ),

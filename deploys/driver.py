@@ -4,6 +4,7 @@ WSL2 gets no driver (it lives on Windows): only Windows' nvidia-smi put on PATH.
 Runs alone (after preflight): pyinfra inventory.py deploys/driver.py
 """
 
+import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -94,7 +95,7 @@ def driver() -> None:
     if stale_holds:
         server.shell(
             name=f"Release the holds of the previous driver ({', '.join(stale_holds)})",
-            commands=[f"apt-mark unhold {' '.join(stale_holds)}"],
+            commands=[f"apt-mark unhold {shlex.join(stale_holds)}"],
         )
     install = apt.packages(
         name=f"Install the NVIDIA driver ({', '.join(wanted)})",

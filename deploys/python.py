@@ -3,11 +3,13 @@
 Runs alone (after preflight): pyinfra inventory.py deploys/python.py
 """
 
+import shlex
 from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import Directory
 from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
@@ -34,6 +36,22 @@ def pip_conf(config: dict) -> str | None:
     if config["pip_trusted_hosts"]:
         lines.append("trusted-host = " + " ".join(config["pip_trusted_hosts"]))
     return "\n".join(lines) + "\n"
+
+
+def foreign_directories(config: dict) -> list[str]:
+    """work_dir and (unless adopted) venv_path are handed to build_user: never a directory someone else owns.
+
+    Absent, or owned by build_user (gpufleet made it) or by root (an earlier gpufleet's stage made it first), is fine.
+    """
+    user = config["build_user"]
+    keys = ("work_dir",) if config["venv_adopt"] else ("work_dir", "venv_path")
+    problems = []
+    for key in keys:
+        owner = host.get_fact(facts.PathOwner, path=config[key])
+        if owner not in (None, user, "root"):
+            problems.append(f"setting {key} is {config[key]}, which exists and belongs to {owner}; gpufleet hands "
+                            f"only a directory of its own to {user}: choose a new path")
+    return problems
 
 
 @deploy("Python venv")
@@ -67,6 +85,11 @@ def python() -> None:
             )
             return
 
+    taken = foreign_directories(config)
+    if taken:
+        refuse_host(taken)
+        return
+
     server.user(
         name=f"Create the unprivileged build user {user}",
         user=user,
@@ -83,12 +106,14 @@ def python() -> None:
             # Planned only while missing, so the list refresh never makes a re-run report a change.
             apt.packages(name="Install Python's venv module", packages=["python3-venv"], update=True, cache_time=3600)
         parent = venv.rsplit("/", 1)[0] or "/"
-        files.directory(name=f"Create {parent}", path=parent, mode="755")
+        # Only a parent gpufleet creates gets a mode: an existing one (/opt, /srv, someone's home) is left as it is.
+        if host.get_fact(Directory, path=parent) is None:
+            files.directory(name=f"Create {parent}", path=parent, mode="755")
         files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
         has_venv = host.get_fact(facts.PythonVersion, python=venv_python) is not None
         server.shell(
             name=f"Create the venv {venv}",
-            commands=[f"{interpreter} -m venv {venv}"],
+            commands=[shlex.join([interpreter, "-m", "venv", venv])],
             **as_user(user),
             _if=lambda: not has_venv,
         )

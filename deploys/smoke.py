@@ -8,6 +8,7 @@ Runs alone (after preflight): pyinfra inventory.py deploys/smoke.py
 """
 
 import hashlib
+import shlex
 import shutil
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from deploys.preflight import preflight
 from gpufleet.decide import HostProfile
 from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, profile, run_alone, settings, stack_changed
+from gpufleet.stage import as_user, profile, refuse_planted_links, run_alone, settings, stack_changed
 
 SCRIPT = REPO_ROOT / "files" / "smoke" / "gpufleet_smoke.py"
 
@@ -66,6 +67,8 @@ def smoke() -> None:
     changed = stack_changed()
     needed = lambda: not have_result or changed()  # noqa: E731
 
+    if refuse_planted_links([config["work_dir"], work, f"{work}/gpufleet_smoke.py"]):
+        return
     files.directory(name="Create the smoke test directory", path=work, user=user, group=user, mode="755")
     files.put(
         name="Upload the smoke test",
@@ -78,10 +81,11 @@ def smoke() -> None:
     server.shell(
         name="Run the smoke test on this host's GPU",
         commands=[
-            f"rm -f {work}/result-*.json {work}/result-*.rc; "
-            f"{config['venv_path']}/bin/python {work}/gpufleet_smoke.py --output {result}.tmp "
-            f"--heads {config['smoke_heads']} --nvcc {cuda_home(config)}/bin/nvcc --host-label {host.name}; "
-            f"echo $? > {result[:-5]}.rc; mv {result}.tmp {result}"
+            f"rm -f {shlex.quote(work)}/result-*.json {shlex.quote(work)}/result-*.rc; "
+            + shlex.join([f"{config['venv_path']}/bin/python", f"{work}/gpufleet_smoke.py", "--output",
+                          f"{result}.tmp", "--heads", str(config["smoke_heads"]), "--nvcc",
+                          f"{cuda_home(config)}/bin/nvcc", "--host-label", host.name])
+            + f"; echo $? > {shlex.quote(result[:-5] + '.rc')}; mv {shlex.quote(result + '.tmp')} {shlex.quote(result)}"
         ],
         **as_user(user),
         _if=needed,
@@ -94,6 +98,8 @@ def smoke() -> None:
         dest=str(local),
         add_deploy_dir=False,
         create_local_dir=True,
+        # Read as the build user, who wrote it: root never opens a path of the build user's tree.
+        **as_user(user),
     )
     # Only a run that tested keeps a copy (made when the run gets there), so a re-run stays zero changes.
     python.call(
@@ -106,8 +112,8 @@ def smoke() -> None:
     server.shell(
         name="Check that every rung of the smoke test passed",
         commands=[
-            f'rc=$(cat {result[:-5]}.rc); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); '
-            f'see {local} or run: gpufleet report {local.parent}" >&2; exit 1; }}'
+            f'rc=$(cat {shlex.quote(result[:-5] + ".rc")}); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); "'
+            f'{shlex.quote(f"see {local} or run: gpufleet report {local.parent}")} >&2; exit 1; }}'
         ],
         _if=needed,
     )

@@ -68,14 +68,14 @@ def torch() -> None:
     wanted_sms = " ".join("sm_" + a.replace(".", "") for a in arch_list(me.gpus))
     check = (
         "import sys, torch; cuda = torch.version.cuda or 'none'; archs = torch.cuda.get_arch_list(); "
-        f"want = '{config['cuda_version']}'; missing = [a for a in '{wanted_sms}'.split() if a not in archs]; "
+        f"want = {config['cuda_version']!r}; missing = [a for a in {wanted_sms!r}.split() if a not in archs]; "
         "ok = '.'.join(cuda.split('.')[:2]) == want and not missing; "
         "print(f'torch {torch.__version__} CUDA {cuda} archs {archs}; toolkit {want}; missing {missing}', "
         "file=sys.stdout if ok else sys.stderr); sys.exit(0 if ok else 1)"
     )
     server.shell(
         name=f"Check torch's CUDA version and GPU architectures ({', '.join(archs)})",
-        commands=[f"{python} -c {shlex.quote(check)}"],
+        commands=[f"{shlex.quote(python)} -c {shlex.quote(check)}"],
         _if=install.did_change,
     )
 

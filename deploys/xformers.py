@@ -7,6 +7,7 @@ xformers carries the same fingerprint does nothing.
 Runs alone (after preflight): pyinfra inventory.py deploys/xformers.py
 """
 
+import shlex
 from pathlib import Path
 
 from pyinfra import host, state
@@ -20,16 +21,27 @@ from gpufleet import facts
 from gpufleet.buildplan import (
     BUILD_SCRIPT,
     CUBIN_READER,
+    ManifestError,
     WheelBuild,
+    build_paths,
     build_shell_command,
     finished_wheel,
     host_layout,
+    install_commands,
     max_jobs,
 )
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, profile, record_stack_change, run_alone, settings
+from gpufleet.stage import (
+    as_user,
+    profile,
+    record_stack_change,
+    refuse_host,
+    refuse_planted_links,
+    run_alone,
+    settings,
+)
 from gpufleet.xformers_fleet import builder_for, fleet_wheels, host_wheel, patch_dir
 
 
@@ -52,42 +64,57 @@ def xformers() -> None:
     cache = local_cache(config, fp)
     cached = (cache / "manifest.json").is_file()
     builder = None if cached else builder_for(fp, fleet_wheels(), config["xformers_builder"])
+    if refuse_planted_links(*build_paths(layout, config["work_dir"])):
+        return
+    is_builder = builder == host.name
+    usable, finished = _finished(config, layout, fp) if is_builder else (True, None)
+    if not usable:
+        return
     files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
     _upload(CUBIN_READER, layout.cubins_reader, user)
 
     # Every installing host plans the build, the fetch and the upload, in this order, each gated to the hosts it
     # concerns: pyinfra orders operations by each host's sequence, so this puts the upload after the fetch.
-    is_builder = builder == host.name
     if is_builder:
         _prepare_build(config, layout, python)
-    _build(config, mine, layout, python, run=is_builder)
+    _build(config, mine, layout, python, run=is_builder, finished=finished)
     fetch_built_wheel(
         name="Fetch the built wheel to this machine's cache",
         remote_dir=layout.out_dir,
+        staging=layout.staging,
         local_dir=str(cache),
+        fingerprint=fp,
+        user=user,
         _if=lambda: is_builder,
     )
     push_built_wheel(
         name=f"Upload the xformers wheel built {'earlier' if cached else 'by ' + str(builder)}",
         local_dir=str(cache),
-        remote_dir=layout.out_dir,
-        owner=user,
+        staging=layout.staging,
+        fingerprint=fp,
         _if=lambda: not is_builder,
     )
 
     owner = venv_owner(config)
+    proof = f"{layout.out_dir}/installed-cubins.json"
     install = server.shell(
         name=f"Install xformers {config['xformers_version']} ({fp}) and prove its sm code",
         commands=[
-            f"{python} -m pip install --no-deps --no-index --force-reinstall {layout.out_dir}/xformers-*.whl",
-            f"{python} {layout.cubins_reader} --require '{';'.join(mine.arch_list)}' "
-            f"\"$({python} -c 'import os, xformers; print(os.path.dirname(xformers.__file__))')/_C.so\" "
-            f"> {layout.out_dir}/installed-cubins.json",
-            f"echo {fp} > {work}/installed",
+            *install_commands(python, layout),
+            f"mkdir -p {shlex.quote(layout.out_dir)} && {shlex.quote(python)} {shlex.quote(layout.cubins_reader)} "
+            f"--require {shlex.quote(';'.join(mine.arch_list))} "
+            f"\"$({shlex.quote(python)} -c 'import os, xformers; print(os.path.dirname(xformers.__file__))')/_C.so\" "
+            f"> {shlex.quote(proof)}",
         ],
         **as_user(owner),
     )
     record_stack_change(install)
+    # Root's stamp, outside the build user's reach: the build user cannot make a host skip or repeat an install.
+    server.shell(
+        name=f"Record that xformers {fp} is installed",
+        commands=[f"printf '%s\\n' {shlex.quote(fp)} > {shlex.quote(layout.stamp)}"],
+        _if=install.did_change,
+    )
 
 
 def _upload(local: str, remote: str, user: str) -> None:
@@ -126,10 +153,20 @@ def _prepare_build(config: dict, layout, python: str) -> None:
     _upload(BUILD_SCRIPT, layout.script, user)
 
 
-def _build(config: dict, mine, layout, python: str, run: bool) -> None:
+def _finished(config: dict, layout, fp: str) -> tuple[bool, str | None]:
+    """(usable, wheel name of a finished build of fp on this host); not usable when its manifest names something
+    no build writes, and then the host is refused. Read as the build user: root never opens a file of that tree."""
+    text = host.get_fact(facts.FileText, path=layout.manifest, **as_user(config["build_user"]))
+    try:
+        return True, finished_wheel(text, fp, layout.manifest)
+    except ManifestError as error:
+        refuse_host([str(error)])
+        return False, None
+
+
+def _build(config: dict, mine, layout, python: str, run: bool, finished: str | None) -> None:
     """The build as the build user, only on the builder and only without a finished manifest for the fingerprint."""
     me = profile()
-    finished = finished_wheel(host.get_fact(facts.FileText, path=layout.manifest), mine.fingerprint) if run else None
     jobs = config["xformers_max_jobs"] or max_jobs(me.mem_available, me.cpus)
     build = WheelBuild(
         sdist=layout.sdist,

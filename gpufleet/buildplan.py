@@ -104,15 +104,32 @@ def build_shell_command(script: str, build: WheelBuild) -> str:
     return shlex.join(build_command(script, build))
 
 
+# Root's own directory on each host: wheels staged for install and the stamps root trusts. Never inside work_dir
+# (the build user owns that tree and could swap anything in it for a link).
+ROOT_STATE_DIR = "/var/lib/gpufleet-root"
+# The fingerprint of the xformers installed on the host, written by root after the install.
+INSTALLED_STAMP = f"{ROOT_STATE_DIR}/xformers/installed"
+# A wheel file name a build may report: one path component, nothing a shell or a path could read differently.
+WHEEL_NAME = re.compile(r"xformers-[A-Za-z0-9_.+-]+\.whl")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class ManifestError(ValueError):
+    """A manifest for this fingerprint that names something no build writes: the build user's files were changed."""
+
+
 @dataclass(frozen=True)
 class HostLayout:
-    """Where the xformers build lives on a host, under the `work_dir` setting (all owned by build_user)."""
+    """Where the xformers build lives on a host: under `work_dir` (owned by build_user) the build; under
+    ROOT_STATE_DIR (root's) the wheel staged for install and the stamp of what is installed."""
 
     script: str
     cubins_reader: str
     patch_dir: str
     sdist: str
     out_dir: str
+    staging: str
+    stamp: str
 
     @property
     def manifest(self) -> str:
@@ -122,6 +139,11 @@ class HostLayout:
     @property
     def log(self) -> str:
         return f"{self.out_dir}/build.log"
+
+    @property
+    def staged_checksum(self) -> str:
+        """`sha256sum -c` line of the staged wheel, written by root: what is installed and its sha256."""
+        return f"{self.staging}/wheel.sha256"
 
 
 def host_layout(work_dir: str, xformers_version: str, fingerprint: str) -> HostLayout:
@@ -133,11 +155,14 @@ def host_layout(work_dir: str, xformers_version: str, fingerprint: str) -> HostL
         patch_dir=f"{base}/patches-{xformers_version}",
         sdist=f"{base}/xformers-{xformers_version}.tar.gz",
         out_dir=f"{base}/wheels/{fingerprint}",
+        staging=f"{ROOT_STATE_DIR}/xformers/{fingerprint}",
+        stamp=INSTALLED_STAMP,
     )
 
 
-def finished_wheel(manifest_json: Optional[str], fingerprint: str) -> Optional[str]:
-    """Wheel file name a finished build left for `fingerprint`, from manifest.json's text; None means build it."""
+def parse_manifest(manifest_json: Optional[str], fingerprint: str, where: str = "manifest.json") -> Optional[dict]:
+    """A finished build's manifest for `fingerprint`, checked; None when there is none (absent, unreadable, another
+    fingerprint): build it. ManifestError when it is this fingerprint's but names an unsafe wheel or checksum."""
     if not manifest_json:
         return None
     try:
@@ -146,5 +171,45 @@ def finished_wheel(manifest_json: Optional[str], fingerprint: str) -> Optional[s
         return None
     if not isinstance(manifest, dict) or manifest.get("fingerprint") != fingerprint:
         return None
-    wheel = manifest.get("wheel")
-    return wheel if isinstance(wheel, str) and wheel.endswith(".whl") else None
+    wheel, sha = manifest.get("wheel"), manifest.get("wheel_sha256")
+    if not isinstance(wheel, str) or not WHEEL_NAME.fullmatch(wheel):
+        raise ManifestError(
+            f"{where} names the wheel {wheel!r}, which is no xformers wheel file name (xformers-*.whl, no '/'); "
+            "someone changed the build user's files: remove the directory and run again")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ManifestError(f"{where} gives the wheel's sha256 as {sha!r}, not 64 hex digits; remove the "
+                            "directory and run again")
+    return manifest
+
+
+def finished_wheel(manifest_json: Optional[str], fingerprint: str, where: str = "manifest.json") -> Optional[str]:
+    """Wheel file name a finished build left for `fingerprint`, from manifest.json's text; None means build it.
+
+    Raises ManifestError for a manifest of this fingerprint naming something no build writes.
+    """
+    manifest = parse_manifest(manifest_json, fingerprint, where)
+    return None if manifest is None else manifest["wheel"]
+
+
+def staged_checksum_line(manifest: dict) -> str:
+    """The staged wheel's `sha256sum -c` line; the manifest went through parse_manifest."""
+    return f"{manifest['wheel_sha256']}  {manifest['wheel']}\n"
+
+
+def install_commands(python: str, layout: HostLayout) -> list[str]:
+    """Install exactly the staged wheel, its sha256 checked in the same command, in root's staging directory."""
+    staging = shlex.quote(layout.staging)
+    return [
+        f"cd {staging} && sha256sum -c --quiet wheel.sha256 && "
+        f"wheel=$(sed -n 's/^[0-9a-f]\\{{64\\}}  \\(xformers-[A-Za-z0-9_.+-]*\\.whl\\)$/\\1/p' wheel.sha256) && "
+        f'[ -n "$wheel" ] && {shlex.quote(python)} -m pip install --no-deps --no-index --force-reinstall '
+        f'{staging}/"$wheel"',
+    ]
+
+
+def build_paths(layout: HostLayout, work_dir: str) -> tuple[list[str], list[str]]:
+    """(paths, trees) in the build user's tree that root writes to or reads: none may be a symbolic link."""
+    base = layout.script.rsplit("/", 1)[0]
+    paths = [work_dir, base, f"{base}/wheels", layout.out_dir, layout.script, layout.cubins_reader, layout.sdist,
+             layout.patch_dir, layout.manifest]
+    return paths, [layout.patch_dir]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -84,18 +85,19 @@ def warm_commands(config: dict[str, Any], python: str, base: str, packages: list
     devpi fetches a file once per concurrent first request, so hosts asking at the same moment would each cause
     an upstream download; fetched here first, every host's request is a hit.
     """
-    view = through_cache(config, base.split("//", 1)[1].rsplit(":", 1)[0])
-    common = (f"{python} -m pip download --no-cache-dir --disable-pip-version-check -q -d {dest} "
-              f"--only-binary :all: --python-version {config['python_version']} "
-              f"--trusted-host {base.split('//', 1)[1].rsplit(':', 1)[0]}")
+    cache_host = base.split("//", 1)[1].rsplit(":", 1)[0]
+    view = through_cache(config, cache_host)
+    common = shlex.join([python, "-m", "pip", "download", "--no-cache-dir", "--disable-pip-version-check", "-q",
+                         "-d", dest, "--only-binary", ":all:", "--python-version", config["python_version"],
+                         "--trusted-host", cache_host])
     torch_pre = " --pre" if config["torch_channel"] == "nightly" else ""
     # devpi knows a file once it has read the project's page; then the sdist is fetched into the cache.
     return [
-        f"curl -fsS -o /dev/null {_index(base, PYPI_INDEX)}xformers/",
-        f"curl -fsS -o /dev/null {sdist_url(base, config)}",
-        f"{common} --index-url {view['pip_index_url']} {' '.join(packages)}",
-        f"{common}{torch_pre} --index-url {view['torch_index_url']} --extra-index-url {view['pip_index_url']} "
-        f"torch=={config['torch_version']}",
+        f"curl -fsS -o /dev/null {shlex.quote(_index(base, PYPI_INDEX) + 'xformers/')}",
+        f"curl -fsS -o /dev/null {shlex.quote(sdist_url(base, config))}",
+        f"{common} --index-url {shlex.quote(view['pip_index_url'])} {shlex.join(packages)}",
+        f"{common}{torch_pre} --index-url {shlex.quote(view['torch_index_url'])} "
+        f"--extra-index-url {shlex.quote(view['pip_index_url'])} {shlex.quote('torch==' + config['torch_version'])}",
     ]
 
 
@@ -105,6 +107,8 @@ def apt_warm_packages(config: dict[str, Any], kernels: list[str]) -> list[str]:
     A superset is harmless (fetched once more into the cache); names a host's repositories lack are skipped.
     """
     tools = ["g++", "make", "patch"] + (["ccache"] if config["xformers_ccache"] else [])
+    # A kernel release comes from each host's `uname -r`: only a plain Debian package name goes on.
+    kernels = [k for k in kernels if is_kernel_release(k)]
     return sorted({
         *driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"]),
         "cuda-toolkit-" + config["cuda_version"].replace(".", "-"),
@@ -121,8 +125,8 @@ def apt_warm_commands(config: dict[str, Any], repo_dirs: list[str], packages: li
     status (nothing installed) makes apt fetch what this host already has; the host's own sources plus the CUDA
     repositories at the cache's remap, the URLs the clients use.
     """
-    base = f"http://127.0.0.1:{config['cache_apt_port']}"
-    options = " ".join(f"-o {o}" for o in (
+    base = f"http://127.0.0.1:{int(config['cache_apt_port'])}"
+    options = " ".join(f"-o {shlex.quote(o)}" for o in (
         f"Dir::State::Lists={scratch}/lists", f"Dir::State::status={scratch}/status", f"Dir::Cache={scratch}/cache",
         f"Dir::Cache::archives={scratch}/archives", f"Dir::Etc::SourceParts={scratch}/parts",
         "Debug::NoLocking=1", f"Acquire::http::Proxy={base}", "Acquire::http::Proxy::127.0.0.1=DIRECT",
@@ -130,21 +134,31 @@ def apt_warm_commands(config: dict[str, Any], repo_dirs: list[str], packages: li
         # used up apt-cacher-ng's retries ("503 Connection closed, check DlMaxRetries").
         "Acquire::http::Pipeline-Depth=0", "Acquire::Retries=3"))
     # Nothing fetched here is installed: the clients check the repository signatures themselves.
-    cuda = "\\n".join(f"deb [trusted=yes] {base}/{CUDA_REMAP}/{d}/x86_64/ /" for d in repo_dirs)
-    wanted = " ".join(packages)
+    cuda = "".join(f"deb [trusted=yes] {base}/{CUDA_REMAP}/{d}/x86_64/ /\n" for d in repo_dirs)
+    wanted = shlex.join(p for p in packages if _PACKAGE.fullmatch(p))
+    s = shlex.quote(scratch)
     return [
-        f"rm -rf {scratch} && mkdir -p {scratch}/lists/partial {scratch}/archives/partial {scratch}/cache "
-        f"{scratch}/parts && touch {scratch}/status",
+        f"rm -rf {s} && mkdir -p {s}/lists/partial {s}/archives/partial {s}/cache {s}/parts && touch {s}/status",
         f"for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do "
-        f"[ -f \"$f\" ] && cp \"$f\" {scratch}/parts/; done; true",
-        f"printf '{cuda}\\n' > {scratch}/parts/zz-gpufleet-warm-cuda.list",
+        f"[ -f \"$f\" ] && cp \"$f\" {s}/parts/; done; true",
+        f"printf '%s' {shlex.quote(cuda)} > {s}/parts/zz-gpufleet-warm-cuda.list",
         # The init script returns before the daemon listens.
         f"for i in $(seq 100); do curl -s -o /dev/null {base}/ && break; sleep 0.1; done",
         f"apt-get -q {options} update",
         f"apt-get -q -y {options} install --download-only $(for p in {wanted}; do "
         f"apt-cache {options} show \"$p\" >/dev/null 2>&1 && echo \"$p\"; done)",
-        f"rm -rf {scratch}",
+        f"rm -rf {s}",
     ]
+
+
+# A Debian package name, and a kernel release as `uname -r` prints it on Debian and Ubuntu (6.8.0-45-generic).
+_PACKAGE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,127}")
+_KERNEL_RELEASE = re.compile(r"[0-9]+\.[0-9]+[a-z0-9.+-]{0,100}")
+
+
+def is_kernel_release(text: str) -> bool:
+    """Whether a host's `uname -r` is a plain kernel release: it is written into a root shell on the cache host."""
+    return bool(_KERNEL_RELEASE.fullmatch(text))
 
 
 def apt_proxy_dropin(config: dict[str, Any], cache_address: str) -> str:
@@ -177,12 +191,24 @@ def acng_config(config: dict[str, Any], listen: list[str]) -> str:
         f"AllowUserPorts: {' '.join(str(p) for p in upstream_ports(config))}",
         # cuda_repo_url (https at NVIDIA) as a virtual directory of the cache: fetched once, cached for all.
         f"Remap-{CUDA_REMAP}: /{CUDA_REMAP} ; {config['cuda_repo_url'].rstrip('/')}",
-        # Other https repositories go through as CONNECT tunnels: reachable, not cached.
-        "PassThroughPattern: .*:443$",
+        # Only the configured upstreams' https hosts go through as CONNECT tunnels: never an open proxy.
+        f"PassThroughPattern: {pass_through_pattern(config)}",
         # Never serve what the report page's maintenance would delete without asking.
         "ExThreshold: 4",
         "",
     ])
+
+
+def pass_through_pattern(config: dict[str, Any]) -> str:
+    """apt-cacher-ng's regular expression of host:port it tunnels: the https upstream hosts of the settings."""
+    hosts = sorted({url.hostname for key in UPSTREAM_SETTINGS if config.get(key)
+                    for url in [urlparse(config[key])] if url.scheme == "https" and url.hostname})
+    if not hosts:
+        return "^$"
+    return "^(" + "|".join(re.escape(h) for h in hosts) + "):443$"
+
+
+UPSTREAM_SETTINGS = ("cuda_repo_url", "pip_index_url", "torch_index_url", "xformers_source_url")
 
 
 def devpi_command(venv: str, config: dict[str, Any], listen: list[str]) -> list[str]:
@@ -317,7 +343,8 @@ class DevpiMirrors(FactBase):
 
     def command(self, base: str, indexes: list[str]) -> str:
         reads = " ; ".join(
-            f"printf '%s ' {i}; curl -fsS -H 'Accept: application/json' {base}/{i} | tr -d '\\n'; echo"
+            f"printf '%s ' {shlex.quote(i)}; curl -fsS -H 'Accept: application/json' {shlex.quote(f'{base}/{i}')} "
+            "| tr -d '\\n'; echo"
             for i in indexes)
         return f"( {reads} ) 2>/dev/null || true"
 
@@ -343,7 +370,7 @@ def stats_command(cache_dir: str) -> str:
         f"echo '{_SECTION.format('acng')}'", f"cat {ACNG_LOG} 2>/dev/null",
         f"echo '{_SECTION.format('devpi')}'", f"cat {DEVPI_LOG} 2>/dev/null",
         f"echo '{_SECTION.format('files')}'",
-        f"find {cache_dir}/pypi/+files -type f -printf '%s %P\\n' 2>/dev/null",
+        f"find {shlex.quote(cache_dir + '/pypi/+files')} -type f -printf '%s %P\\n' 2>/dev/null",
         "true",
     ])
 

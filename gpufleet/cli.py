@@ -86,9 +86,9 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
             ssh += [option, str(Path(str(conn[key])).expanduser()) if key == "ssh_key" else str(conn[key])]
     if "ssh_known_hosts_file" in conn:
         ssh += ["-o", f"UserKnownHostsFile={Path(conn['ssh_known_hosts_file']).expanduser()}"]
-    user = f"{conn['ssh_user']}@" if "ssh_user" in conn else ""
     remote = f"sudo -n sh -c {shlex.quote(command)}" if conn.get("sudo") else command
-    proc = subprocess.run([*ssh, f"{user}{spec.address}", remote], capture_output=True, text=True, check=False)
+    proc = subprocess.run(cache_stats_argv(ssh, conn.get("ssh_user"), spec.address, remote),
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(f"gpufleet cache-stats: could not read the logs on {spec.name} ({spec.address}): "
               f"{proc.stderr.strip() or f'ssh exit {proc.returncode}'}", file=sys.stderr)
@@ -99,6 +99,11 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
         print(f"{s.server:<15} {s.hits:>7} {s.misses:>7} {s.bytes_served / 1e6:>10.1f} "
               f"{s.bytes_fetched / 1e6:>11.1f} {s.bytes_saved / 1e6:>9.1f}")
     return 0
+
+
+def cache_stats_argv(ssh: list[str], user: str | None, address: str, remote: str) -> list[str]:
+    """ssh's argv: the destination after `--`, so no inventory value is ever read as an ssh option."""
+    return [*ssh, "--", f"{user}@{address}" if user else address, remote]
 
 
 def build_parser() -> argparse.ArgumentParser:

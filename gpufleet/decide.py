@@ -135,6 +135,8 @@ class HostProfile:
     disk_mount: str
     is_control_machine: bool
     missing_tools: tuple[str, ...] = ()
+    # The account named by build_user as the host has it (facts.Account), None when it does not exist yet.
+    build_account: dict[str, Any] | None = None
 
 
 def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
@@ -238,6 +240,7 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
             f"{settings['cuda_repo_url'].rstrip('/')}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb, verify it, "
             f"and add it to the inventory: cuda_keyring_sha256: {{{repo_dir}: <sha256>, ...}} (keep the others)."
         )
+    problems.extend(build_account_problems(host.build_account, settings))
     need_disk = settings["min_free_disk_gb"] * GB
     if host.free_disk < need_disk:
         problems.append(
@@ -251,6 +254,31 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
             f"{settings['min_memory_gb']} GB (setting min_memory_gb); on WSL raise memory= in .wslconfig."
         )
     return problems
+
+
+# Groups whose members may become root (sudo on Debian/Ubuntu, admin on old Ubuntu, wheel elsewhere).
+ADMIN_GROUPS = ("sudo", "admin", "wheel", "root")
+
+
+def build_account_problems(account: dict[str, Any] | None, settings: dict[str, Any]) -> list[str]:
+    """An existing build_user account must be gpufleet's: not root, no admin group, its home work_dir.
+
+    gpufleet creates the account with home work_dir; an account found with another home is someone else's
+    (a person, a service), whose home and shell gpufleet would change.
+    """
+    if account is None:
+        return []
+    user, work_dir = settings["build_user"], settings["work_dir"]
+    fix = "set build_user to a name no account on the host has yet (gpufleet creates it), e.g. gpufleet"
+    if account["uid"] == 0:
+        return [f"setting build_user '{user}' is a root account (uid 0); {fix}."]
+    admin = [g for g in account["groups"] if g in ADMIN_GROUPS]
+    if admin:
+        return [f"setting build_user '{user}' is an existing account in group {admin[0]} (may act as root); {fix}."]
+    if account["home"].rstrip("/") != work_dir:
+        return [f"setting build_user '{user}' is an existing account with its own home {account['home']} "
+                f"(gpufleet's build user lives in work_dir {work_dir}); {fix}."]
+    return []
 
 
 def _existing_driver_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:

@@ -408,7 +408,8 @@ class NvccVersion(_ParsedFact):
     parser = staticmethod(parse_nvcc_version)
 
     def command(self, cuda_home: str) -> str:
-        return f"if [ -x {cuda_home}/bin/nvcc ]; then {cuda_home}/bin/nvcc --version; else echo {NO_TOOL}; fi"
+        nvcc = shlex.quote(f"{cuda_home}/bin/nvcc")
+        return f"if [ -x {nvcc} ]; then {nvcc} --version; else echo {NO_TOOL}; fi"
 
 
 class PythonVersion(_ParsedFact):
@@ -417,6 +418,7 @@ class PythonVersion(_ParsedFact):
     parser = staticmethod(parse_python_version)
 
     def command(self, python: str) -> str:
+        python = shlex.quote(python)
         return (
             f"if [ -x {python} ]; then {python} -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])'; "
             f"else echo {NO_TOOL}; fi"
@@ -429,7 +431,7 @@ class PathOwner(_ParsedFact):
     parser = staticmethod(lambda text: None if NO_TOOL in text else text.strip())
 
     def command(self, path: str) -> str:
-        return f"stat -c %U {path} 2>/dev/null || echo {NO_TOOL}"
+        return f"stat -c %U {shlex.quote(path)} 2>/dev/null || echo {NO_TOOL}"
 
 
 def parse_torch_info(text: str) -> dict[str, Any] | None:
@@ -457,6 +459,7 @@ class TorchInfo(_ParsedFact):
     parser = staticmethod(parse_torch_info)
 
     def command(self, python: str) -> str:
+        python = shlex.quote(python)
         return (
             f"if [ -x {python} ] && {python} -c 'import torch' 2>/dev/null; then "
             f'{python} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
@@ -469,7 +472,7 @@ class FileText(_ParsedFact):
     parser = staticmethod(lambda text: None if NO_TOOL in text else text.strip())
 
     def command(self, path: str) -> str:
-        return f"cat {path} 2>/dev/null || echo {NO_TOOL}"
+        return f"cat {shlex.quote(path)} 2>/dev/null || echo {NO_TOOL}"
 
 
 class PythonHeaders(_ParsedFact):
@@ -478,6 +481,7 @@ class PythonHeaders(_ParsedFact):
     parser = staticmethod(lambda text: text.strip() == "yes")
 
     def command(self, python: str) -> str:
+        python = shlex.quote(python)
         return (
             f"if [ -x {python} ] && [ -f \"$({python} -c 'import sysconfig; print(sysconfig.get_paths()[\"include\"])')"
             '/Python.h" ]; then echo yes; else echo no; fi'
@@ -502,6 +506,7 @@ class PipFreeze(_ParsedFact):
     parser = staticmethod(parse_pip_freeze)
 
     def command(self, python: str) -> str:
+        python = shlex.quote(python)
         return f"if [ -x {python} ]; then {python} -m pip freeze --all; else echo {NO_TOOL}; fi"
 
 
@@ -516,3 +521,45 @@ class InterruptedPackageInstall(FactBase):
 
     def default(self) -> bool:
         return False
+
+
+def parse_account(text: str) -> dict[str, Any] | None:
+    """`getent passwd USER` then `id -Gn USER`: the account's uid, home and groups; None when there is none."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or NO_TOOL in lines[0]:
+        return None
+    fields = lines[0].split(":")
+    if len(fields) != 7 or not fields[2].isdigit():
+        raise ParseError(f"unexpected getent passwd line: {lines[0]!r}")
+    groups = lines[1].split() if len(lines) > 1 else []
+    return {"name": fields[0], "uid": int(fields[2]), "home": fields[5], "shell": fields[6], "groups": groups}
+
+
+class Account(_ParsedFact):
+    """An existing account (uid, home, groups), or None: preflight refuses a build_user that is someone else's."""
+
+    parser = staticmethod(parse_account)
+
+    def command(self, user: str) -> str:
+        user = shlex.quote(user)
+        return f"getent passwd {user} && id -Gn {user} || echo {NO_TOOL}"
+
+
+class PlantedLinks(FactBase):
+    """Symbolic links among paths root writes to or reads in the build user's tree ("path -> target" each).
+
+    gpufleet makes no links there: one found was planted, and root must not follow it.
+    """
+
+    def command(self, paths: list[str], trees: list[str] = ()) -> str:
+        checks = " ".join(shlex.quote(p) for p in paths)
+        finds = "".join(f"[ -d {shlex.quote(t)} ] && [ ! -L {shlex.quote(t)} ] && "
+                        f"find {shlex.quote(t)} -mindepth 1 -type l -printf '%p -> %l\\n'; " for t in trees)
+        return (f'for p in {checks}; do [ -L "$p" ] && printf \'%s -> %s\\n\' "$p" "$(readlink -- "$p")"; done; '
+                f"{finds}true")
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line.strip() for line in output if " -> " in line]
+
+    def default(self) -> list[str]:
+        return []

@@ -15,7 +15,16 @@ from typing import Any
 
 import yaml
 
-from gpufleet.settings import REPO_ROOT, Setting, load_settings, suggest, validate_value
+from gpufleet.settings import (
+    REPO_ROOT,
+    Setting,
+    combined_problems,
+    is_address,
+    is_host_name,
+    load_settings,
+    suggest,
+    validate_value,
+)
 
 DEFAULT_INVENTORY = REPO_ROOT / "inventory" / "hosts.yaml"
 INVENTORY_ENV = "GPUFLEET_INVENTORY"
@@ -26,7 +35,16 @@ CACHE_GROUP = "cache"
 TOP_KEYS = ("settings", "groups")
 GROUP_KEYS = ("settings", "hosts")
 HOST_KEYS = ("address", "ssh_user", "ssh_port", "ssh_key", "ssh_known_hosts_file", "sudo", "settings")
-_HOST_NAME = re.compile(r"^(@local|[A-Za-z0-9]([A-Za-z0-9.\-_]{0,252}))$")
+# Limits that keep a hostile file from exhausting the checker: size, nesting, nodes after aliases expand.
+MAX_FILE_BYTES = 1024 * 1024
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+# The only YAML types an inventory holds; any other tag (!!python/object, !env, !!binary) is refused.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in (
+    "str", "int", "float", "bool", "null", "map", "seq", "merge", "timestamp")}
+_SSH_USER = re.compile(r"[a-z_][a-z0-9_.-]{0,31}")
+# Control-machine files for ssh: no whitespace, control characters or leading '-' (never read as an option).
+_LOCAL_FILE = re.compile(r"[A-Za-z0-9._+/~][A-Za-z0-9._+/~@=,-]*")
 
 
 @dataclass
@@ -154,8 +172,9 @@ class _Checker:
 
     def host(self, name: str, name_node: yaml.Node, node: yaml.Node, group: str) -> HostSpec:
         where = f"host '{name}'"
-        if not _HOST_NAME.match(name):
-            self.problem(name_node, where, "not a valid host name; use a DNS name or set address: to the IP")
+        if name != "@local" and not is_host_name(name):
+            self.problem(name_node, where, "not a valid host name (RFC 1123: letters, digits, '-' and '.'); "
+                                           "use a DNS name or set address: to the IP")
         spec = HostSpec(name=name, group=group, line=name_node.start_mark.line + 1)
         for key, key_node, value_node in self.mapping(node, where):
             if key not in HOST_KEYS:
@@ -194,20 +213,93 @@ def _connection_problem(key: str, value: Any) -> str | None:
         return None if isinstance(value, bool) else "true or false"
     if not isinstance(value, str) or not value:
         return "a non-empty string"
-    return None
+    if key == "address":
+        return None if is_address(value) else "a host name (RFC 1123: letters, digits, '-' and '.') or an IP address"
+    if key == "ssh_user":
+        return None if _SSH_USER.fullmatch(value) else "a user name of lowercase letters, digits, '.', '_' and '-'"
+    return None if _LOCAL_FILE.fullmatch(value) else "a file path without spaces, quotes or a leading '-'"
+
+
+def _compose(path: Path) -> yaml.Node | None:
+    """The file's YAML node tree, or InventoryError with one clear line: never a traceback, whatever the file."""
+    def refuse(text: str) -> InventoryError:
+        return InventoryError(path, [f"{path}: {text}"])
+
+    if path.is_dir():
+        raise refuse("is a directory; pass the inventory YAML file itself (e.g. inventory/hosts.yaml)")
+    if not path.is_file():
+        raise refuse(f"no such file; set {INVENTORY_ENV} or create inventory/hosts.yaml")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise refuse(f"cannot be read ({error.strerror}); check its permissions") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise refuse(f"is larger than {MAX_FILE_BYTES // 1024} KiB; an inventory is a short list of hosts")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise InventoryError(path, [f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}); "
+                                    "save the file as UTF-8"]) from None
+    try:
+        _check_events(path, text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or error
+        raise InventoryError(path, [f"{path}{line}: not valid YAML: {problem}"]) from None
+    except RecursionError:
+        raise refuse(f"is nested too deeply; an inventory needs at most {MAX_DEPTH} levels") from None
+    if root is not None:
+        _check_nodes(path, root)
+    return root
+
+
+def _check_events(path: Path, text: str) -> None:
+    """Nesting depth and tags, read from the event stream before a tree is built (building it recurses)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1
+                raise InventoryError(path, [f"{path}:{line}: nested more than {MAX_DEPTH} levels deep; "
+                                            "an inventory is settings, groups and hosts"])
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        tag = getattr(event, "tag", None)
+        if tag and tag not in ("!", "?") and tag not in _PLAIN_TAGS:
+            line = event.start_mark.line + 1
+            raise InventoryError(path, [f"{path}:{line}: YAML tag {tag} is not allowed; an inventory holds plain "
+                                        "text, numbers, true/false, lists and mappings: remove the tag"])
+
+
+def _check_nodes(path: Path, root: yaml.Node) -> None:
+    """Aliases may repeat a node many times over: the tree as read, aliases expanded, stays small."""
+    count = 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise InventoryError(path, [f"{path}: expands to more than {MAX_NODES} values through YAML aliases "
+                                        "(&anchor/*alias); write the values out or use fewer aliases"])
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                stack += [key, value]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+        elif node.tag not in _PLAIN_TAGS:
+            line = node.start_mark.line + 1
+            raise InventoryError(path, [f"{path}:{line}: YAML tag {node.tag} is not allowed; remove the tag"])
 
 
 def load_inventory(path: Path | str | None = None) -> Inventory:
     """Parse and validate the inventory; raise InventoryError listing every problem."""
     path = Path(path or os.environ.get(INVENTORY_ENV) or DEFAULT_INVENTORY)
-    if not path.is_file():
-        raise InventoryError(path, [f"{path}: no such file; set {INVENTORY_ENV} or create inventory/hosts.yaml"])
-    try:
-        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "context_mark", None) or getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise InventoryError(path, [f"{path}{line}: not valid YAML: {getattr(error, 'problem', error)}"]) from None
+    root = _compose(path)
     checker = _Checker(path, load_settings())
     if root is None:
         raise InventoryError(path, [f"{path}: the file is empty; see inventory/hosts.yaml for the format"])
@@ -301,6 +393,18 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
     if len(servers) == 1:
         for spec in hosts:
             spec.cache_address = servers[0].address
+
+    defaults = {name: s.default for name, s in checker.settings.items()}
+    for spec in hosts:
+        merged = {**defaults, **spec.settings}
+        for key, text in combined_problems(merged, spec.connection.get("ssh_user")):
+            if key.startswith("cache_") and not spec.cache_server:
+                continue
+            checker.problems.append(f"{path}:{spec.line}: host '{spec.name}' setting '{key}': {text}")
+        if spec.cache_server and any(a in ("0.0.0.0", "::") for a in merged["cache_listen"]) \
+                and merged["cache_listen_any"]:
+            print(f"gpufleet: warning: {spec.name}'s cache listens on every network (cache_listen_any); "
+                  "apt-cacher-ng and devpi-server have no access control", file=sys.stderr)
 
     names = {h.name for h in hosts}
     for node, where, builder in checker.builder_values:

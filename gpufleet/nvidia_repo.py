@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from io import StringIO
 from typing import Any
 from urllib.parse import urlparse
@@ -10,11 +11,13 @@ from pyinfra import host
 from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, server
 
+from gpufleet.buildplan import ROOT_STATE_DIR
 from gpufleet.facts import InterruptedPackageInstall
 
 KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
 SOURCE_NAME = "gpufleet-cuda"
+DOWNLOADS = f"{ROOT_STATE_DIR}/downloads"
 # What is already planned for which host in this run: the driver and CUDA stages share these steps.
 _planned: set[tuple[str, str]] = set()
 
@@ -26,6 +29,14 @@ def _first_time(step: str) -> bool:
         return False
     _planned.add(key)
     return True
+
+
+def keyring_command(deb: str, sha256: str) -> str:
+    """Extract the keyring from the .deb only after its sha256 is checked, in the same command."""
+    tmp = shlex.quote(f"{KEYRING}.tmp")
+    return (f"echo {shlex.quote(f'{sha256}  {deb}')} | sha256sum -c --quiet && "
+            f"dpkg-deb --fsys-tarfile {shlex.quote(deb)} | tar -xO {shlex.quote('.' + KEYRING)} > {tmp} "
+            f"&& test -s {tmp} && chmod 644 {tmp} && mv {tmp} {shlex.quote(KEYRING)}")
 
 
 def repo_url(config: dict[str, Any], repo_dir: str) -> str:
@@ -61,21 +72,21 @@ def ensure_repo(config: dict[str, Any], repo_dir: str) -> None:
     if not _first_time("repository"):
         return
     apt_settings(config)
-    deb = f"{config['work_dir']}/downloads/{KEYRING_DEB}"
-    files.directory(name="Create the download directory", path=f"{config['work_dir']}/downloads", mode="755")
+    sha256 = config["cuda_keyring_sha256"][repo_dir]
+    # Root's own directory, never work_dir: the build user owns that tree and could swap the file for a link.
+    deb = f"{DOWNLOADS}/{KEYRING_DEB}"
+    files.directory(name=f"Create root's download directory {DOWNLOADS}", path=DOWNLOADS, user="root",
+                    group="root", mode="700")
     download = files.download(
         name=f"Download {repo_url(config, repo_dir) + KEYRING_DEB} (sha256 checked)",
         src=repo_url(config, repo_dir) + KEYRING_DEB,
         dest=deb,
-        sha256sum=config["cuda_keyring_sha256"][repo_dir],
+        sha256sum=sha256,
     )
     keyring_missing = not host.get_fact(File, path=KEYRING)
     keyring = server.shell(
         name="Install NVIDIA's repository keyring",
-        commands=[
-            f"dpkg-deb --fsys-tarfile {deb} | tar -xO .{KEYRING} > {KEYRING}.tmp "
-            f"&& test -s {KEYRING}.tmp && chmod 644 {KEYRING}.tmp && mv {KEYRING}.tmp {KEYRING}"
-        ],
+        commands=[keyring_command(deb, sha256)],
         _if=lambda: keyring_missing or download.did_change(),
     )
     source = apt.sources_file(

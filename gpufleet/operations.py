@@ -10,6 +10,7 @@ from pathlib import Path
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
+from gpufleet.buildplan import parse_manifest, staged_checksum_line
 from gpufleet.facts import PipFreeze
 from gpufleet.fingerprint import file_sha256
 
@@ -21,36 +22,86 @@ def refuse(reasons: list[str]):
     yield f"echo {shlex.quote(text)} >&2; exit 1"
 
 
-@operation(is_idempotent=False)
-def fetch_built_wheel(remote_dir: str, local_dir: str):
-    """Copy the builder's wheel and manifest to this machine's cache, checking the wheel's sha256.
+def _as_root(host) -> dict:
+    """Connector arguments for a command a FunctionCommand runs as root (sudo where the inventory says so)."""
+    return {"_sudo": True} if host.data.get("_sudo") else {}
 
-    Only planned on the builder when its wheel is not cached yet; the manifest is written last, so a broken copy
-    never looks finished.
+
+def _run(host, command: str, **arguments) -> tuple[bool, str]:
+    ok, output = host.run_shell_command(command, **_as_root(host), **arguments)
+    return ok, output.stdout
+
+
+def cached_wheel(local_dir: str, manifest: dict) -> Path:
+    """The wheel's path in this machine's cache; a name resolving outside the cache directory is refused."""
+    cache = Path(local_dir).resolve()
+    wheel = (cache / manifest["wheel"]).resolve()
+    if wheel.parent != cache:
+        raise RuntimeError(f"wheel name {manifest['wheel']!r} leads outside the wheel cache {cache}; refused")
+    return wheel
+
+
+def stage_commands(staging: str, manifest: dict, source: str | None = None, user: str | None = None) -> list[str]:
+    """Root's staging directory for one fingerprint, made fresh; with `source`, the wheel copied into it, read as
+    `user` (root never opens a path the build user controls), and its sha256 checked there."""
+    quoted = shlex.quote(staging)
+    commands = [f"umask 022 && rm -rf {quoted} && mkdir -p {quoted} && chown -h root:root {quoted}"]
+    if source is not None:
+        read = shlex.quote(f"cat -- {shlex.quote(source)}")
+        commands.append(f"su -s /bin/sh -c {read} {shlex.quote(user or 'nobody')} > "
+                        f"{shlex.quote(staging + '/' + manifest['wheel'])}")
+    return commands
+
+
+def check_staged_commands(staging: str, manifest: dict) -> list[str]:
+    """The staged wheel's checksum line written by root, then checked."""
+    quoted = shlex.quote(staging)
+    # Readable by the build user, who installs it; writable by root only.
+    return [f"printf '%s' {shlex.quote(staged_checksum_line(manifest))} > {quoted}/wheel.sha256 && "
+            f"cd {quoted} && chmod 644 wheel.sha256 {shlex.quote(manifest['wheel'])} && "
+            "sha256sum -c --quiet wheel.sha256"]
+
+
+@operation(is_idempotent=False)
+def fetch_built_wheel(remote_dir: str, staging: str, local_dir: str, fingerprint: str, user: str):
+    """Stage the builder's wheel in root's directory and copy it to this machine's cache, sha256 checked each way.
+
+    The manifest and the wheel live in the build user's directory: both are read as the build user, the manifest
+    checked (parse_manifest), the wheel copied into root's staging directory and checked against it. Only planned
+    on the builder when its wheel is not cached yet; the manifest is written last, so a broken copy never looks
+    finished.
     """
 
     def fetch(state, host) -> bool:
-        ok, output = host.run_shell_command(f"cat {shlex.quote(remote_dir)}/manifest.json")
+        where = f"{host.name}:{remote_dir}/manifest.json"
+        ok, output = _run(host, f"cat -- {shlex.quote(remote_dir + '/manifest.json')}", _su_user=user)
         if not ok:
             raise RuntimeError(f"{host.name} has no finished build in {remote_dir} (manifest.json missing)")
-        manifest = json.loads(output.stdout)
-        cache = Path(local_dir)
-        cache.mkdir(parents=True, exist_ok=True)
-        wheel = cache / manifest["wheel"]
-        if not host.get_file(f"{remote_dir}/{manifest['wheel']}", str(wheel)):
+        manifest = parse_manifest(output, fingerprint, where)
+        if manifest is None:
+            raise RuntimeError(f"{where} is not a finished build of fingerprint {fingerprint}")
+        wheel = cached_wheel(local_dir, manifest)
+        for command in [*stage_commands(staging, manifest, f"{remote_dir}/{manifest['wheel']}", user),
+                        *check_staged_commands(staging, manifest)]:
+            ok, _ = _run(host, command)
+            if not ok:
+                raise RuntimeError(f"{manifest['wheel']} on {host.name} does not match {where}'s sha256")
+        wheel.parent.mkdir(parents=True, exist_ok=True)
+        if not host.get_file(f"{staging}/{manifest['wheel']}", str(wheel), **_as_root(host)):
             raise RuntimeError(f"could not fetch {manifest['wheel']} from {host.name}")
         if file_sha256(wheel) != manifest["wheel_sha256"]:
             wheel.unlink()
             raise RuntimeError(f"{manifest['wheel']} from {host.name} does not match its manifest's sha256")
-        (cache / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        (wheel.parent / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return True
 
     yield FunctionCommand(fetch, (), {})
 
 
 @operation(is_idempotent=False)
-def push_built_wheel(local_dir: str, remote_dir: str, owner: str):
-    """Upload the cached wheel and its manifest to a host that needs it (only planned for such hosts)."""
+def push_built_wheel(local_dir: str, staging: str, fingerprint: str):
+    """Upload the cached wheel into root's staging directory on a host that needs it, sha256 checked there (only
+    planned for such hosts)."""
 
     def push(state, host) -> bool:
         manifest_path = Path(local_dir) / "manifest.json"
@@ -59,18 +110,19 @@ def push_built_wheel(local_dir: str, remote_dir: str, owner: str):
                 f"no built wheel in {local_dir}: the builder failed earlier in this run; fix it (see its build.log) "
                 "or set xformers_builder to another host, then run again"
             )
-        manifest = json.loads(manifest_path.read_text())
-        quoted = shlex.quote(remote_dir)
-        ok, _ = host.run_shell_command(f"mkdir -p {quoted} && chown {shlex.quote(owner)} {quoted}")
-        if not ok:
-            raise RuntimeError(f"cannot create {remote_dir} on {host.name}")
-        if not host.put_file(str(Path(local_dir) / manifest["wheel"]), f"{remote_dir}/{manifest['wheel']}"):
+        manifest = parse_manifest(manifest_path.read_text(), fingerprint, str(manifest_path))
+        if manifest is None:
+            raise RuntimeError(f"{manifest_path} is not a finished build of fingerprint {fingerprint}; remove it")
+        wheel = cached_wheel(local_dir, manifest)
+        for command in stage_commands(staging, manifest):
+            if not _run(host, command)[0]:
+                raise RuntimeError(f"cannot create {staging} on {host.name}")
+        if not host.put_file(str(wheel), f"{staging}/{manifest['wheel']}", **_as_root(host)):
             raise RuntimeError(f"could not upload {manifest['wheel']} to {host.name}")
-        check = f"cd {quoted} && echo '{manifest['wheel_sha256']}  {manifest['wheel']}' | sha256sum -c --quiet"
-        ok, _ = host.run_shell_command(check)
-        if not ok:
-            raise RuntimeError(f"{manifest['wheel']} arrived corrupted on {host.name}")
-        return host.put_file(str(manifest_path), f"{remote_dir}/manifest.json")
+        for command in check_staged_commands(staging, manifest):
+            if not _run(host, command)[0]:
+                raise RuntimeError(f"{manifest['wheel']} arrived corrupted on {host.name}")
+        return True
 
     yield FunctionCommand(push, (), {})
 
@@ -92,4 +144,4 @@ def pip_packages(python: str, packages: list[str], extra_args: str = ""):
     if not missing:
         host.noop(f"{', '.join(packages)} already installed")
         return
-    yield f"{python} -m pip install {extra_args} {' '.join(shlex.quote(m) for m in missing)}".replace("  ", " ")
+    yield f"{shlex.quote(python)} -m pip install {extra_args} {shlex.join(missing)}".replace("  ", " ")

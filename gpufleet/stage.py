@@ -71,6 +71,7 @@ def profile(target: Host | None = None) -> HostProfile:
         disk_mount=disk["mount"],
         is_control_machine=is_control_machine(host_),
         missing_tools=tuple(host_.get_fact(facts.MissingTools)),
+        build_account=host_.get_fact(facts.Account, user=config["build_user"]),
     )
 
 
@@ -78,6 +79,16 @@ def refuse_host(reasons: list[str]) -> None:
     """Stop this host with every reason, before anything on it changes; the other hosts go on."""
     _refused.add(host.name)
     refuse(reasons=reasons, name=f"Refuse {host.name}: {reasons[0]}")
+
+
+def refuse_planted_links(paths: list[str], trees: list[str] = ()) -> bool:
+    """Refuse this host when any of these paths in the build user's tree (or anything inside `trees`) is a
+    symbolic link: gpufleet makes none there, and root must not follow one. True when refused."""
+    links = host.get_fact(facts.PlantedLinks, paths=paths, trees=list(trees))
+    if links:
+        refuse_host([f"{link} is a symbolic link in the build user's tree; gpufleet never follows such a link as "
+                     "root. Remove it (and check who made it), then run again." for link in links])
+    return bool(links)
 
 
 def refused() -> bool:

@@ -14,7 +14,7 @@ from pyinfra import state
 from pyinfra.api.host import Host
 
 from gpufleet import facts
-from gpufleet.buildplan import arch_union, normalise_arch_list
+from gpufleet.buildplan import INSTALLED_STAMP, arch_union, normalise_arch_list
 from gpufleet.decide import arch_list, host_gpus, preflight_problems
 from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
 from gpufleet.settings import REPO_ROOT
@@ -71,7 +71,8 @@ def host_wheel(h: Host) -> HostWheel:
     config = settings(h)
     archs = normalise_arch_list(config["xformers_arch_list"] or fleet_arch_list())
     fp = wheel_fingerprint(config, archs)
-    installed = h.get_fact(facts.FileText, path=f"{config['work_dir']}/xformers/installed")
+    # Root's stamp (buildplan.ROOT_STATE_DIR): the build user cannot forge it.
+    installed = h.get_fact(facts.FileText, path=INSTALLED_STAMP)
     eligible = not preflight_problems(profile(h), config)
     return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp, eligible=eligible)
 

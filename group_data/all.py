@@ -94,3 +94,5 @@ cache_listen: list = []
 cache_apt_port: int = 3142
 # Port of the caching Python index (devpi-server) on the cache host.
 cache_pip_port: int = 3141
+# Allow cache_listen to hold 0.0.0.0 or :: (every network of the cache host); the servers have no access control.
+cache_listen_any: bool = False

@@ -27,6 +27,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.build]
 PYTHON_STAGE = REPO_ROOT / "deploys" / "python.py"
 XFORMERS_STAGE = REPO_ROOT / "deploys" / "xformers.py"
 WORK = "/var/lib/gpufleet/xformers"
+# Root's staging directory and stamp (gpufleet.buildplan.ROOT_STATE_DIR), out of the build user's reach.
+ROOT_WORK = "/var/lib/gpufleet-root/xformers"
 LOADED_DRIVER = "580.95.05"
 COMPILERS = {"nvcc", "cicc", "ptxas"}
 
@@ -76,7 +78,7 @@ def built_on(run: PyinfraRun, name: str) -> bool:
 
 def installed(lab: Lab, host: Host) -> dict[str, str]:
     """What the host has: stamp, manifests, build logs, and the sha256 of the installed _C.so ("" when none)."""
-    probe = (f"cat {WORK}/installed 2>/dev/null; echo '|'; ls {WORK}/wheels/*/manifest.json 2>/dev/null; echo '|'; "
+    probe = (f"cat {ROOT_WORK}/installed 2>/dev/null; echo '|'; ls {WORK}/wheels/*/manifest.json 2>/dev/null; echo '|'; "
              f"ls {WORK}/wheels/*/build.log 2>/dev/null; echo '|'; "
              "/opt/torchvenv/bin/python -W ignore -c 'import hashlib, os, xformers; "
              "print(hashlib.sha256(open(os.path.dirname(xformers.__file__) + \"/_C.so\", \"rb\").read()).hexdigest())' "
@@ -112,10 +114,13 @@ def test_three_hosts_with_one_fingerprint_build_once_and_install_the_same_wheel(
     assert [name for name in names if found[name]["logs"]] == [names[0]], found
     for name in names:
         assert found[name]["stamp"] == fp, found
-        assert found[name]["manifests"] == f"{WORK}/wheels/{fp}/manifest.json", found
+    # Only the builder's own tree holds a build; every host installed from root's staging directory.
+    assert found[names[0]]["manifests"] == f"{WORK}/wheels/{fp}/manifest.json", found
     assert len({found[name]["c_so"] for name in names}) == 1 and found[names[0]]["c_so"], found
     for host in hosts:
-        wheel = lab.ssh(host, f"cd {WORK}/wheels/{fp} && sha256sum {manifest['wheel']}").stdout.split()
+        owner = lab.ssh(host, f"stat -c '%U %a' {ROOT_WORK}/{fp} {ROOT_WORK}/{fp}/{manifest['wheel']}").stdout
+        assert owner.split() == ["root", "755", "root", "644"], (host.name, owner)
+        wheel = lab.ssh(host, f"cd {ROOT_WORK}/{fp} && sha256sum {manifest['wheel']}").stdout.split()
         assert wheel and wheel[0] == manifest["wheel_sha256"], (host.name, wheel)
         proof = json.loads(lab.ssh(host, f"cat {WORK}/wheels/{fp}/installed-cubins.json").stdout)
         assert proof["cubins"] == ["sm_120"] and proof["missing"] == [], (host.name, proof)

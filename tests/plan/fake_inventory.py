@@ -161,6 +161,10 @@ def fact_answers(profile: dict) -> list[Answer]:
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
         answers.append(Answer("FileText", f"cat {path} 2>/dev/null", _file_text(text, config)))
+    # Optional: directories that exist already (root's, 755), for pyinfra's Directory fact.
+    for path in profile.get("directories", []):
+        answers.append(Answer("Directory", f"! (test -e {path} ||",
+                              f"user=root group=root mode=drwxr-xr-x atime=0 mtime=0 ctime=0 size=4096 '{path}'"))
 
     # Anything not listed above does not exist on the host: each fact's own "absent" answer.
     answers += [
@@ -177,6 +181,10 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("DebPackages", "dpkg -l", "\n".join(f"{status[n]}  {n}  {v}  amd64  (profile)" for n, v in installed)),
         Answer("Command(systemd)", "test -d /run/systemd/system", "yes" if profile["systemd"] else "no"),
         Answer("Os", "uname -s", "Linux"),
+        # Symbolic links the build user planted in its tree ("path -> target" lines; optional, default none).
+        Answer("PlantedLinks", '[ -L "$p" ] && printf', "\n".join(profile.get("planted_links", []))),
+        # build_user does not exist yet: gpufleet creates it.
+        Answer("Account", "getent passwd ", NO_TOOL),
         Answer("Which(useradd)", "command -v useradd", "/usr/sbin/useradd"),
         Answer("Which(curl)", "command -v curl", "" if "curl/wget" in missing else "/usr/bin/curl"),
         Answer("Which(wget)", "command -v wget", "" if "curl/wget" in missing else "/usr/bin/wget"),

@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
+import yaml
 from pyinfra.api import FactBase
 
 from gpufleet import facts
@@ -63,7 +64,7 @@ def nvidia_repo(deploy: str, repo_dir: str = "ubuntu2404", *, apt_settings: bool
     return [
         *([op(CHANGE, deploy, APT_LOCK_TIMEOUT)] if apt_settings else []),
         *([op(CHANGE, deploy, FINISH_INTERRUPTED)] if repair else []),
-        op(CHANGE, deploy, "Create the download directory"),
+        op(CHANGE, deploy, "Create root's download directory /var/lib/gpufleet-root/downloads"),
         op(CHANGE, deploy, f"Download {REPO_URL}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb (sha256 checked)"),
         op(MAYBE, deploy, "Install NVIDIA's repository keyring"),
         op(CHANGE, deploy, "Add NVIDIA's CUDA repository"),
@@ -146,6 +147,7 @@ def xformers_build(archs: str, jobs: int, tools: str | None, source: str = XFORM
         op(MAYBE, XFORMERS, "Fetch the built wheel to this machine's cache"),
         op(MAYBE, XFORMERS, "Upload the xformers wheel built by {host}"),
         op(CHANGE, XFORMERS, "Install xformers 0.0.35 ("),
+        op(MAYBE, XFORMERS, "Record that xformers "),
     ]
 
 
@@ -372,11 +374,14 @@ FACT_CALLS: dict[str, list[dict]] = {
                       {"python": "/opt/torch/.venv/bin/python"}],
     "PathOwner": [{"path": "/opt/gpufleet/venv"}, {"path": "/opt/torch/.venv"}],
     "TorchInfo": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
-    "FileText": [{"path": "/var/lib/gpufleet/xformers/installed"},
+    "FileText": [{"path": "/var/lib/gpufleet-root/xformers/installed"},
                  {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InterruptedPackageInstall": [{}],
+    "Account": [{"user": "gpufleet"}],
+    "PlantedLinks": [{"paths": ["/var/lib/gpufleet/xformers/build_wheel.sh"],
+                      "trees": ["/var/lib/gpufleet/xformers/patches-0.0.35"]}],
 }
 
 
@@ -504,12 +509,15 @@ def test_mismatch_with_reboot_policy_never_stops_with_instructions():
 
 def test_nvidia_repository_keyring_is_checked_before_use_and_apt_key_is_never_run():
     commands = executed("mismatch-reboot-never", "deploys/driver.py")
-    deb = "/var/lib/gpufleet/downloads/cuda-keyring_1.1-1_all.deb"
+    deb = "/var/lib/gpufleet-root/downloads/cuda-keyring_1.1-1_all.deb"
     url = "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64/cuda-keyring_1.1-1_all.deb"
     download = next(i for i, c in enumerate(commands) if c.startswith(f"curl -sSLf {url} "))
     check = next(i for i, c in enumerate(commands) if f"sha256sum {deb}" in c)
     assert "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba" in commands[check]
-    keyring = next(i for i, c in enumerate(commands) if c.startswith(f"dpkg-deb --fsys-tarfile {deb} "))
+    sha = "d2a6b11c096396d868758b86dab1823b25e14d70333f1dfa74da5ddaf6a06dba"
+    # The extracting command checks the sha256 itself: nothing can swap the file between the check and the use.
+    keyring = next(i for i, c in enumerate(commands)
+                   if c.startswith(f"echo '{sha}  {deb}' | sha256sum -c --quiet && dpkg-deb --fsys-tarfile {deb} "))
     source = commands.index("/etc/apt/sources.list.d/gpufleet-cuda.sources")
     update = commands.index("apt-get update")
     assert download < check < keyring < source < update
@@ -629,6 +637,7 @@ def test_a_cached_wheel_is_uploaded_instead_of_built(tmp_path):
         f"{MAYBE} {XFORMERS} | Fetch the built wheel to this machine's cache",
         f"{MAYBE} {XFORMERS} | Upload the xformers wheel built earlier",
         f"{CHANGE} {XFORMERS} | Install xformers 0.0.35 ({fingerprint}) and prove its sm code",
+        f"{MAYBE} {XFORMERS} | Record that xformers {fingerprint} is installed",
     ]
 
 
@@ -700,3 +709,44 @@ def test_a_run_keeps_history_only_when_its_smoke_test_runs(tmp_path):
     assert marks[f"{SMOKE} | Keep the smoke result in the report history"] == MAYBE
     assert marks[f"{SMOKE} | Run the smoke test on this host's GPU"] == MAYBE
     assert not (tmp_path / "history").exists()
+
+
+def test_a_venv_path_someone_else_owns_is_refused_not_chowned(tmp_path):
+    profile = yaml.safe_load((PROFILES / "ubuntu2404-5090d-provisioned.yaml").read_text())
+    profile["venv"]["owner"] = "alice"
+    (tmp_path / "ubuntu2404-5090d-provisioned.yaml").write_text(yaml.safe_dump(profile))
+    plan = plan_json(INVENTORY, "deploys/python.py", profiles=tmp_path)["plan"]
+    names = [operation["names"][0] for operation in plan]
+    assert names == ["Python venv | Refuse @fake/ubuntu2404-5090d-provisioned: setting venv_path is "
+                     "/opt/gpufleet/venv, which exists and belongs to alice; gpufleet hands only a directory of its "
+                     "own to gpufleet: choose a new path"], names
+
+
+def test_an_existing_venv_parent_keeps_its_owner_and_mode(tmp_path):
+    # /opt (or /srv, someone's home) exists already: gpufleet did not make it and never chmods it.
+    def python_stage(profile: dict) -> list[str]:
+        fleet = tmp_path / str(len(list(tmp_path.iterdir())))
+        fleet.mkdir()
+        (fleet / "ubuntu2404-5090d.yaml").write_text(yaml.safe_dump(profile))
+        return [o["names"][0] for o in plan_json(INVENTORY, "deploys/python.py", profiles=fleet)["plan"]]
+
+    profile = yaml.safe_load((PROFILES / "ubuntu2404-5090d.yaml").read_text())
+    assert "Python venv | Create /opt/gpufleet" in python_stage(profile)
+    existing = python_stage({**profile, "directories": ["/opt/gpufleet"]})
+    assert "Python venv | Create /opt/gpufleet" not in existing, existing
+    assert "Python venv | Create /opt/gpufleet/venv for gpufleet" in existing, existing
+
+
+@pytest.mark.parametrize("deploy_file, link", [
+    ("deploys/smoke.py", "/var/lib/gpufleet/smoke -> /etc/cron.d"),
+    ("deploys/xformers.py", "/var/lib/gpufleet/xformers/build_wheel.sh -> /etc/passwd"),
+])
+def test_a_symlink_the_build_user_planted_refuses_the_host_before_any_change(tmp_path, deploy_file, link):
+    profile = yaml.safe_load((PROFILES / "ubuntu2404-5090d-provisioned.yaml").read_text())
+    profile["planted_links"] = [link]
+    profile["files"] = {}  # xformers not installed yet, so the xformers stage has work to do
+    (tmp_path / "ubuntu2404-5090d-provisioned.yaml").write_text(yaml.safe_dump(profile))
+    names = [o["names"][0] for o in plan_json(INVENTORY, deploy_file, profiles=tmp_path)["plan"]]
+    assert len(names) == 1 and names[0].endswith(
+        f"Refuse @fake/ubuntu2404-5090d-provisioned: {link} is a symbolic link in the build user's tree; "
+        "gpufleet never follows such a link as root. Remove it (and check who made it), then run again."), names
