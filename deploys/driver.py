@@ -15,6 +15,8 @@ from deploys.preflight import preflight
 from gpufleet import facts
 from gpufleet.decide import (
     DRIVER_PACKAGE_PREFIXES,
+    branch_change,
+    busy_reasons,
     cuda_repo_dir,
     driver_packages,
     may_reboot,
@@ -22,6 +24,7 @@ from gpufleet.decide import (
 )
 from gpufleet.nvidia_repo import apt_settings, ensure_repo, pin_driver_source
 from gpufleet.operations import refuse
+from gpufleet.rollout import REBOOT_PENDING
 from gpufleet.stage import (
     profile,
     record_stack_change,
@@ -89,6 +92,7 @@ def driver() -> None:
         _if=nouveau.did_change,
     )
 
+    _refresh_lists_for_branch_change(me, wanted)
     held = set(host.get_fact(facts.HeldPackages))
     stale_holds = stale_driver_holds(me.driver.packages, held, config["driver_branch"])
     if stale_holds:
@@ -119,6 +123,13 @@ def driver() -> None:
         )
 
 
+def _refresh_lists_for_branch_change(me, wanted: list[str]) -> None:
+    """A branch change needs apt lists that know the new branch (published after the lists were last read); the
+    step exists only while another branch's driver is installed and the wanted packages are not."""
+    if branch_change(me.driver.packages, wanted):
+        apt.update(name=f"Refresh apt lists for the new driver branch ({', '.join(wanted)})")
+
+
 def _handle_mismatch(me, config, installed) -> None:
     """Reboot (or stop with instructions) when the driver was just installed or the loaded module is stale."""
     state = me.driver
@@ -131,6 +142,8 @@ def _handle_mismatch(me, config, installed) -> None:
     )
     needs = (lambda: True) if mismatch else (installed.did_change if installed is not None else None)
     if needs is None:
+        return
+    if may_reboot(me, config) and _reboot_pending(reason, config, needs):
         return
     if may_reboot(me, config):
         record_stack_change(
@@ -150,6 +163,24 @@ def _handle_mismatch(me, config, installed) -> None:
         ],
         _if=needs,
     )
+
+
+def _reboot_pending(reason: str, config, needs) -> bool:
+    """Stop a busy host instead of rebooting it (GPU compute processes, logged-in users), unless reboot_when_busy.
+
+    Decided from the host's state when the run starts; returns whether the host was stopped."""
+    busy = busy_reasons(host.get_fact(facts.GpuBusy), config)
+    if not busy:
+        return False
+    refuse(
+        name=f"Stop {host.name}: reboot pending",
+        reasons=[
+            f"{REBOOT_PENDING}: {reason}, but the host is busy ({'; '.join(busy)}); gpufleet does not reboot a busy "
+            "host. Reboot it when they are done (or set reboot_when_busy: true), then run gpufleet again."
+        ],
+        _if=needs,
+    )
+    return True
 
 
 def _wsl_driver(smi: facts.SmiResult) -> None:

@@ -18,6 +18,7 @@ from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from gpufleet.decide import HostProfile
 from gpufleet.fleet_report import print_report_when_run_ends
+from gpufleet.rollout import SMOKE_CHECK
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, profile, run_alone, settings, stack_changed
 
@@ -87,7 +88,7 @@ def smoke() -> None:
         create_local_dir=True,
     )
     server.shell(
-        name="Check that every rung of the smoke test passed",
+        name=SMOKE_CHECK,
         commands=[
             f'rc=$(cat {result[:-5]}.rc); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); '
             f'see {local} or run: gpufleet report {local.parent}" >&2; exit 1; }}'

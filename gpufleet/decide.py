@@ -347,3 +347,21 @@ def stale_driver_holds(packages: dict[str, str], held: set[str], branch: str) ->
         if found is not None and found != branch:
             stale.append(name)
     return sorted(stale)
+
+
+def branch_change(installed: dict[str, str], wanted: list[str]) -> bool:
+    """Whether the host has a driver installed but not the wanted packages: driver_branch (or its source) changed."""
+    has_driver = any(name.startswith(DRIVER_PACKAGE_PREFIXES) for name in installed)
+    return has_driver and any(name not in installed for name in wanted)
+
+
+def busy_reasons(busy: Any, settings: dict[str, Any]) -> list[str]:
+    """What a reboot now would interrupt (a facts.BusyState), unless reboot_when_busy allows it; empty when idle."""
+    if settings["reboot_when_busy"] or busy is None:
+        return []
+    reasons = []
+    if busy.compute:
+        reasons.append("GPU compute processes: " + ", ".join(f"{g.name} (pid {g.pid})" for g in busy.compute))
+    if busy.users:
+        reasons.append("users logged in: " + ", ".join(busy.users))
+    return reasons

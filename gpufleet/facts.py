@@ -516,3 +516,48 @@ class InterruptedPackageInstall(FactBase):
 
     def default(self) -> bool:
         return False
+
+
+class GpuUser(NamedTuple):
+    pid: str
+    name: str
+
+
+class BusyState(NamedTuple):
+    """What a reboot would interrupt: GPU compute processes and logged-in users."""
+
+    compute: list[GpuUser]
+    users: list[str]
+
+
+def parse_busy(text: str) -> BusyState:
+    """Sections of GpuBusy's command: `== apps` (nvidia-smi's "pid, process_name" CSV), `== uvm` ("pid comm" of
+    processes holding /dev/nvidia-uvm, which every CUDA process opens), `== who` (who's output)."""
+    sections = _sections(text)
+    compute: dict[str, GpuUser] = {}
+    for line in sections.get("apps", "").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2 and parts[0].isdigit():
+            compute.setdefault(parts[0], GpuUser(parts[0], parts[1].rsplit("/", 1)[-1]))
+    for line in sections.get("uvm", "").splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].isdigit():
+            compute.setdefault(parts[0], GpuUser(parts[0], parts[1].strip()))
+    users = sorted({line.split()[0] for line in sections.get("who", "").splitlines() if line.split()})
+    return BusyState(sorted(compute.values(), key=lambda g: int(g.pid)), users)
+
+
+class GpuBusy(_ParsedFact):
+    """GPU compute processes (nvidia-smi --query-compute-apps, and /dev/nvidia-uvm holders for when nvidia-smi cannot
+    answer, as during a driver/library mismatch) and logged-in users (who)."""
+
+    parser = staticmethod(parse_busy)
+
+    def command(self) -> str:
+        return (
+            "echo '== apps'; nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null "
+            "|| true; echo '== uvm'; for d in /proc/[0-9]*; do "
+            "if ls -l \"$d/fd\" 2>/dev/null | grep -q ' /dev/nvidia-uvm$'; then "
+            "echo \"${d#/proc/} $(cat \"$d/comm\" 2>/dev/null)\"; fi; done; "
+            "echo '== who'; who 2>/dev/null || true"
+        )

@@ -22,6 +22,8 @@ reboot_timeout: int = 600
 apt_lock_timeout: int = 300
 # Add nvidia-, libnvidia- and cuda- to unattended-upgrades' package blacklist so nothing updates the driver behind your back.
 hold_driver_updates: bool = True
+# With reboot_policy auto, reboot even a host whose GPU runs compute processes or where users are logged in; otherwise such a host is left "reboot pending".
+reboot_when_busy: bool = False
 
 # CUDA toolkit version (major.minor), installed as cuda-toolkit-X-Y under /usr/local/cuda-X.Y.
 cuda_version: str = "12.8"

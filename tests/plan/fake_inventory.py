@@ -116,7 +116,10 @@ def fact_answers(profile: dict) -> list[Answer]:
         f"{name} {version} {status[name]} " for name, version in installed if _DRIVER_PACKAGE.match(name)
     )
     missing = set(profile["missing_tools"])
+    busy = profile.get("busy") or {}
     answers = [
+        Answer("GpuBusy", "--query-compute-apps=",
+               f"== apps\n{_text(busy.get('compute_apps', ''))}\n== uvm\n== who\n{_text(busy.get('who', ''))}"),
         Answer("OsInfo", "cat /etc/os-release", _text(profile["os_release"])),
         Answer("WslInfo", "/proc/sys/kernel/osrelease", f"{kernel}\nsmi={'yes' if profile['wsl_nvidia_smi'] else 'no'}"),
         Answer("NvidiaPciGpus", "lspci -nn", pci),

@@ -197,6 +197,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         *driver(
             "nvidia-driver-pinning-590, nvidia-open",
             before_install=[
+                op(CHANGE, DRIVER, "Refresh apt lists for the new driver branch (nvidia-driver-pinning-590, nvidia-open)"),
                 op(CHANGE, DRIVER, "Release the holds of the previous driver "
                    "(libnvidia-compute-580, nvidia-driver-580-open, nvidia-open-580)"),
             ],
@@ -212,6 +213,35 @@ EXPECTED_PLAN: dict[str, list[str]] = {
             reboot=[op(MAYBE, DRIVER, "Reboot: the loaded NVIDIA module is 580.82.07 but 580.95.05 is installed")],
         ),
         *FRESH_AFTER_DRIVER,
+    ],
+    # A busy host (GPU compute process, user logged in) is not rebooted: it stops as "reboot pending".
+    "mismatch-reboot-auto-busy": [
+        *driver("nvidia-open-580", installed=SAME,
+                reboot=[op(MAYBE, DRIVER, "Stop @fake/mismatch-reboot-auto-busy: reboot pending")]),
+        *FRESH_AFTER_DRIVER,
+    ],
+    "mismatch-reboot-when-busy": [
+        *driver(
+            "nvidia-open-580",
+            installed=SAME,
+            reboot=[op(MAYBE, DRIVER, "Reboot: the loaded NVIDIA module is 580.82.07 but 580.95.05 is installed")],
+        ),
+        *FRESH_AFTER_DRIVER,
+    ],
+    # Ubuntu's archive, 580 -> 595: fresh lists, old holds released, Ubuntu's versioned names for the new branch.
+    "driver-branch-595-ubuntu-held": [
+        *driver(
+            "nvidia-driver-595-open, linux-modules-nvidia-595-open-generic",
+            source=UBUNTU_ARCHIVE,
+            before_install=[
+                op(CHANGE, DRIVER, "Refresh apt lists for the new driver branch (nvidia-driver-595-open, "
+                   "linux-modules-nvidia-595-open-generic)"),
+                op(CHANGE, DRIVER, "Release the holds of the previous driver (libnvidia-compute-580, "
+                   "linux-modules-nvidia-580-open-generic, nvidia-driver-580-open)"),
+            ],
+        ),
+        *CUDA_BESIDE_UBUNTU_DRIVER,
+        *FRESH_AFTER_CUDA,
     ],
     "mismatch-reboot-never": [*driver("nvidia-open-580", installed=SAME, reboot=STOP_FOR_REBOOT), *FRESH_AFTER_DRIVER],
     # WSL2: no driver package, no nouveau, no hold, no reboot; only Windows' nvidia-smi on PATH.
@@ -294,7 +324,8 @@ PREFLIGHT_PASSES = {
     "ubuntu2404-5090d", "driver-branch-590", "driver-source-ubuntu-secure-boot", "driver-branch-upgrade-held",
     "control-machine-5090d", "mismatch-reboot-auto", "mismatch-reboot-never", "wsl2-ubuntu2404-keyring-pinned",
     "h100-preprovisioned", "debian12-5090d-keyring-pinned", "ubuntu2404-5090d-provisioned",
-    "interrupted-package-install", "wsl2-ubuntu2404-8gb-vm",
+    "interrupted-package-install", "wsl2-ubuntu2404-8gb-vm", "mismatch-reboot-auto-busy", "mismatch-reboot-when-busy",
+    "driver-branch-595-ubuntu-held",
 }
 
 
@@ -376,6 +407,7 @@ FACT_CALLS: dict[str, list[dict]] = {
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InterruptedPackageInstall": [{}],
+    "GpuBusy": [{}],
 }
 
 
@@ -487,6 +519,20 @@ def executed(profile: str, deploy_file: str) -> list[str]:
     assert result.returncode == 0, result.stderr
     marker = "[fake] simulating "
     return [line.split(marker, 1)[1].split(": ", 1)[1] for line in result.stderr.splitlines() if marker in line]
+
+
+def test_busy_host_is_not_rebooted_and_is_reported_pending_with_its_processes_and_users():
+    profile = "mismatch-reboot-auto-busy"
+    assert not [n for n in names_only(profile) if "| Reboot" in n]
+    stop = [c for c in executed(profile, "deploys/driver.py") if "gpufleet refuses this host" in c]
+    assert len(stop) == 1 and stop[0].endswith("exit 1")
+    for words in ("reboot pending: the loaded NVIDIA module is 580.82.07 but 580.95.05 is installed",
+                  "GPU compute processes: python3 (pid 4242)", "users logged in: alice", "reboot_when_busy: true"):
+        assert words in stop[0], words
+
+
+def test_reboot_when_busy_reboots_a_busy_host():
+    assert [n for n in names_only("mismatch-reboot-when-busy") if "| Reboot: " in n]
 
 
 def test_mismatch_with_reboot_policy_never_stops_with_instructions():
