@@ -141,7 +141,7 @@ def judge(run: BatchRun, hosts: list[str], report_dir: Path) -> list[Outcome]:
             outcomes.append(Outcome(host, FAILED, f"error in: {errors[0]}"))
         else:
             why = "could not connect" if host in run.failed_hosts else f"pyinfra exited {run.returncode}"
-            outcomes.append(Outcome(host, FAILED, f"{why}; see pyinfra's log above"))
+            outcomes.append(Outcome(host, FAILED, f"{why}; see the batch's pyinfra log"))
     return outcomes
 
 
@@ -248,10 +248,13 @@ def rollout(inventory: Inventory, deploy: Path, canary: int, batch: int, max_fai
     outcomes = {host: Outcome(host, TODO, "not started: an earlier batch stopped the rollout") for host in hosts}
     stopped = None
     labels = batch_labels(batches, canary)
+    logs = report_dir.parent / "rollout"
     progress = Progress(batches, labels, console)
     with progress.live:
         for label, members in zip(labels, batches):
-            run, _ = run_batch(inventory.path, deploy, members, progress, extra or [])
+            run, log = run_batch(inventory.path, deploy, members, progress, extra or [])
+            logs.mkdir(parents=True, exist_ok=True)
+            (logs / f"{label.replace(' ', '-')}.log").write_text(log + "\n")
             for outcome in judge(run, members, report_dir):
                 outcomes[outcome.host] = outcome
                 progress.update(outcome.host, "done" if outcome.state in (CONVERGED, UNCHANGED) else "stopped",
@@ -268,7 +271,8 @@ def rollout(inventory: Inventory, deploy: Path, canary: int, batch: int, max_fai
         label, bad = stopped
         console.print(f"[bold red]rollout stopped at the {label}[/]: "
                       + "; ".join(f"{o.host}: {o.detail}" for o in bad))
-        console.print("Fix the cause, then run the same command again: converged hosts are no-ops.")
+        console.print(f"pyinfra's log of each batch: {logs}/. Fix the cause, then run the same command again: "
+                      "converged hosts are no-ops.")
         return 1
     return 0
 
