@@ -4,6 +4,7 @@ WSL2 gets no driver (it lives on Windows): only Windows' nvidia-smi put on PATH.
 Runs alone (after preflight): pyinfra inventory.py deploys/driver.py
 """
 
+import shlex
 from io import StringIO
 
 from pyinfra import host
@@ -17,6 +18,8 @@ from gpufleet.decide import (
     DRIVER_PACKAGE_PREFIXES,
     branch_change,
     busy_reasons,
+    kernel_flavour,
+    kernels_without_module,
     cuda_repo_dir,
     driver_packages,
     may_reboot,
@@ -67,7 +70,9 @@ def driver() -> None:
         _handle_mismatch(me, config, installed=None)
         return
 
-    wanted = driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"])
+    kernels = host.get_fact(facts.InstalledKernels)
+    flavour = kernel_flavour(_running(kernels), kernels.metapackages)
+    wanted = driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"], flavour)
     if config["driver_source"] == "nvidia":
         ensure_repo(config, cuda_repo_dir(me.os, me.is_wsl))
     else:
@@ -106,11 +111,12 @@ def driver() -> None:
         no_recommends=False,
     )
     record_stack_change(install)
+    per_kernel = _module_for_every_kernel(config, kernels, flavour)
     unheld = [p for p in me.driver.packages if p.startswith(DRIVER_PACKAGE_PREFIXES) and p not in held]
     server.shell(
         name="Hold the NVIDIA driver packages",
         commands=[HOLD_COMMAND],
-        _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change(),
+        _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change() or any(op.did_change() for op in per_kernel),
     )
     # After the reboot (or the stop): the daemon cannot start against a stale or missing module.
     _handle_mismatch(me, config, installed=install)
@@ -121,6 +127,39 @@ def driver() -> None:
             enabled=True,
             running=True,
         )
+
+
+def _running(kernels: facts.KernelState) -> str:
+    return next(k.release for k in kernels.kernels if k.running)
+
+
+def _module_for_every_kernel(config, kernels: facts.KernelState, flavour: str | None) -> list:
+    """Every installed kernel gets its NVIDIA module before any reboot, so a reboot into a newer kernel never comes
+    up without the driver: with DKMS (NVIDIA's repository) the flavour's headers metapackage (future kernels bring
+    their headers), the headers of each installed kernel and `dkms autoinstall -k` where the module is missing; with
+    Ubuntu's signed modules the module package of each such kernel. Planned from the kernels' state at the start of
+    the run; nothing when every kernel has the driver_branch module."""
+    branch = config["driver_branch"]
+    missing = kernels_without_module(kernels.kernels, branch)
+    suffix = "-open" if config["driver_flavour"] == "open" else ""
+    if config["driver_source"] == "ubuntu":
+        if not missing:
+            return []
+        packages = [f"linux-modules-nvidia-{branch}{suffix}-{release}" for release in missing]
+        return [apt.packages(name=f"Install Ubuntu's signed NVIDIA modules for every kernel ({', '.join(packages)})",
+                             packages=packages)]
+    ops = []
+    if flavour is not None:
+        ops.append(apt.packages(name=f"Install the kernel headers metapackage (linux-headers-{flavour})",
+                                packages=[f"linux-headers-{flavour}"]))
+    no_headers = [k.release for k in kernels.kernels if not k.headers and not k.running]
+    if no_headers:
+        ops.append(apt.packages(name=f"Install the headers of every installed kernel ({', '.join(no_headers)})",
+                                packages=[f"linux-headers-{release}" for release in no_headers]))
+    for release in missing:
+        ops.append(server.shell(name=f"Build the NVIDIA module for kernel {release} (dkms autoinstall)",
+                                commands=[f"dkms autoinstall -k {shlex.quote(release)}"]))
+    return ops
 
 
 def _refresh_lists_for_branch_change(me, wanted: list[str]) -> None:

@@ -104,11 +104,14 @@ def cuda_repo_dir(os_release: OsRelease, is_wsl: bool) -> str:
     return os_release.id + os_release.version_id
 
 
-def driver_packages(source: str, branch: str, flavour: str) -> list[str]:
-    """Packages that install the driver, in install order, for the chosen source, branch and flavour."""
+def driver_packages(source: str, branch: str, flavour: str, kernel_flavour: str | None = None) -> list[str]:
+    """Packages that install the driver, in install order, for the chosen source, branch and flavour.
+
+    Ubuntu's signed modules come per kernel flavour (generic, generic-hwe-24.04, lowlatency, ...): the running
+    kernel's (see kernel_flavour), generic when unknown."""
     if source == "ubuntu":
         suffix = "-open" if flavour == "open" else ""
-        return [f"nvidia-driver-{branch}{suffix}", f"linux-modules-nvidia-{branch}{suffix}-generic"]
+        return [f"nvidia-driver-{branch}{suffix}", f"linux-modules-nvidia-{branch}{suffix}-{kernel_flavour or 'generic'}"]
     if int(branch) >= 590:
         # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch.
         return [f"nvidia-driver-pinning-{branch}", "nvidia-open" if flavour == "open" else "cuda-drivers"]
@@ -365,3 +368,21 @@ def busy_reasons(busy: Any, settings: dict[str, Any]) -> list[str]:
     if busy.users:
         reasons.append("users logged in: " + ", ".join(busy.users))
     return reasons
+
+
+def kernel_flavour(running: str, metapackages: list[str]) -> str | None:
+    """The running kernel's flavour as its metapackages name it: `generic-hwe-24.04` when linux-image-generic-hwe-24.04
+    is installed and the kernel is a -generic one, else the release's own suffix (6.8.0-88-generic -> generic,
+    6.1.0-28-amd64 -> amd64); None for a release that names no flavour (a custom kernel)."""
+    match = re.match(r"^\d+\.\d+\.\d+-\d+(?:\.\d+)?-([a-z][a-z0-9-]*)$", running)
+    if not match:
+        return None
+    suffix = match[1]
+    installed = {m.split("-", 2)[2] for m in metapackages if m.startswith(("linux-image-", "linux-headers-"))}
+    hwe = sorted(f for f in installed if f.startswith(f"{suffix}-hwe-"))
+    return hwe[-1] if hwe else suffix
+
+
+def kernels_without_module(kernels: list[Any], branch: str) -> list[str]:
+    """Installed kernels (facts.InstalledKernel) that would boot without the driver_branch NVIDIA module."""
+    return [k.release for k in kernels if k.nvidia is None or k.nvidia.split(".")[0] != branch]

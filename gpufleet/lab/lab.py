@@ -200,6 +200,10 @@ class Lab:
         """Add stand-in driver packages `version` (e.g. "580.105.08-1") to the CUDA repos, re-signed."""
         mirrors.publish_driver(self.www, self.keys, version, branch)
 
+    def publish_kernel(self, kernel_release: str) -> None:
+        """Add a stand-in kernel package linux-image-<release> and linux-headers-<release> to the CUDA repos."""
+        mirrors.publish_kernel(self.www, self.keys, kernel_release)
+
     def processes(self, host: Host) -> dict[int, str]:
         """PID (as seen here) -> command line of every process running in `host`."""
         found = {}

@@ -14,7 +14,9 @@ and paths:
   The dkms stand-in's postinst installs a tiny ELF with a real `.modinfo` section as
   /lib/modules/$(uname -r)/updates/dkms/nvidia.ko and runs depmod, so `modinfo -F version nvidia` answers;
   like DKMS it builds nothing (and says so on stderr) when /lib/modules/$(uname -r)/build is missing.
-  `nvidia-utils-580` ships a stand-in `nvidia-smi` (see nvidia_smi_standin.py).
+  `nvidia-utils-580` ships a stand-in `nvidia-smi` (see nvidia_smi_standin.py). The dkms package also ships a
+  stand-in `dkms` that does `dkms autoinstall -k <kernel>` the same way for any kernel with headers.
+- `linux-image-<release>`: a stand-in kernel (/boot/vmlinuz-<release>, its /lib/modules tree), for kernel updates.
 - `cuda`, `cuda-12-8`, `cuda-drivers` and `cuda-drivers-580`: empty metapackages with NVIDIA's dependency chain
   (cuda -> cuda-12-8 -> cuda-toolkit-12-8 + cuda-drivers -> a driver), which gpufleet must never install; they are
   in the repos so that a deploy asking for one would get it and a test would see it.
@@ -141,10 +143,39 @@ case "$1" in configure)
 
 DKMS_PRERM = """#!/bin/sh
 set -e
-kver=$(uname -r)
-rm -f "/lib/modules/$kver/updates/dkms/nvidia.ko"
-depmod -a "$kver" || true
+# Like DKMS on removal: the module goes from every kernel it was built for.
+for module in /lib/modules/*/updates/dkms/nvidia.ko; do
+  [ -e "$module" ] || continue
+  rm -f "$module"
+  kver=${module#/lib/modules/}; depmod -a "${kver%%/*}" || true
+done
 """
+
+
+def dkms_script(upstream_version: str) -> str:
+    """`dkms autoinstall -k <kernel>` as the lab needs it: the prebuilt module object for that kernel, refused like
+    DKMS when the kernel's headers are missing."""
+    return f"""#!/bin/sh
+# gpufleet lab STAND-IN for dkms: only `dkms autoinstall -k <kernel>`; copies a prebuilt object, compiles nothing.
+set -e
+if [ "$1" != autoinstall ] || [ "$2" != -k ] || [ -z "$3" ]; then
+  echo "dkms (gpufleet lab stand-in): only 'dkms autoinstall -k <kernel>' is available" >&2; exit 2
+fi
+if [ ! -e "/lib/modules/$3/build" ]; then
+  echo "Error! Your kernel headers for kernel $3 cannot be found at /lib/modules/$3/build" >&2; exit 1
+fi
+install -D -m 644 /usr/src/nvidia-{upstream_version}/nvidia.ko "/lib/modules/$3/updates/dkms/nvidia.ko"
+depmod -a "$3"
+"""
+
+
+def linux_image_deb(out_dir: Path, kernel_release: str) -> Path:
+    """A STAND-IN kernel package: /boot/vmlinuz-<release> (not a kernel) and its /lib/modules tree, no headers."""
+    modules = f"/lib/modules/{kernel_release}"
+    return build_deb(out_dir, f"linux-image-{kernel_release}", "1.0-1", {
+        f"/boot/vmlinuz-{kernel_release}": (b"gpufleet lab stand-in, not a kernel\n", 0o644),
+        **{f"{modules}/{name}": ("", 0o644) for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo")},
+    }, description=f"Linux kernel image {kernel_release} (stand-in)")
 
 
 # Virtual packages that make two driver branches mutually exclusive, as Ubuntu's and NVIDIA's driver packages do
@@ -177,7 +208,8 @@ def driver_debs(out_dir: Path, branch: str = "580", version: str = "580.95.05-1"
             f"/etc/apt/preferences.d/nvidia-driver-pinning-{branch}": (pin, 0o644)},
             arch="all", description=f"Pin the NVIDIA driver to branch {branch}"),
         build_deb(out_dir, names["dkms"], version, {
-            f"/usr/src/nvidia-{upstream}/nvidia.ko": (module, 0o644)},
+            f"/usr/src/nvidia-{upstream}/nvidia.ko": (module, 0o644),
+            "/usr/sbin/dkms": (dkms_script(upstream), 0o755)},
             depends="kmod", scripts={"postinst": dkms_postinst(upstream), "prerm": DKMS_PRERM},
             relations=_exclusive("dkms", upstream), description="NVIDIA open kernel module source (DKMS)"),
         build_deb(out_dir, names["utils"], version, {

@@ -151,3 +151,30 @@ def test_busy_host_is_not_rebooted_and_the_rollout_counts_it_pending(
     done = gpufleet_rollout(inventory)
     assert done.returncode == 0, done.stderr
     assert on_595(driver_state(lab, host)) and lab.reboots(host) == 2
+
+
+NEW_KERNEL = "6.18.99-gpufleet-lab"
+
+
+def test_new_kernel_installed_without_headers_gets_them_and_its_module_and_nothing_reboots(
+        lab: Lab, standin_hosts: Callable[[int], list[Host]], make_inventory: Callable[..., Path],
+        run_pyinfra: Callable[..., PyinfraRun], tmp_path: Path) -> None:
+    """A STAND-IN kernel package (linux-image-<release>: /boot/vmlinuz and its /lib/modules tree) installed by apt
+    without headers, as unattended-upgrades does; the stand-in dkms builds by copying the module object."""
+    host = standin_hosts(1)[0]
+    inventory = write_inventory(make_inventory, [host], tmp_path / "reports")
+    converge_on_580(lab, [host], inventory, run_pyinfra)
+    lab.publish_kernel(NEW_KERNEL)
+    by_apt = lab.ssh(host, "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+                           f"linux-image-{NEW_KERNEL}")
+    assert by_apt.returncode == 0, by_apt.stderr
+    assert lab.ssh(host, f"test -e /lib/modules/{NEW_KERNEL}/build").returncode == 1, "headers came with the kernel"
+
+    run = run_pyinfra(inventory, STACK)
+    run.assert_converged([host.name])
+    changes = " / ".join(run.changes(host.name))
+    assert f"Install the headers of every installed kernel ({NEW_KERNEL})" in changes, changes
+    assert f"Build the NVIDIA module for kernel {NEW_KERNEL} (dkms autoinstall)" in changes, changes
+    assert lab.ssh(host, f"modinfo -k {NEW_KERNEL} -F version nvidia").stdout.strip() == OLD
+    assert lab.reboots(host) == 1, "a kernel update alone rebooted the host"
+    run_pyinfra(inventory, STACK).assert_no_changes([host.name])

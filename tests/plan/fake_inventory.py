@@ -117,7 +117,13 @@ def fact_answers(profile: dict) -> list[Answer]:
     )
     missing = set(profile["missing_tools"])
     busy = profile.get("busy") or {}
+    kernel_lines = [f"{kernel} headers={'yes' if profile['kernel_headers'] else 'no'} nvidia={driver['modinfo'] or '-'}"]
+    kernel_lines += [f"{k['release']} headers={'yes' if k['headers'] else 'no'} nvidia={k['nvidia'] or '-'}"
+                     for k in profile.get("kernels", [])]
+    meta = [name for name, _ in installed if re.match(r"^linux-(image|headers)-[a-z]", name)]
     answers = [
+        Answer("InstalledKernels", "/boot/vmlinuz-*",
+               f"== running\n{kernel}\n== kernels\n" + "\n".join(kernel_lines) + "\n== meta\n" + "\n".join(meta)),
         Answer("GpuBusy", "--query-compute-apps=",
                f"== apps\n{_text(busy.get('compute_apps', ''))}\n== uvm\n== who\n{_text(busy.get('who', ''))}"),
         Answer("OsInfo", "cat /etc/os-release", _text(profile["os_release"])),
