@@ -113,7 +113,8 @@ def driver_packages(source: str, branch: str, flavour: str, kernel_flavour: str 
         suffix = "-open" if flavour == "open" else ""
         return [f"nvidia-driver-{branch}{suffix}", f"linux-modules-nvidia-{branch}{suffix}-{kernel_flavour or 'generic'}"]
     if int(branch) >= 590:
-        # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch.
+        # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch (595, the
+        # production branch in late 2026: nvidia-driver-pinning-595 + nvidia-open); Ubuntu keeps nvidia-driver-595-open.
         return [f"nvidia-driver-pinning-{branch}", "nvidia-open" if flavour == "open" else "cuda-drivers"]
     return [f"nvidia-open-{branch}" if flavour == "open" else f"cuda-drivers-{branch}"]
 

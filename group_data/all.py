@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 # Where the NVIDIA driver comes from: NVIDIA's CUDA repository, or Ubuntu's archive (signed modules, for Secure Boot).
 driver_source: Literal["nvidia", "ubuntu"] = "nvidia"
-# Driver branch to install and hold; changing it is the supported way to upgrade.
+# Driver branch to install and hold (late 2026: 580 is NVIDIA's long-term branch, 595 production); change it and run gpufleet rollout to upgrade.
 driver_branch: str = "580"
 # Kernel module flavour; Blackwell GPUs (RTX 50xx) work only with "open", so "proprietary" is refused there.
 driver_flavour: Literal["open", "proprietary"] = "open"
