@@ -105,6 +105,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     except rollout.RolloutError as error:
         print(f"gpufleet rollout: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gpufleet rollout: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -263,6 +263,7 @@ def rollout(inventory: Inventory, deploy: Path, canary: int, batch: int, max_fai
             if len(bad) > max_failed or sum(o.state in (FAILED, PENDING) for o in outcomes.values()) > max_failed:
                 stopped = (label, bad)
                 break
+    console.line()
     console.print(summary(outcomes, hosts))
     tally = counts(outcomes)
     console.print(f"converged {tally[CONVERGED]}, skipped (already converged) {tally[UNCHANGED]}, "
