@@ -43,3 +43,16 @@ def test_branch_change_is_a_driver_installed_without_the_wanted_packages():
     new = {"nvidia-driver-pinning-595": "595.45.04-1", "nvidia-open": "595.45.04-1"}
     assert not branch_change(new, ["nvidia-driver-pinning-595", "nvidia-open"])
     assert not branch_change({"cuda-keyring": "1.1-1"}, ["nvidia-open-580"]), "a first install is no branch change"
+
+
+def test_a_branch_change_runs_the_smoke_test_again_but_does_not_rebuild_xformers():
+    from dataclasses import fields
+
+    from deploys.smoke import smoke_stamp
+    from gpufleet.fingerprint import WheelInputs
+    from gpufleet.settings import load_settings
+
+    config = {name: setting.default for name, setting in load_settings().items()}
+    assert smoke_stamp({**config, "driver_branch": "595"}) != smoke_stamp(config)
+    # The wheel's fingerprint has no driver in it: torch, CUDA, Python, the arch list and the sources only.
+    assert not [f.name for f in fields(WheelInputs) if "driver" in f.name]
