@@ -18,10 +18,10 @@ from gpufleet.decide import (
     DRIVER_PACKAGE_PREFIXES,
     branch_change,
     busy_reasons,
-    kernel_flavour,
-    kernels_without_module,
     cuda_repo_dir,
     driver_packages,
+    kernel_flavour,
+    kernels_without_module,
     may_reboot,
     stale_driver_holds,
 )
@@ -116,7 +116,8 @@ def driver() -> None:
     server.shell(
         name="Hold the NVIDIA driver packages",
         commands=[HOLD_COMMAND],
-        _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change() or any(op.did_change() for op in per_kernel),
+        _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change()
+        or any(op.did_change() for op in per_kernel),
     )
     # After the reboot (or the stop): the daemon cannot start against a stale or missing module.
     _handle_mismatch(me, config, installed=install)

@@ -111,7 +111,8 @@ def driver_packages(source: str, branch: str, flavour: str, kernel_flavour: str 
     kernel's (see kernel_flavour), generic when unknown."""
     if source == "ubuntu":
         suffix = "-open" if flavour == "open" else ""
-        return [f"nvidia-driver-{branch}{suffix}", f"linux-modules-nvidia-{branch}{suffix}-{kernel_flavour or 'generic'}"]
+        modules = f"linux-modules-nvidia-{branch}{suffix}-{kernel_flavour or 'generic'}"
+        return [f"nvidia-driver-{branch}{suffix}", modules]
     if int(branch) >= 590:
         # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch (595, the
         # production branch in late 2026: nvidia-driver-pinning-595 + nvidia-open); Ubuntu keeps nvidia-driver-595-open.

@@ -595,7 +595,8 @@ def parse_kernels(text: str) -> KernelState:
         kernels.append(InstalledKernel(match[1], match[1] == running, match[2] == "yes", version))
     if not any(k.running for k in kernels):
         raise ParseError(f"the running kernel {running} is not in the kernel list")
-    meta = sorted({m.strip() for m in sections.get("meta", "").splitlines() if re.match(r"^linux-(image|headers)-[a-z][a-z0-9.+-]*$", m.strip())})
+    names = {m.strip() for m in sections.get("meta", "").splitlines()}
+    meta = sorted(m for m in names if re.match(r"^linux-(image|headers)-[a-z][a-z0-9.+-]*$", m))
     return KernelState(kernels, meta)
 
 
@@ -608,9 +609,11 @@ class InstalledKernels(_ParsedFact):
     def command(self) -> str:
         return (
             "echo '== running'; uname -r; echo '== kernels'; "
-            "{ uname -r; for f in /boot/vmlinuz-*; do [ -e \"$f\" ] && echo \"${f#/boot/vmlinuz-}\"; done; } | sort -u | "
+            "{ uname -r; for f in /boot/vmlinuz-*; do [ -e \"$f\" ] && echo \"${f#/boot/vmlinuz-}\"; done; } "
+            "| sort -u | "
             "while read -r k; do h=no; [ -e \"/lib/modules/$k/build\" ] && h=yes; "
             "v=$(modinfo -k \"$k\" -F version nvidia 2>/dev/null | head -n 1); echo \"$k headers=$h nvidia=${v:--}\"; "
             "done; echo '== meta'; dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n' 'linux-image-*' "
-            "'linux-headers-*' 2>/dev/null | awk '$2 ~ /^.i/ && $1 !~ /^linux-(image|headers)-[0-9]/ {print $1}' || true"
+            "'linux-headers-*' 2>/dev/null "
+            "| awk '$2 ~ /^.i/ && $1 !~ /^linux-(image|headers)-[0-9]/ {print $1}' || true"
         )

@@ -174,7 +174,8 @@ def linux_image_deb(out_dir: Path, kernel_release: str) -> Path:
     modules = f"/lib/modules/{kernel_release}"
     return build_deb(out_dir, f"linux-image-{kernel_release}", "1.0-1", {
         f"/boot/vmlinuz-{kernel_release}": (b"gpufleet lab stand-in, not a kernel\n", 0o644),
-        **{f"{modules}/{name}": ("", 0o644) for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo")},
+        **{f"{modules}/{name}": ("", 0o644)
+           for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo")},
     }, description=f"Linux kernel image {kernel_release} (stand-in)")
 
 

@@ -117,7 +117,8 @@ def fact_answers(profile: dict) -> list[Answer]:
     )
     missing = set(profile["missing_tools"])
     busy = profile.get("busy") or {}
-    kernel_lines = [f"{kernel} headers={'yes' if profile['kernel_headers'] else 'no'} nvidia={driver['modinfo'] or '-'}"]
+    running_headers = "yes" if profile["kernel_headers"] else "no"
+    kernel_lines = [f"{kernel} headers={running_headers} nvidia={driver['modinfo'] or '-'}"]
     kernel_lines += [f"{k['release']} headers={'yes' if k['headers'] else 'no'} nvidia={k['nvidia'] or '-'}"
                      for k in profile.get("kernels", [])]
     meta = [name for name, _ in installed if re.match(r"^linux-(image|headers)-[a-z]", name)]

@@ -209,7 +209,8 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         *driver(
             "nvidia-driver-pinning-590, nvidia-open",
             before_install=[
-                op(CHANGE, DRIVER, "Refresh apt lists for the new driver branch (nvidia-driver-pinning-590, nvidia-open)"),
+                op(CHANGE, DRIVER,
+                   "Refresh apt lists for the new driver branch (nvidia-driver-pinning-590, nvidia-open)"),
                 op(CHANGE, DRIVER, "Release the holds of the previous driver "
                    "(libnvidia-compute-580, nvidia-driver-580-open, nvidia-open-580)"),
             ],

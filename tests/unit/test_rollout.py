@@ -54,15 +54,15 @@ def test_canary_first_then_batches_of_the_given_size():
 
 
 def smoke_doc(host: str, failed_rung: str | None = None) -> dict:
-    return {"tool": "gpufleet_smoke", "schema_version": 1, "host": host, "status": "failed" if failed_rung else "passed",
-            "failed_rung": failed_rung,
+    return {"tool": "gpufleet_smoke", "schema_version": 1, "host": host,
+            "status": "failed" if failed_rung else "passed", "failed_rung": failed_rung,
             "rungs": [{"id": failed_rung or "matmul", "status": "failed" if failed_rung else "passed",
                        "message": "matmul result differs from the CPU reference" if failed_rung else ""}]}
 
 
 def pyinfra_json(ops: list[tuple[str, list[str], list[str], list[str]]], failed: list[str] = ()) -> str:
-    return json.dumps({"results": {"operations": [
-        {"name": name, "success": s, "no_change": n, "error": e} for name, s, n, e in ops], "failed_hosts": list(failed)}})
+    operations = [{"name": name, "success": s, "no_change": n, "error": e} for name, s, n, e in ops]
+    return json.dumps({"results": {"operations": operations, "failed_hosts": list(failed)}})
 
 
 def test_each_host_is_judged_by_its_run_and_its_smoke_result(tmp_path: Path):
