@@ -16,13 +16,18 @@ from deploys.preflight import preflight
 from gpufleet import facts
 from gpufleet.decide import (
     DRIVER_PACKAGE_PREFIXES,
+    branch_change,
+    busy_reasons,
     cuda_repo_dir,
     driver_packages,
+    kernel_flavour,
+    kernels_without_module,
     may_reboot,
     stale_driver_holds,
 )
 from gpufleet.nvidia_repo import apt_settings, ensure_repo, pin_driver_source
 from gpufleet.operations import refuse
+from gpufleet.rollout import REBOOT_PENDING
 from gpufleet.stage import (
     profile,
     record_stack_change,
@@ -65,7 +70,9 @@ def driver() -> None:
         _handle_mismatch(me, config, installed=None)
         return
 
-    wanted = driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"])
+    kernels = host.get_fact(facts.InstalledKernels)
+    flavour = kernel_flavour(_running(kernels), kernels.metapackages)
+    wanted = driver_packages(config["driver_source"], config["driver_branch"], config["driver_flavour"], flavour)
     if config["driver_source"] == "nvidia":
         ensure_repo(config, cuda_repo_dir(me.os, me.is_wsl))
     else:
@@ -90,6 +97,7 @@ def driver() -> None:
         _if=nouveau.did_change,
     )
 
+    _refresh_lists_for_branch_change(me, wanted)
     held = set(host.get_fact(facts.HeldPackages))
     stale_holds = stale_driver_holds(me.driver.packages, held, config["driver_branch"])
     if stale_holds:
@@ -103,11 +111,13 @@ def driver() -> None:
         no_recommends=False,
     )
     record_stack_change(install)
+    per_kernel = _module_for_every_kernel(config, kernels, flavour)
     unheld = [p for p in me.driver.packages if p.startswith(DRIVER_PACKAGE_PREFIXES) and p not in held]
     server.shell(
         name="Hold the NVIDIA driver packages",
         commands=[HOLD_COMMAND],
-        _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change(),
+        _if=lambda: bool(unheld) or bool(stale_holds) or install.did_change()
+        or any(op.did_change() for op in per_kernel),
     )
     # After the reboot (or the stop): the daemon cannot start against a stale or missing module.
     _handle_mismatch(me, config, installed=install)
@@ -118,6 +128,46 @@ def driver() -> None:
             enabled=True,
             running=True,
         )
+
+
+def _running(kernels: facts.KernelState) -> str:
+    return next(k.release for k in kernels.kernels if k.running)
+
+
+def _module_for_every_kernel(config, kernels: facts.KernelState, flavour: str | None) -> list:
+    """Every installed kernel gets its NVIDIA module before any reboot, so a reboot into a newer kernel never comes
+    up without the driver: with DKMS (NVIDIA's repository) the flavour's headers metapackage (future kernels bring
+    their headers), the headers of each installed kernel and `dkms autoinstall -k` where the module is missing; with
+    Ubuntu's signed modules the module package of each such kernel. Planned from the kernels' state at the start of
+    the run; nothing when every kernel has the driver_branch module."""
+    branch = config["driver_branch"]
+    missing = kernels_without_module(kernels.kernels, branch)
+    suffix = "-open" if config["driver_flavour"] == "open" else ""
+    if config["driver_source"] == "ubuntu":
+        if not missing:
+            return []
+        packages = [f"linux-modules-nvidia-{branch}{suffix}-{release}" for release in missing]
+        return [apt.packages(name=f"Install Ubuntu's signed NVIDIA modules for every kernel ({', '.join(packages)})",
+                             packages=packages)]
+    ops = []
+    if flavour is not None:
+        ops.append(apt.packages(name=f"Install the kernel headers metapackage (linux-headers-{flavour})",
+                                packages=[f"linux-headers-{flavour}"]))
+    no_headers = [k.release for k in kernels.kernels if not k.headers and not k.running]
+    if no_headers:
+        ops.append(apt.packages(name=f"Install the headers of every installed kernel ({', '.join(no_headers)})",
+                                packages=[f"linux-headers-{release}" for release in no_headers]))
+    for release in missing:
+        ops.append(server.shell(name=f"Build the NVIDIA module for kernel {release} (dkms autoinstall)",
+                                commands=[f"dkms autoinstall -k {shlex.quote(release)}"]))
+    return ops
+
+
+def _refresh_lists_for_branch_change(me, wanted: list[str]) -> None:
+    """A branch change needs apt lists that know the new branch (published after the lists were last read); the
+    step exists only while another branch's driver is installed and the wanted packages are not."""
+    if branch_change(me.driver.packages, wanted):
+        apt.update(name=f"Refresh apt lists for the new driver branch ({', '.join(wanted)})")
 
 
 def _handle_mismatch(me, config, installed) -> None:
@@ -132,6 +182,8 @@ def _handle_mismatch(me, config, installed) -> None:
     )
     needs = (lambda: True) if mismatch else (installed.did_change if installed is not None else None)
     if needs is None:
+        return
+    if may_reboot(me, config) and _reboot_pending(reason, config, needs):
         return
     if may_reboot(me, config):
         record_stack_change(
@@ -151,6 +203,24 @@ def _handle_mismatch(me, config, installed) -> None:
         ],
         _if=needs,
     )
+
+
+def _reboot_pending(reason: str, config, needs) -> bool:
+    """Stop a busy host instead of rebooting it (GPU compute processes, logged-in users), unless reboot_when_busy.
+
+    Decided from the host's state when the run starts; returns whether the host was stopped."""
+    busy = busy_reasons(host.get_fact(facts.GpuBusy), config)
+    if not busy:
+        return False
+    refuse(
+        name=f"Stop {host.name}: reboot pending",
+        reasons=[
+            f"{REBOOT_PENDING}: {reason}, but the host is busy ({'; '.join(busy)}); gpufleet does not reboot a busy "
+            "host. Reboot it when they are done (or set reboot_when_busy: true), then run gpufleet again."
+        ],
+        _if=needs,
+    )
+    return True
 
 
 def _wsl_driver(smi: facts.SmiResult) -> None:

@@ -21,6 +21,7 @@ from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from gpufleet.decide import HostProfile
 from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
+from gpufleet.rollout import SMOKE_CHECK
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, profile, refuse_planted_links, run_alone, settings, stack_changed
 
@@ -110,7 +111,7 @@ def smoke() -> None:
         _if=needed,
     )
     server.shell(
-        name="Check that every rung of the smoke test passed",
+        name=SMOKE_CHECK,
         commands=[
             f'rc=$(cat {shlex.quote(result[:-5] + ".rc")}); [ "$rc" = 0 ] || {{ echo "smoke test failed (exit $rc); "'
             f'{shlex.quote(f"see {local} or run: gpufleet report {local.parent}")} >&2; exit 1; }}'

@@ -106,6 +106,30 @@ def cache_stats_argv(ssh: list[str], user: str | None, address: str, remote: str
     return [*ssh, "--", f"{user}@{address}" if user else address, remote]
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """deploys/full.py a canary, then a batch at a time, each batch health-gated; see gpufleet/rollout.py."""
+    from rich.console import Console
+
+    from gpufleet import rollout
+    from gpufleet.inventory import InventoryError, load_inventory
+
+    try:
+        inventory = load_inventory(args.inventory)
+    except InventoryError as error:
+        print(f"gpufleet: invalid inventory {error}", file=sys.stderr)
+        return 2
+    limit = [p.strip() for value in args.limit for p in value.split(",") if p.strip()]
+    try:
+        return rollout.rollout(inventory, Path(args.deploy), args.canary, args.batch, args.max_failed, limit,
+                               Console(stderr=True), extra=["-v"] if args.verbose else [])
+    except rollout.RolloutError as error:
+        print(f"gpufleet rollout: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gpufleet rollout: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Provision and check a fleet of GPU workstations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -135,6 +159,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "2 without a cache host.")
     s.add_argument("file", nargs="?", help="inventory YAML (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml)")
     s.set_defaults(handler=cmd_cache_stats)
+    r = sub.add_parser("rollout", help="deploy to a canary, then batch by batch, each batch health-gated",
+                       description="Run deploys/full.py through pyinfra on the canary hosts, then on each batch "
+                                   "(pyinfra --limit). A batch passes when every host converged and its smoke test "
+                                   "passed; otherwise the rollout stops there, naming the hosts and the failed rung, "
+                                   "and later batches are not touched. Run it again to continue. Exit 0 when every "
+                                   "host is converged, 1 when the rollout stopped, 2 on bad input.")
+    r.add_argument("inventory", nargs="?", help="inventory YAML (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml)")
+    r.add_argument("--canary", type=int, default=1, metavar="N", help="hosts in the first batch (default 1)")
+    r.add_argument("--batch", type=int, default=5, metavar="N", help="hosts per later batch (default 5)")
+    r.add_argument("--max-failed", type=int, default=0, metavar="N",
+                   help="failed or reboot-pending hosts tolerated before the rollout stops (default 0)")
+    r.add_argument("--limit", action="append", default=[], metavar="HOSTS",
+                   help="only these hosts: names, groups or globs, comma-separated or repeated")
+    r.add_argument("--deploy", default=str(Path(__file__).resolve().parents[1] / "deploys" / "full.py"),
+                   help="deploy file (default: deploys/full.py)")
+    r.add_argument("-v", "--verbose", action="store_true", help="pass -v to pyinfra")
+    r.set_defaults(handler=cmd_rollout)
     return parser
 
 

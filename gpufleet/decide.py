@@ -104,13 +104,18 @@ def cuda_repo_dir(os_release: OsRelease, is_wsl: bool) -> str:
     return os_release.id + os_release.version_id
 
 
-def driver_packages(source: str, branch: str, flavour: str) -> list[str]:
-    """Packages that install the driver, in install order, for the chosen source, branch and flavour."""
+def driver_packages(source: str, branch: str, flavour: str, kernel_flavour: str | None = None) -> list[str]:
+    """Packages that install the driver, in install order, for the chosen source, branch and flavour.
+
+    Ubuntu's signed modules come per kernel flavour (generic, generic-hwe-24.04, lowlatency, ...): the running
+    kernel's (see kernel_flavour), generic when unknown."""
     if source == "ubuntu":
         suffix = "-open" if flavour == "open" else ""
-        return [f"nvidia-driver-{branch}{suffix}", f"linux-modules-nvidia-{branch}{suffix}-generic"]
+        modules = f"linux-modules-nvidia-{branch}{suffix}-{kernel_flavour or 'generic'}"
+        return [f"nvidia-driver-{branch}{suffix}", modules]
     if int(branch) >= 590:
-        # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch.
+        # From 590 on NVIDIA ships one unversioned package and a pinning package that selects the branch (595, the
+        # production branch in late 2026: nvidia-driver-pinning-595 + nvidia-open); Ubuntu keeps nvidia-driver-595-open.
         return [f"nvidia-driver-pinning-{branch}", "nvidia-open" if flavour == "open" else "cuda-drivers"]
     return [f"nvidia-open-{branch}" if flavour == "open" else f"cuda-drivers-{branch}"]
 
@@ -375,3 +380,39 @@ def stale_driver_holds(packages: dict[str, str], held: set[str], branch: str) ->
         if found is not None and found != branch:
             stale.append(name)
     return sorted(stale)
+
+
+def branch_change(installed: dict[str, str], wanted: list[str]) -> bool:
+    """Whether the host has a driver installed but not the wanted packages: driver_branch (or its source) changed."""
+    has_driver = any(name.startswith(DRIVER_PACKAGE_PREFIXES) for name in installed)
+    return has_driver and any(name not in installed for name in wanted)
+
+
+def busy_reasons(busy: Any, settings: dict[str, Any]) -> list[str]:
+    """What a reboot now would interrupt (a facts.BusyState), unless reboot_when_busy allows it; empty when idle."""
+    if settings["reboot_when_busy"] or busy is None:
+        return []
+    reasons = []
+    if busy.compute:
+        reasons.append("GPU compute processes: " + ", ".join(f"{g.name} (pid {g.pid})" for g in busy.compute))
+    if busy.users:
+        reasons.append("users logged in: " + ", ".join(busy.users))
+    return reasons
+
+
+def kernel_flavour(running: str, metapackages: list[str]) -> str | None:
+    """The running kernel's flavour as its metapackages name it: `generic-hwe-24.04` when linux-image-generic-hwe-24.04
+    is installed and the kernel is a -generic one, else the release's own suffix (6.8.0-88-generic -> generic,
+    6.1.0-28-amd64 -> amd64); None for a release that names no flavour (a custom kernel)."""
+    match = re.match(r"^\d+\.\d+\.\d+-\d+(?:\.\d+)?-([a-z][a-z0-9-]*)$", running)
+    if not match:
+        return None
+    suffix = match[1]
+    installed = {m.split("-", 2)[2] for m in metapackages if m.startswith(("linux-image-", "linux-headers-"))}
+    hwe = sorted(f for f in installed if f.startswith(f"{suffix}-hwe-"))
+    return hwe[-1] if hwe else suffix
+
+
+def kernels_without_module(kernels: list[Any], branch: str) -> list[str]:
+    """Installed kernels (facts.InstalledKernel) that would boot without the driver_branch NVIDIA module."""
+    return [k.release for k in kernels if k.nvidia is None or k.nvidia.split(".")[0] != branch]

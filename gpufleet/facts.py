@@ -563,3 +563,104 @@ class PlantedLinks(FactBase):
 
     def default(self) -> list[str]:
         return []
+
+
+class GpuUser(NamedTuple):
+    pid: str
+    name: str
+
+
+class BusyState(NamedTuple):
+    """What a reboot would interrupt: GPU compute processes and logged-in users."""
+
+    compute: list[GpuUser]
+    users: list[str]
+
+
+def parse_busy(text: str) -> BusyState:
+    """Sections of GpuBusy's command: `== apps` (nvidia-smi's "pid, process_name" CSV), `== uvm` ("pid comm" of
+    processes holding /dev/nvidia-uvm, which every CUDA process opens), `== who` (who's output)."""
+    sections = _sections(text)
+    compute: dict[str, GpuUser] = {}
+    for line in sections.get("apps", "").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2 and parts[0].isdigit():
+            compute.setdefault(parts[0], GpuUser(parts[0], parts[1].rsplit("/", 1)[-1]))
+    for line in sections.get("uvm", "").splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].isdigit():
+            compute.setdefault(parts[0], GpuUser(parts[0], parts[1].strip()))
+    users = sorted({line.split()[0] for line in sections.get("who", "").splitlines() if line.split()})
+    return BusyState(sorted(compute.values(), key=lambda g: int(g.pid)), users)
+
+
+class GpuBusy(_ParsedFact):
+    """GPU compute processes (nvidia-smi --query-compute-apps, and /dev/nvidia-uvm holders for when nvidia-smi cannot
+    answer, as during a driver/library mismatch) and logged-in users (who)."""
+
+    parser = staticmethod(parse_busy)
+
+    def command(self) -> str:
+        return (
+            "echo '== apps'; nvidia-smi --query-compute-apps=pid,process_name --format=csv,noheader 2>/dev/null "
+            "|| true; echo '== uvm'; for d in /proc/[0-9]*; do "
+            "if ls -l \"$d/fd\" 2>/dev/null | grep -q ' /dev/nvidia-uvm$'; then "
+            "echo \"${d#/proc/} $(cat \"$d/comm\" 2>/dev/null)\"; fi; done; "
+            "echo '== who'; who 2>/dev/null || true"
+        )
+
+
+_KERNEL_RELEASE = re.compile(r"^[0-9][A-Za-z0-9._+~-]*$")
+
+
+class InstalledKernel(NamedTuple):
+    release: str
+    running: bool
+    headers: bool  # /lib/modules/<release>/build exists (DKMS can build for it)
+    nvidia: str | None  # version of the NVIDIA module this kernel would load, None when it has none
+
+
+class KernelState(NamedTuple):
+    kernels: list[InstalledKernel]
+    # Installed kernel metapackages without a version in their name (linux-image-generic-hwe-24.04, ...).
+    metapackages: list[str]
+
+
+def parse_kernels(text: str) -> KernelState:
+    """Sections of InstalledKernels' command: `== running` (uname -r), `== kernels` ("<release> headers=yes|no
+    nvidia=<version>|-" per kernel), `== meta` (installed linux-image-*/linux-headers-* metapackages)."""
+    sections = _sections(text)
+    running = sections.get("running", "").strip()
+    if not _KERNEL_RELEASE.match(running):
+        raise ParseError(f"unexpected kernel release {running!r}")
+    kernels = []
+    for line in sections.get("kernels", "").splitlines():
+        match = re.match(r"^(\S+) headers=(yes|no) nvidia=(\S+)$", line.strip())
+        if not match or not _KERNEL_RELEASE.match(match[1]):
+            raise ParseError(f"unexpected kernel line {line!r}")
+        version = match[3] if re.match(r"^\d+\.\d+(\.\d+)?$", match[3]) else None
+        kernels.append(InstalledKernel(match[1], match[1] == running, match[2] == "yes", version))
+    if not any(k.running for k in kernels):
+        raise ParseError(f"the running kernel {running} is not in the kernel list")
+    names = {m.strip() for m in sections.get("meta", "").splitlines()}
+    meta = sorted(m for m in names if re.match(r"^linux-(image|headers)-[a-z][a-z0-9.+-]*$", m))
+    return KernelState(kernels, meta)
+
+
+class InstalledKernels(_ParsedFact):
+    """Each installed kernel (the running one and every /boot/vmlinuz-*): its headers and its NVIDIA module; and the
+    kernel metapackages installed, which name the flavour (generic, generic-hwe-24.04, lowlatency, ...)."""
+
+    parser = staticmethod(parse_kernels)
+
+    def command(self) -> str:
+        return (
+            "echo '== running'; uname -r; echo '== kernels'; "
+            "{ uname -r; for f in /boot/vmlinuz-*; do [ -e \"$f\" ] && echo \"${f#/boot/vmlinuz-}\"; done; } "
+            "| sort -u | "
+            "while read -r k; do h=no; [ -e \"/lib/modules/$k/build\" ] && h=yes; "
+            "v=$(modinfo -k \"$k\" -F version nvidia 2>/dev/null | head -n 1); echo \"$k headers=$h nvidia=${v:--}\"; "
+            "done; echo '== meta'; dpkg-query -W -f='${Package} ${db:Status-Abbrev}\\n' 'linux-image-*' "
+            "'linux-headers-*' 2>/dev/null "
+            "| awk '$2 ~ /^.i/ && $1 !~ /^linux-(image|headers)-[0-9]/ {print $1}' || true"
+        )

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 
 # Where the NVIDIA driver comes from: NVIDIA's CUDA repository, or Ubuntu's archive (signed modules, for Secure Boot).
 driver_source: Literal["nvidia", "ubuntu"] = "nvidia"
-# Driver branch to install and hold; changing it is the supported way to upgrade.
+# Driver branch to install and hold (late 2026: 580 is NVIDIA's long-term branch, 595 production); change it and run gpufleet rollout to upgrade.
 driver_branch: str = "580"
 # Kernel module flavour; Blackwell GPUs (RTX 50xx) work only with "open", so "proprietary" is refused there.
 driver_flavour: Literal["open", "proprietary"] = "open"
@@ -22,6 +22,8 @@ reboot_timeout: int = 600
 apt_lock_timeout: int = 300
 # Add nvidia-, libnvidia- and cuda- to unattended-upgrades' package blacklist so nothing updates the driver behind your back.
 hold_driver_updates: bool = True
+# With reboot_policy auto, reboot even a host whose GPU runs compute processes or where users are logged in; otherwise such a host is left "reboot pending".
+reboot_when_busy: bool = False
 
 # CUDA toolkit version (major.minor), installed as cuda-toolkit-X-Y under /usr/local/cuda-X.Y.
 cuda_version: str = "12.8"

@@ -101,6 +101,14 @@ def write_pci_tree(root: Path, gpu: str, wsl: bool = False) -> None:
         _write_device(root, NVIDIA_VENDOR, spec.device_id, 0x00)
 
 
+# /proc/uptime of a lab host until its stand-in reboot (Lab.install_standin_reboot) writes a smaller one.
+UPTIME_BEFORE_REBOOT = "86400.00 86400.00\n"
+UPTIME_AFTER_REBOOT = "1.00 1.00\n"
+REBOOT_LOG = "/var/log/gpufleet-lab-reboots"
+# Lines "pid, name, used MiB" the stand-in nvidia-smi prints for --query-compute-apps (Lab.set_compute_apps).
+COMPUTE_APPS = "/etc/gpufleet-lab/compute-apps"
+
+
 def module_version_line(version: str) -> str:
     return (f"NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  {version}  Release Build  "
             f"(gpufleet-lab stand-in)\nGCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")

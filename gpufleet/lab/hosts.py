@@ -26,7 +26,8 @@ from gpufleet.lab.system import LabError, run
 OS_KEYRING = "/usr/share/keyrings/gpufleet-lab-archive.gpg"
 
 # Runs in the new namespaces before sshd: $1 root, $2 hostname, $3 /proc/driver source, $4 /sys/bus/pci source,
-# $5 a file to show as /proc/sys/kernel/osrelease, or "" for the real one.
+# $5 a file to show as /proc/sys/kernel/osrelease, or "" for the real one; $6 a writable file shown as /proc/uptime
+# (the lab's stand-in reboot lowers it, as a real reboot would, so pyinfra's server.reboot sees the host come back).
 NAMESPACE_SETUP = r"""
 set -e
 R="$1"
@@ -35,6 +36,7 @@ mount -t proc proc "$R/proc"
 mount --bind "$R/proc/sys" "$R/proc/sys"
 mount -o remount,bind,ro "$R/proc/sys"
 if [ -n "$5" ]; then mount --bind "$5" "$R/proc/sys/kernel/osrelease"; fi
+mount --bind "$6" "$R/proc/uptime"
 mount --bind "$3" "$R/proc/driver"
 mount -t sysfs -o ro sysfs "$R/sys"
 mount --bind "$4" "$R/sys/bus/pci"
@@ -210,6 +212,7 @@ def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_r
     run(["mount", "-t", "tmpfs", "-o", "mode=755,size=1m", "tmpfs", str(path / "procdriver")])
     hardware.write_pci_tree(path / "pci", host.gpu, wsl=host.platform == "wsl")
     hardware.write_loaded_driver(path / "procdriver", host.loaded_driver)
+    (path / "uptime").write_text(hardware.UPTIME_BEFORE_REBOOT)
     known_host = personalise(host, control_pubkey, keyring, kernel_release)
     if host.platform == "wsl":
         make_wsl(host)
@@ -225,7 +228,7 @@ def start(host: Host) -> None:
             ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork",
              "--kill-child", "--propagation", "private", "sh", "-c", NAMESPACE_SETUP, "gpufleet-lab-host",
              str(host.root), host.name, str(host.path / "procdriver"), str(host.path / "pci"),
-             str(host.path / "osrelease") if host.platform == "wsl" else ""],
+             str(host.path / "osrelease") if host.platform == "wsl" else "", str(host.path / "uptime")],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     host.pid = proc.pid
     host.save()

@@ -19,6 +19,7 @@ from gpufleet.lab import (
     standins,
 )
 from gpufleet.lab.hosts import Host
+from gpufleet.lab.hardware import COMPUTE_APPS, REBOOT_LOG
 from gpufleet.lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
 from gpufleet.lab.system import LabError, ensure_tools, run
 
@@ -158,6 +159,37 @@ class Lab:
         host.loaded_driver = version
         host.save()
 
+    def install_standin_reboot(self, host: Host) -> None:
+        """Give `host` a STAND-IN `reboot` (/usr/local/sbin, first on root's PATH; the lab base has none) that does
+        what a reboot does to what gpufleet reads: the module on disk becomes the loaded one (or none when none is
+        installed), /proc/uptime drops, and the call is noted in REBOOT_LOG. The host keeps running, so
+        reboot_policy: auto and pyinfra's server.reboot (which waits for a lower uptime) run for real."""
+        line = hardware.module_version_line("$v").replace("\n", "\\n")
+        script = (
+            "#!/bin/sh\n# gpufleet lab STAND-IN for reboot: loads the module on disk, resets uptime; kills nothing.\n"
+            f'echo "reboot $*" >> {REBOOT_LOG}\n'
+            "v=$(modinfo -F version nvidia 2>/dev/null || true)\n"
+            'if [ -n "$v" ]; then mkdir -p /proc/driver/nvidia; '
+            f'printf "{line}" > /proc/driver/nvidia/version\n'
+            "else rm -rf /proc/driver/nvidia; fi\n"
+            f"printf '{hardware.UPTIME_AFTER_REBOOT.strip()}\\n' > /proc/uptime\n"
+        )
+        target = host.root / "usr/local/sbin/reboot"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(script)
+        target.chmod(0o755)
+
+    def reboots(self, host: Host) -> int:
+        """How many times the stand-in reboot ran on `host`."""
+        log = host.root / REBOOT_LOG.lstrip("/")
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    def set_compute_apps(self, host: Host, apps: list[tuple[int, str, int]]) -> None:
+        """Make the host's stand-in nvidia-smi report GPU compute processes (pid, name, MiB); [] for none."""
+        target = host.root / COMPUTE_APPS.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join(f"{pid}, {name}, {mib} MiB\n" for pid, name, mib in apps))
+
     def set_windows_driver(self, host: Host, version: str) -> None:
         """Simulate a WSL host's Windows driver at `version` (e.g. "591.44"), as after an update on Windows."""
         if host.platform != "wsl":
@@ -167,6 +199,10 @@ class Lab:
     def publish_driver(self, version: str, branch: str = "580") -> None:
         """Add stand-in driver packages `version` (e.g. "580.105.08-1") to the CUDA repos, re-signed."""
         mirrors.publish_driver(self.www, self.keys, version, branch)
+
+    def publish_kernel(self, kernel_release: str) -> None:
+        """Add a stand-in kernel package linux-image-<release> and linux-headers-<release> to the CUDA repos."""
+        mirrors.publish_kernel(self.www, self.keys, kernel_release)
 
     def processes(self, host: Host) -> dict[int, str]:
         """PID (as seen here) -> command line of every process running in `host`."""

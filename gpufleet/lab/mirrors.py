@@ -80,6 +80,15 @@ def publish_driver(www: Path, keys_dir: Path, version: str, branch: str = "580")
         sign_flat_repo(repo, keys_dir)
 
 
+def publish_kernel(www: Path, keys_dir: Path, kernel_release: str) -> None:
+    """Add a stand-in kernel `kernel_release` and its headers to every CUDA repo (the lab's stand-in repositories)."""
+    for repo_dir in CUDA_REPO_DIRS:
+        repo = cuda_repo(www, repo_dir)
+        standins.linux_image_deb(repo, kernel_release)
+        standins.linux_headers_deb(repo, kernel_release)
+        sign_flat_repo(repo, keys_dir)
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     try:
         os.link(source, target)

@@ -11,6 +11,8 @@ DRIVER_VERSION = "@DRIVER_VERSION@"
 GPUS: dict[str, list] = json.loads("""@GPUS@""")
 # On a WSL host the GPU is Windows': no /proc/driver/nvidia and no NVIDIA PCI device; this names its device id.
 WSL_GPU: int | None = json.loads("@WSL_GPU@")
+# What the GPU runs, as the lab sets it (Lab.set_compute_apps): "pid, process_name, used_memory" lines.
+COMPUTE_APPS = Path("@COMPUTE_APPS@")
 
 
 def loaded_module() -> tuple[str, bool] | None:
@@ -72,6 +74,14 @@ def main(argv: list[str]) -> int:
 
 
 def report(gpus: list[tuple[str, int]], argv: list[str]) -> int:
+    apps = next((a.split("=", 1)[1] for a in argv if a.startswith("--query-compute-apps=")), None)
+    if apps is not None:
+        wanted = [f.strip() for f in apps.split(",")]
+        known = ("pid", "process_name", "used_memory")
+        for line in COMPUTE_APPS.read_text().splitlines() if COMPUTE_APPS.exists() else []:
+            values = dict(zip(known, (v.strip() for v in line.split(","))))
+            print(", ".join(values.get(f, "[N/A]") for f in wanted))
+        return 0
     query = next((a.split("=", 1)[1] for a in argv if a.startswith("--query-gpu=")), None)
     if query is not None:
         for slot, device in gpus:

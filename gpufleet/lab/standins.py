@@ -7,11 +7,16 @@ and paths:
 - `cuda-keyring` 1.1-1: the lab's test signing key at /usr/share/keyrings/cuda-archive-keyring.gpg and,
   like NVIDIA's, a .list pointing at NVIDIA's own URL for its repository directory.
 - `cuda-toolkit-12-8`: /usr/local/cuda-12.8 with a `bin/nvcc` printing nvcc's `--version` format, lib64/.
-- `nvidia-open-580` -> `nvidia-dkms-580-open` + `nvidia-utils-580`, and `nvidia-driver-pinning-580`.
+- `nvidia-open-580` -> `nvidia-dkms-580-open` + `nvidia-utils-580`, and `nvidia-driver-pinning-580`; from branch
+  590 on NVIDIA's unversioned names (`nvidia-open` -> `nvidia-dkms-open` + `nvidia-utils`) beside
+  `nvidia-driver-pinning-<branch>`. Each branch's packages provide, conflict with and replace the same virtual
+  packages, so apt itself removes the old branch during a branch change.
   The dkms stand-in's postinst installs a tiny ELF with a real `.modinfo` section as
   /lib/modules/$(uname -r)/updates/dkms/nvidia.ko and runs depmod, so `modinfo -F version nvidia` answers;
   like DKMS it builds nothing (and says so on stderr) when /lib/modules/$(uname -r)/build is missing.
-  `nvidia-utils-580` ships a stand-in `nvidia-smi` (see nvidia_smi_standin.py).
+  `nvidia-utils-580` ships a stand-in `nvidia-smi` (see nvidia_smi_standin.py). The dkms package also ships a
+  stand-in `dkms` that does `dkms autoinstall -k <kernel>` the same way for any kernel with headers.
+- `linux-image-<release>`: a stand-in kernel (/boot/vmlinuz-<release>, its /lib/modules tree), for kernel updates.
 - `cuda`, `cuda-12-8`, `cuda-drivers` and `cuda-drivers-580`: empty metapackages with NVIDIA's dependency chain
   (cuda -> cuda-12-8 -> cuda-toolkit-12-8 + cuda-drivers -> a driver), which gpufleet must never install; they are
   in the repos so that a deploy asking for one would get it and a test would see it.
@@ -32,7 +37,7 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from gpufleet.lab.hardware import GPUS
+from gpufleet.lab.hardware import COMPUTE_APPS, GPUS
 from gpufleet.lab.kmod_elf import modinfo_object
 
 # A file in a package: content and mode; a str content starting with "->" is a symlink target.
@@ -44,7 +49,9 @@ TORCH_ARCH_LIST = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 
 
 def build_deb(out_dir: Path, name: str, version: str, files: Files, *, depends: str = "",
-              description: str, arch: str = "amd64", scripts: Mapping[str, str] | None = None) -> Path:
+              description: str, arch: str = "amd64", scripts: Mapping[str, str] | None = None,
+              relations: Mapping[str, str] | None = None) -> Path:
+    """A .deb; `relations` adds control fields such as Conflicts, Replaces and Provides."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         root.chmod(0o755)  # dpkg would otherwise record / as 0700
@@ -60,6 +67,7 @@ def build_deb(out_dir: Path, name: str, version: str, files: Files, *, depends: 
                    "Maintainer: gpufleet lab <lab@gpufleet.invalid>", "Priority: optional", "Section: misc"]
         if depends:
             control.append(f"Depends: {depends}")
+        control.extend(f"{field}: {value}" for field, value in (relations or {}).items())
         control.append(f"Description: {description}\n gpufleet test-lab STAND-IN; contains no NVIDIA software.")
         (root / "DEBIAN").mkdir(exist_ok=True)
         (root / "DEBIAN" / "control").write_text("\n".join(control) + "\n")
@@ -113,7 +121,7 @@ def nvidia_smi_script(upstream_version: str, wsl_device_id: int | None = None) -
     template = (Path(__file__).parent / "nvidia_smi_standin.py").read_text()
     table = {f"{g.device_id:04x}": [g.name, g.memory_mib] for g in GPUS.values() if g is not None}
     return (template.replace("@DRIVER_VERSION@", upstream_version).replace("@GPUS@", json.dumps(table))
-            .replace("@WSL_GPU@", json.dumps(wsl_device_id)))
+            .replace("@WSL_GPU@", json.dumps(wsl_device_id)).replace("@COMPUTE_APPS@", COMPUTE_APPS))
 
 
 def dkms_postinst(upstream_version: str) -> str:
@@ -135,14 +143,64 @@ case "$1" in configure)
 
 DKMS_PRERM = """#!/bin/sh
 set -e
-kver=$(uname -r)
-rm -f "/lib/modules/$kver/updates/dkms/nvidia.ko"
-depmod -a "$kver" || true
+# Like DKMS on removal: the module goes from every kernel it was built for.
+for module in /lib/modules/*/updates/dkms/nvidia.ko; do
+  [ -e "$module" ] || continue
+  rm -f "$module"
+  kver=${module#/lib/modules/}; depmod -a "${kver%%/*}" || true
+done
 """
+
+
+def dkms_script(upstream_version: str) -> str:
+    """`dkms autoinstall -k <kernel>` as the lab needs it: the prebuilt module object for that kernel, refused like
+    DKMS when the kernel's headers are missing."""
+    return f"""#!/bin/sh
+# gpufleet lab STAND-IN for dkms: only `dkms autoinstall -k <kernel>`; copies a prebuilt object, compiles nothing.
+set -e
+if [ "$1" != autoinstall ] || [ "$2" != -k ] || [ -z "$3" ]; then
+  echo "dkms (gpufleet lab stand-in): only 'dkms autoinstall -k <kernel>' is available" >&2; exit 2
+fi
+if [ ! -e "/lib/modules/$3/build" ]; then
+  echo "Error! Your kernel headers for kernel $3 cannot be found at /lib/modules/$3/build" >&2; exit 1
+fi
+install -D -m 644 /usr/src/nvidia-{upstream_version}/nvidia.ko "/lib/modules/$3/updates/dkms/nvidia.ko"
+depmod -a "$3"
+"""
+
+
+def linux_image_deb(out_dir: Path, kernel_release: str) -> Path:
+    """A STAND-IN kernel package: /boot/vmlinuz-<release> (not a kernel) and its /lib/modules tree, no headers."""
+    modules = f"/lib/modules/{kernel_release}"
+    return build_deb(out_dir, f"linux-image-{kernel_release}", "1.0-1", {
+        f"/boot/vmlinuz-{kernel_release}": (b"gpufleet lab stand-in, not a kernel\n", 0o644),
+        **{f"{modules}/{name}": ("", 0o644)
+           for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo")},
+    }, description=f"Linux kernel image {kernel_release} (stand-in)")
+
+
+# Virtual packages that make two driver branches mutually exclusive, as Ubuntu's and NVIDIA's driver packages do
+# (each provides, conflicts with and replaces the same virtual name), so apt removes the old branch when the new one
+# comes. The names follow Ubuntu's (nvidia-dkms-kernel, nvidia-driver-binary); the exact fields of NVIDIA's 590+
+# packages are modelled, not copied.
+EXCLUSIVE = {"dkms": "nvidia-dkms-kernel", "utils": "nvidia-utils-binary", "driver": "nvidia-driver-binary"}
+
+
+def _exclusive(role: str, upstream: str) -> dict[str, str]:
+    virtual = EXCLUSIVE[role]
+    return {"Provides": f"{virtual} (= {upstream})", "Conflicts": virtual, "Replaces": virtual}
+
+
+def driver_package_names(branch: str) -> dict[str, str]:
+    """Stand-in names per role: up to 580 versioned (nvidia-open-580), from 590 on unversioned as at NVIDIA."""
+    if int(branch) >= 590:
+        return {"driver": "nvidia-open", "dkms": "nvidia-dkms-open", "utils": "nvidia-utils"}
+    return {"driver": f"nvidia-open-{branch}", "dkms": f"nvidia-dkms-{branch}-open", "utils": f"nvidia-utils-{branch}"}
 
 
 def driver_debs(out_dir: Path, branch: str = "580", version: str = "580.95.05-1") -> list[Path]:
     upstream = version.split("-")[0]
+    names = driver_package_names(branch)
     module = modinfo_object({"version": upstream, "license": "Dual MIT/GPL", "name": "nvidia",
                              "description": "NVIDIA kernel module (gpufleet lab stand-in, not loadable)"})
     pin = (f"Package: nvidia-* libnvidia-* *nvidia*\nPin: version {branch}.*\nPin-Priority: 1000\n")
@@ -150,15 +208,18 @@ def driver_debs(out_dir: Path, branch: str = "580", version: str = "580.95.05-1"
         build_deb(out_dir, f"nvidia-driver-pinning-{branch}", version, {
             f"/etc/apt/preferences.d/nvidia-driver-pinning-{branch}": (pin, 0o644)},
             arch="all", description=f"Pin the NVIDIA driver to branch {branch}"),
-        build_deb(out_dir, f"nvidia-dkms-{branch}-open", version, {
-            f"/usr/src/nvidia-{upstream}/nvidia.ko": (module, 0o644)},
+        build_deb(out_dir, names["dkms"], version, {
+            f"/usr/src/nvidia-{upstream}/nvidia.ko": (module, 0o644),
+            "/usr/sbin/dkms": (dkms_script(upstream), 0o755)},
             depends="kmod", scripts={"postinst": dkms_postinst(upstream), "prerm": DKMS_PRERM},
-            description="NVIDIA open kernel module source (DKMS)"),
-        build_deb(out_dir, f"nvidia-utils-{branch}", version, {
+            relations=_exclusive("dkms", upstream), description="NVIDIA open kernel module source (DKMS)"),
+        build_deb(out_dir, names["utils"], version, {
             "/usr/bin/nvidia-smi": (nvidia_smi_script(upstream), 0o755)},
-            depends="python3", description="NVIDIA driver support binaries"),
-        build_deb(out_dir, f"nvidia-open-{branch}", version, {},
-                  depends=f"nvidia-dkms-{branch}-open (= {version}), nvidia-utils-{branch} (= {version})",
+            depends="python3", relations=_exclusive("utils", upstream),
+            description="NVIDIA driver support binaries"),
+        build_deb(out_dir, names["driver"], version, {},
+                  depends=f"{names['dkms']} (= {version}), {names['utils']} (= {version})",
+                  relations=_exclusive("driver", upstream),
                   description=f"NVIDIA open driver metapackage, branch {branch}"),
     ]
 

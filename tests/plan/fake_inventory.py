@@ -116,7 +116,17 @@ def fact_answers(profile: dict) -> list[Answer]:
         f"{name} {version} {status[name]} " for name, version in installed if _DRIVER_PACKAGE.match(name)
     )
     missing = set(profile["missing_tools"])
+    busy = profile.get("busy") or {}
+    running_headers = "yes" if profile["kernel_headers"] else "no"
+    kernel_lines = [f"{kernel} headers={running_headers} nvidia={driver['modinfo'] or '-'}"]
+    kernel_lines += [f"{k['release']} headers={'yes' if k['headers'] else 'no'} nvidia={k['nvidia'] or '-'}"
+                     for k in profile.get("kernels", [])]
+    meta = [name for name, _ in installed if re.match(r"^linux-(image|headers)-[a-z]", name)]
     answers = [
+        Answer("InstalledKernels", "/boot/vmlinuz-*",
+               f"== running\n{kernel}\n== kernels\n" + "\n".join(kernel_lines) + "\n== meta\n" + "\n".join(meta)),
+        Answer("GpuBusy", "--query-compute-apps=",
+               f"== apps\n{_text(busy.get('compute_apps', ''))}\n== uvm\n== who\n{_text(busy.get('who', ''))}"),
         Answer("OsInfo", "cat /etc/os-release", _text(profile["os_release"])),
         Answer("WslInfo", "/proc/sys/kernel/osrelease", f"{kernel}\nsmi={'yes' if profile['wsl_nvidia_smi'] else 'no'}"),
         Answer("NvidiaPciGpus", "lspci -nn", pci),

@@ -84,11 +84,20 @@ UBUNTU_ARCHIVE = [
 ]
 
 
+def every_kernel(kernel: str = "6.8.0-88-generic", build: bool = True) -> list[str]:
+    """DKMS: the headers metapackage of the running kernel's flavour, and the module built where it is missing."""
+    return [
+        op(CHANGE, DRIVER, f"Install the kernel headers metapackage (linux-headers-{kernel.split('-', 2)[2]})"),
+        *([op(CHANGE, DRIVER, f"Build the NVIDIA module for kernel {kernel} (dkms autoinstall)")] if build else []),
+    ]
+
+
 def driver(packages: str, *, source: list[str] | None = None, headers: str = SAME, installed: str = CHANGE,
            reboot: list[str] | None = None, before_install: list[str] = (),
-           kernel: str = "6.8.0-88-generic") -> list[str]:
+           kernel: str = "6.8.0-88-generic", after_install: list[str] | None = None) -> list[str]:
     """The driver stage of a bare-metal host: NVIDIA's repo (or fresh lists of Ubuntu's archive), headers, nouveau,
-    driver, hold, reboot (or stop), and only then the persistence daemon, which needs the new module loaded."""
+    driver, the module for every kernel, hold, reboot (or stop), and only then the persistence daemon, which needs the
+    new module loaded. `after_install` default: DKMS's steps, the module built when the driver is installed now."""
     return [
         op(CHANGE, DRIVER, "Keep unattended-upgrades away from the driver and CUDA"),
         *(source if source is not None else nvidia_repo(DRIVER)),
@@ -97,6 +106,7 @@ def driver(packages: str, *, source: list[str] | None = None, headers: str = SAM
         op(MAYBE, DRIVER, "Rebuild the initramfs without nouveau"),
         *before_install,
         op(installed, DRIVER, f"Install the NVIDIA driver ({packages})"),
+        *(after_install if after_install is not None else every_kernel(kernel, build=installed == CHANGE)),
         op(MAYBE, DRIVER, "Hold the NVIDIA driver packages"),
         *(reboot if reboot is not None else [op(MAYBE, DRIVER, "Reboot: the NVIDIA driver was installed or changed")]),
         op(CHANGE, DRIVER, "Enable the NVIDIA persistence daemon"),
@@ -186,7 +196,9 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     ],
     # Ubuntu's signed modules: the only way with Secure Boot on and no MOK; NVIDIA's repository for the toolkit only.
     "driver-source-ubuntu-secure-boot": [
-        *driver("nvidia-driver-580-open, linux-modules-nvidia-580-open-generic", source=UBUNTU_ARCHIVE),
+        *driver("nvidia-driver-580-open, linux-modules-nvidia-580-open-generic", source=UBUNTU_ARCHIVE,
+                after_install=[op(CHANGE, DRIVER, "Install Ubuntu's signed NVIDIA modules for every kernel "
+                                  "(linux-modules-nvidia-580-open-6.8.0-88-generic)")]),
         *CUDA_BESIDE_UBUNTU_DRIVER,
         *FRESH_AFTER_CUDA,
     ],
@@ -200,6 +212,8 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         *driver(
             "nvidia-driver-pinning-590, nvidia-open",
             before_install=[
+                op(CHANGE, DRIVER,
+                   "Refresh apt lists for the new driver branch (nvidia-driver-pinning-590, nvidia-open)"),
                 op(CHANGE, DRIVER, "Release the holds of the previous driver "
                    "(libnvidia-compute-580, nvidia-driver-580-open, nvidia-open-580)"),
             ],
@@ -215,6 +229,37 @@ EXPECTED_PLAN: dict[str, list[str]] = {
             reboot=[op(MAYBE, DRIVER, "Reboot: the loaded NVIDIA module is 580.82.07 but 580.95.05 is installed")],
         ),
         *FRESH_AFTER_DRIVER,
+    ],
+    # A busy host (GPU compute process, user logged in) is not rebooted: it stops as "reboot pending".
+    "mismatch-reboot-auto-busy": [
+        *driver("nvidia-open-580", installed=SAME,
+                reboot=[op(MAYBE, DRIVER, "Stop @fake/mismatch-reboot-auto-busy: reboot pending")]),
+        *FRESH_AFTER_DRIVER,
+    ],
+    "mismatch-reboot-when-busy": [
+        *driver(
+            "nvidia-open-580",
+            installed=SAME,
+            reboot=[op(MAYBE, DRIVER, "Reboot: the loaded NVIDIA module is 580.82.07 but 580.95.05 is installed")],
+        ),
+        *FRESH_AFTER_DRIVER,
+    ],
+    # Ubuntu's archive, 580 -> 595: fresh lists, old holds released, Ubuntu's versioned names for the new branch.
+    "driver-branch-595-ubuntu-held": [
+        *driver(
+            "nvidia-driver-595-open, linux-modules-nvidia-595-open-generic",
+            source=UBUNTU_ARCHIVE,
+            after_install=[op(CHANGE, DRIVER, "Install Ubuntu's signed NVIDIA modules for every kernel "
+                              "(linux-modules-nvidia-595-open-6.8.0-88-generic)")],
+            before_install=[
+                op(CHANGE, DRIVER, "Refresh apt lists for the new driver branch (nvidia-driver-595-open, "
+                   "linux-modules-nvidia-595-open-generic)"),
+                op(CHANGE, DRIVER, "Release the holds of the previous driver (libnvidia-compute-580, "
+                   "linux-modules-nvidia-580-open-generic, nvidia-driver-580-open)"),
+            ],
+        ),
+        *CUDA_BESIDE_UBUNTU_DRIVER,
+        *FRESH_AFTER_CUDA,
     ],
     "mismatch-reboot-never": [*driver("nvidia-open-580", installed=SAME, reboot=STOP_FOR_REBOOT), *FRESH_AFTER_DRIVER],
     # WSL2: no driver package, no nouveau, no hold, no reboot; only Windows' nvidia-smi on PATH.
@@ -243,7 +288,8 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     # command gated. Files, directories, the user and the daemon show "+" only because the profile does not answer
     # pyinfra's own file and systemd facts.
     "ubuntu2404-5090d-provisioned": [
-        *driver("nvidia-open-580", installed=SAME),
+        *driver("nvidia-open-580", installed=SAME,
+                after_install=[op(SAME, DRIVER, "Install the kernel headers metapackage (linux-headers-generic)")]),
         *cuda_toolkit(installed=SAME),
         op(CHANGE, PYTHON, "Create the unprivileged build user gpufleet"),
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
@@ -254,6 +300,33 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
         op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
         *SMOKE_TEST,
+    ],
+    # A new kernel without headers on a converged host: headers and its module, before any reboot; no reboot.
+    "kernel-update-without-headers": [
+        *driver("nvidia-open-580", installed=SAME, after_install=[
+            *every_kernel(build=False),
+            op(CHANGE, DRIVER, "Install the headers of every installed kernel (6.8.0-90-generic)"),
+            op(CHANGE, DRIVER, "Build the NVIDIA module for kernel 6.8.0-90-generic (dkms autoinstall)"),
+        ]),
+        *cuda_toolkit(installed=SAME),
+        op(CHANGE, PYTHON, "Create the unprivileged build user gpufleet"),
+        op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
+        # python3-venv is installed: no install (and no list refresh) is planned at all.
+        op(CHANGE, PYTHON, "Create /opt/gpufleet"),
+        op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
+        op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
+        op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
+        op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
+        *SMOKE_TEST,
+    ],
+    # Ubuntu's signed modules follow the running kernel's flavour: HWE's, not generic's.
+    "driver-source-ubuntu-hwe": [
+        *driver("nvidia-driver-580-open, linux-modules-nvidia-580-open-generic-hwe-24.04", source=UBUNTU_ARCHIVE,
+                kernel="6.14.0-36-generic",
+                after_install=[op(CHANGE, DRIVER, "Install Ubuntu's signed NVIDIA modules for every kernel "
+                                  "(linux-modules-nvidia-580-open-6.14.0-36-generic)")]),
+        *CUDA_BESIDE_UBUNTU_DRIVER,
+        *FRESH_AFTER_CUDA,
     ],
     # Preprovisioned: driver, toolkit (by its nvcc), venv and torch accepted; only what is missing is added.
     "h100-preprovisioned": [
@@ -297,7 +370,8 @@ PREFLIGHT_PASSES = {
     "ubuntu2404-5090d", "driver-branch-590", "driver-source-ubuntu-secure-boot", "driver-branch-upgrade-held",
     "control-machine-5090d", "mismatch-reboot-auto", "mismatch-reboot-never", "wsl2-ubuntu2404-keyring-pinned",
     "h100-preprovisioned", "debian12-5090d-keyring-pinned", "ubuntu2404-5090d-provisioned",
-    "interrupted-package-install", "wsl2-ubuntu2404-8gb-vm",
+    "interrupted-package-install", "wsl2-ubuntu2404-8gb-vm", "mismatch-reboot-auto-busy", "mismatch-reboot-when-busy",
+    "driver-branch-595-ubuntu-held", "kernel-update-without-headers", "driver-source-ubuntu-hwe",
 }
 
 
@@ -382,6 +456,8 @@ FACT_CALLS: dict[str, list[dict]] = {
     "Account": [{"user": "gpufleet"}],
     "PlantedLinks": [{"paths": ["/var/lib/gpufleet/xformers/build_wheel.sh"],
                       "trees": ["/var/lib/gpufleet/xformers/patches-0.0.35"]}],
+    "GpuBusy": [{}],
+    "InstalledKernels": [{}],
 }
 
 
@@ -493,6 +569,29 @@ def executed(profile: str, deploy_file: str) -> list[str]:
     assert result.returncode == 0, result.stderr
     marker = "[fake] simulating "
     return [line.split(marker, 1)[1].split(": ", 1)[1] for line in result.stderr.splitlines() if marker in line]
+
+
+def test_busy_host_is_not_rebooted_and_is_reported_pending_with_its_processes_and_users():
+    profile = "mismatch-reboot-auto-busy"
+    assert not [n for n in names_only(profile) if "| Reboot" in n]
+    stop = [c for c in executed(profile, "deploys/driver.py") if "gpufleet refuses this host" in c]
+    assert len(stop) == 1 and stop[0].endswith("exit 1")
+    for words in ("reboot pending: the loaded NVIDIA module is 580.82.07 but 580.95.05 is installed",
+                  "GPU compute processes: python3 (pid 4242)", "users logged in: alice", "reboot_when_busy: true"):
+        assert words in stop[0], words
+
+
+def test_reboot_when_busy_reboots_a_busy_host():
+    assert [n for n in names_only("mismatch-reboot-when-busy") if "| Reboot: " in n]
+
+
+def test_new_kernel_gets_headers_and_its_module_before_any_reboot_and_reboots_nothing():
+    commands = executed("kernel-update-without-headers", "deploys/driver.py")
+    headers = next(i for i, c in enumerate(commands) if "apt-get" in c and "install" in c
+                   and "linux-headers-6.8.0-90-generic" in c)
+    build = commands.index("dkms autoinstall -k 6.8.0-90-generic")
+    assert headers < build
+    assert not [c for c in commands if "reboot" in c], "a kernel update alone reboots nothing"
 
 
 def test_mismatch_with_reboot_policy_never_stops_with_instructions():

@@ -80,3 +80,24 @@ def test_runner_reads_pyinfra_json_per_host_and_operation() -> None:
     assert run.failed_hosts == ["c"]
     with pytest.raises(AssertionError, match="a re-run changed something"):
         run.assert_no_changes(["a"])
+
+
+def test_driver_branches_exclude_each_other_as_nvidias_packages_do(tmp_path: Path) -> None:
+    """580's versioned and 595's unversioned stand-ins provide, conflict with and replace the same virtual packages,
+    so apt removes the old branch itself when the new one is installed."""
+    fields = ["Package", "Provides", "Conflicts", "Replaces", "Depends"]
+
+    def control(deb: Path) -> dict[str, str]:
+        out = subprocess.run(["dpkg-deb", "-f", str(deb), *fields], capture_output=True, text=True, check=True).stdout
+        return dict(line.split(": ", 1) for line in out.splitlines())
+
+    old = {c["Package"]: c for c in map(control, standins.driver_debs(tmp_path / "580"))}
+    new = {c["Package"]: c for c in map(control, standins.driver_debs(tmp_path / "595", "595", "595.45.04-1"))}
+    assert set(new) == {"nvidia-driver-pinning-595", "nvidia-open", "nvidia-dkms-open", "nvidia-utils"}
+    assert new["nvidia-open"]["Depends"] == "nvidia-dkms-open (= 595.45.04-1), nvidia-utils (= 595.45.04-1)"
+    for a, b in (("nvidia-dkms-580-open", "nvidia-dkms-open"), ("nvidia-utils-580", "nvidia-utils"),
+                 ("nvidia-open-580", "nvidia-open")):
+        virtual = old[a]["Conflicts"]
+        assert virtual == new[b]["Conflicts"] == old[a]["Replaces"] == new[b]["Replaces"]
+        assert old[a]["Provides"].startswith(f"{virtual} (= 580.")
+        assert new[b]["Provides"].startswith(f"{virtual} (= 595.")
