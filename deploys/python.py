@@ -12,6 +12,7 @@ from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
+from gpufleet.fact_memo import fact
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
 from gpufleet.stage import as_user, refuse_host, run_alone, settings
@@ -22,7 +23,7 @@ VENV_TOOLS = ["pip", "wheel", "setuptools", "ninja"]
 def venv_owner(config: dict) -> str:
     """Who installs into the venv: the build user, or the owner of an adopted venv."""
     if config["venv_adopt"]:
-        return host.get_fact(facts.PathOwner, path=config["venv_path"]) or config["build_user"]
+        return fact(host, facts.PathOwner, path=config["venv_path"]) or config["build_user"]
     return config["build_user"]
 
 
@@ -45,7 +46,7 @@ def python() -> None:
     venv_python = f"{venv}/bin/python"
 
     if config["venv_adopt"]:
-        found = host.get_fact(facts.PythonVersion, python=venv_python)
+        found = fact(host, facts.PythonVersion, python=venv_python)
         if found != config["python_version"]:
             refuse_host(
                 [
@@ -56,7 +57,7 @@ def python() -> None:
             )
             return
     else:
-        found = host.get_fact(facts.PythonVersion, python=interpreter)
+        found = fact(host, facts.PythonVersion, python=interpreter)
         if found != config["python_version"]:
             refuse_host(
                 [
@@ -85,7 +86,7 @@ def python() -> None:
         parent = venv.rsplit("/", 1)[0] or "/"
         files.directory(name=f"Create {parent}", path=parent, mode="755")
         files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
-        has_venv = host.get_fact(facts.PythonVersion, python=venv_python) is not None
+        has_venv = fact(host, facts.PythonVersion, python=venv_python) is not None
         server.shell(
             name=f"Create the venv {venv}",
             commands=[f"{interpreter} -m venv {venv}"],

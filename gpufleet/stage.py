@@ -10,6 +10,7 @@ from pyinfra.api.host import Host
 
 from gpufleet import cache, facts
 from gpufleet.decide import HostProfile, host_gpus
+from gpufleet.fact_memo import fact
 from gpufleet.operations import refuse
 from gpufleet.settings import load_settings
 
@@ -46,14 +47,14 @@ def profile(target: Host | None = None) -> HostProfile:
     """A host (default: the current one) as facts describe it."""
     host_ = host if target is None else target
     config = settings(host_)
-    wsl = host_.get_fact(facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
-    pci = host_.get_fact(facts.NvidiaPciGpus)
-    smi = host_.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
-    mem = host_.get_fact(facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
-    disks = [host_.get_fact(facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
+    wsl = fact(host_, facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
+    pci = fact(host_, facts.NvidiaPciGpus)
+    smi = fact(host_, facts.NvidiaSmi) or facts.SmiResult(available=False)
+    mem = fact(host_, facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
+    disks = [fact(host_, facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
     # Both trees may share a filesystem; the smaller free space is what the install can count on.
     disk = min(disks, key=lambda d: d["free"])
-    os_release = host_.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
+    os_release = fact(host_, facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
     return HostProfile(
         name=host_.name,
         group=host_.data.get("gpufleet_group", "workstations"),
@@ -61,16 +62,16 @@ def profile(target: Host | None = None) -> HostProfile:
         is_wsl=wsl["is_wsl"],
         gpus=host_gpus(pci, smi),
         smi=smi,
-        driver=host_.get_fact(facts.DriverStateFact) or facts.DriverState(None, None),
+        driver=fact(host_, facts.DriverStateFact) or facts.DriverState(None, None),
         lspci_missing=pci is None,
-        secure_boot=host_.get_fact(facts.SecureBoot),
+        secure_boot=fact(host_, facts.SecureBoot),
         mem_total=mem["total"],
         mem_available=mem["available"],
         cpus=mem["cpus"],
         free_disk=disk["free"],
         disk_mount=disk["mount"],
         is_control_machine=is_control_machine(host_),
-        missing_tools=tuple(host_.get_fact(facts.MissingTools)),
+        missing_tools=tuple(fact(host_, facts.MissingTools)),
     )
 
 

@@ -16,6 +16,7 @@ from pyinfra.api.host import Host
 from gpufleet import facts
 from gpufleet.buildplan import arch_union, normalise_arch_list
 from gpufleet.decide import arch_list, host_gpus, preflight_problems
+from gpufleet.fact_memo import fact
 from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import profile, settings
@@ -42,8 +43,8 @@ def fleet_hosts() -> list[Host]:
 
 
 def _host_archs(h: Host) -> list[str]:
-    pci = h.get_fact(facts.NvidiaPciGpus)
-    smi = h.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
+    pci = fact(h, facts.NvidiaPciGpus)
+    smi = fact(h, facts.NvidiaSmi) or facts.SmiResult(available=False)
     return arch_list(host_gpus(pci, smi))
 
 
@@ -71,7 +72,7 @@ def host_wheel(h: Host) -> HostWheel:
     config = settings(h)
     archs = normalise_arch_list(config["xformers_arch_list"] or fleet_arch_list())
     fp = wheel_fingerprint(config, archs)
-    installed = h.get_fact(facts.FileText, path=f"{config['work_dir']}/xformers/installed")
+    installed = fact(h, facts.FileText, path=f"{config['work_dir']}/xformers/installed")
     eligible = not preflight_problems(profile(h), config)
     return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp, eligible=eligible)
 
