@@ -3,6 +3,7 @@ into a FactProcessError, which fails that host alone, never the whole run."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from typing import Any, Callable, NamedTuple
@@ -433,34 +434,84 @@ class PathOwner(_ParsedFact):
 
 
 def parse_torch_info(text: str) -> dict[str, Any] | None:
-    """JSON printed by the venv's python about its torch; None when torch is not installed."""
+    """JSON about the venv's torch, after `== stamp` (read from the validated-state stamp) or `== probed` (torch
+    imported just now); None when torch is not installed. `stamped` says which."""
     import json
 
     if NO_TOOL in text:
         return None
-    last = text.strip().splitlines()[-1]
+    lines = text.strip().splitlines()
+    last = lines[-1]
     info = json.loads(last)
-    if not {"version", "cuda", "arch_list"} <= info.keys():
+    if not isinstance(info, dict) or not {"version", "cuda", "arch_list"} <= info.keys():
         raise ParseError(f"unexpected torch probe output: {last!r}")
-    return info
+    return {**info, "stamped": "== stamp" in lines[:-1]}
 
 
 TORCH_PROBE = (
     "import json, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
     "'arch_list': torch.cuda.get_arch_list()}))"
 )
+# Root's own record of validated states, out of reach of the build user who owns the venv.
+STATE_DIR = "/var/lib/gpufleet-state"
+
+
+def torch_stamp_path(python: str) -> str:
+    """Where root keeps the validated torch state of the venv whose interpreter is `python`."""
+    return f"{STATE_DIR}/torch-{hashlib.sha256(python.encode()).hexdigest()[:16]}"
+
+
+def torch_state_key_command(python: str, context: str) -> str:
+    """Shell that prints the key of the venv's torch state: torch's dist-info RECORD (hash, size, mtime, inode),
+    the torch package and library folders (mtime: a file added or removed), the venv's interpreter (real path,
+    size, mtime) and `context` (the host's GPU PCI IDs and driver version). Any change makes a new key."""
+    venv = shlex.quote(python.rsplit("/bin/", 1)[0])
+    return (
+        f"{{ v={venv}; for r in \"$v\"/lib/python*/site-packages/torch-*.dist-info/RECORD; do "
+        'sha256sum "$r"; t="${r%/torch-*}/torch"; stat -c "%n %s %Y %i" "$r" "$t" "$t/lib"; done; '
+        f"readlink -f {shlex.quote(python)}; stat -L -c '%s %Y %i' {shlex.quote(python)}; "
+        f"echo {shlex.quote(context)}; }} 2>&1 | sha256sum | cut -c1-64"
+    )
+
+
+def torch_stamp_trusted_test(stamp: str) -> str:
+    """Shell test: the stamp and its folder are root's (folder mode 700), neither a symlink."""
+    return (
+        f'[ ! -L {STATE_DIR} ] && [ "$(stat -c %u:%a {STATE_DIR} 2>/dev/null)" = 0:700 ] && '
+        f'[ -f {stamp} ] && [ ! -L {stamp} ] && [ "$(stat -c %u {stamp})" = 0 ]'
+    )
 
 
 class TorchInfo(_ParsedFact):
-    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable."""
+    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable.
+
+    Importing torch takes seconds, so the answer comes from root's stamp while the venv's torch, interpreter, GPUs
+    and driver are those the stamp was validated with (its key, torch_state_key_command); otherwise torch is
+    imported again (`stamped` False) and the torch stage records the new state.
+    """
 
     parser = staticmethod(parse_torch_info)
 
-    def command(self, python: str) -> str:
+    def command(self, python: str, context: str = "") -> str:
+        stamp = torch_stamp_path(python)
         return (
-            f"if [ -x {python} ] && {python} -c 'import torch' 2>/dev/null; then "
-            f'{python} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
+            f"k=$({torch_state_key_command(python, context)}); "
+            f'if {torch_stamp_trusted_test(stamp)} && [ "$(head -n 1 {stamp})" = "$k" ]; then '
+            f"echo '== stamp'; sed -n 2p {stamp}; "
+            f"elif [ -x {python} ] && {python} -c 'import torch' 2>/dev/null; then "
+            f'echo \'== probed\'; {python} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
         )
+
+
+def record_torch_state_command(python: str, context: str) -> str:
+    """Shell, run as root after torch was validated: write the stamp (key line, then TorchInfo's JSON)."""
+    stamp = torch_stamp_path(python)
+    return (
+        f"install -d -m 700 -o root -g root {STATE_DIR} && "
+        f"k=$({torch_state_key_command(python, context)}) && "
+        f'j=$({python} -c "{TORCH_PROBE}" | tail -n 1) && '
+        f"(umask 077; printf '%s\\n%s\\n' \"$k\" \"$j\" > {stamp}.new) && mv -f {stamp}.new {stamp}"
+    )
 
 
 class FileText(_ParsedFact):

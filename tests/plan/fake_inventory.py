@@ -154,7 +154,10 @@ def fact_answers(profile: dict) -> list[Answer]:
             Answer("PythonHeaders", f"{path} -c 'import sysconfig", "yes" if interpreter["headers"] else "no")
         )
     if venv is not None:
-        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", _text(venv["torch"]) or NO_TOOL))
+        # torch_stamped: root's validated-state stamp matches, so the probe answers from it without importing torch.
+        torch = _text(venv["torch"])
+        heading = "== stamp" if venv.get("torch_stamped") else "== probed"
+        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", f"{heading}\n{torch}" if torch else NO_TOOL))
         answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
         answers.append(Answer("PipFreeze", f"{venv_python} -m pip freeze --all", _text(venv["pip_freeze"])))
     for home, output in profile["nvcc"].items():

@@ -261,6 +261,8 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
         op(CHANGE, PYTHON, "Point the venv's pip at the configured index"),
         op(CHANGE, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
+        # torch accepted by importing it; root records that state so the next run need not import it again.
+        op(CHANGE, TORCH, "Record the validated torch (its files, interpreter, GPUs and driver)"),
         *xformers_build("9.0, 12.0", 16, None, source="file:///srv/gpufleet-mirror/xformers-0.0.35.tar.gz"),
         *SMOKE_TEST,
     ],
@@ -371,7 +373,8 @@ FACT_CALLS: dict[str, list[dict]] = {
     "PythonVersion": [{"python": "/usr/bin/python3"}, {"python": "/opt/gpufleet/venv/bin/python"},
                       {"python": "/opt/torch/.venv/bin/python"}],
     "PathOwner": [{"path": "/opt/gpufleet/venv"}, {"path": "/opt/torch/.venv"}],
-    "TorchInfo": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "TorchInfo": [{"python": "/opt/gpufleet/venv/bin/python", "context": "gpus=2b87 driver=580.95.05"},
+                  {"python": "/opt/torch/.venv/bin/python", "context": "gpus=2330 driver=580.159.04"}],
     "FileText": [{"path": "/var/lib/gpufleet/xformers/installed"},
                  {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
