@@ -47,14 +47,16 @@ def profile(target: Host | None = None) -> HostProfile:
     """A host (default: the current one) as facts describe it."""
     host_ = host if target is None else target
     config = settings(host_)
-    wsl = fact(host_, facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
-    pci = fact(host_, facts.NvidiaPciGpus)
-    smi = fact(host_, facts.NvidiaSmi) or facts.SmiResult(available=False)
-    mem = fact(host_, facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
-    disks = [fact(host_, facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
+    # One round trip for every probe below (a host that could not be probed has failed already).
+    probe = fact(host_, facts.HostProbe, disk_paths=(config["work_dir"], config["venv_path"])) or {"disks": []}
+    wsl = probe.get("wsl") or {"is_wsl": False, "nvidia_smi": False}
+    pci = probe.get("pci")
+    smi = probe.get("smi") or facts.SmiResult(available=False)
+    mem = probe.get("mem") or {"total": 0, "available": 0, "cpus": 1}
+    disks = [d or {"free": 0, "mount": "?"} for d in probe["disks"]] or [{"free": 0, "mount": "?"}]
     # Both trees may share a filesystem; the smaller free space is what the install can count on.
     disk = min(disks, key=lambda d: d["free"])
-    os_release = fact(host_, facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
+    os_release = probe.get("os") or facts.OsRelease("unknown", "", "", "an unreadable OS")
     return HostProfile(
         name=host_.name,
         group=host_.data.get("gpufleet_group", "workstations"),
@@ -62,16 +64,16 @@ def profile(target: Host | None = None) -> HostProfile:
         is_wsl=wsl["is_wsl"],
         gpus=host_gpus(pci, smi),
         smi=smi,
-        driver=fact(host_, facts.DriverStateFact) or facts.DriverState(None, None),
+        driver=probe.get("driver") or facts.DriverState(None, None),
         lspci_missing=pci is None,
-        secure_boot=fact(host_, facts.SecureBoot),
+        secure_boot=probe.get("secure_boot"),
         mem_total=mem["total"],
         mem_available=mem["available"],
         cpus=mem["cpus"],
         free_disk=disk["free"],
         disk_mount=disk["mount"],
         is_control_machine=is_control_machine(host_),
-        missing_tools=tuple(fact(host_, facts.MissingTools)),
+        missing_tools=tuple(probe.get("tools") or ()),
     )
 
 

@@ -15,7 +15,7 @@ from pyinfra.api.host import Host
 
 from gpufleet import facts
 from gpufleet.buildplan import arch_union, normalise_arch_list
-from gpufleet.decide import arch_list, host_gpus, preflight_problems
+from gpufleet.decide import arch_list, preflight_problems
 from gpufleet.fact_memo import fact
 from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
 from gpufleet.settings import REPO_ROOT
@@ -43,9 +43,7 @@ def fleet_hosts() -> list[Host]:
 
 
 def _host_archs(h: Host) -> list[str]:
-    pci = fact(h, facts.NvidiaPciGpus)
-    smi = fact(h, facts.NvidiaSmi) or facts.SmiResult(available=False)
-    return arch_list(host_gpus(pci, smi))
+    return arch_list(profile(h).gpus)
 
 
 def fleet_arch_list() -> list[str]:

@@ -379,7 +379,9 @@ FACT_CALLS: dict[str, list[dict]] = {
                  {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "InstalledDistributions": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InterruptedPackageInstall": [{}],
+    "HostProbe": [{"disk_paths": ("/var/lib/gpufleet", "/opt/gpufleet/venv")}],
 }
 
 
@@ -606,7 +608,9 @@ def test_garbage_fact_output_fails_that_host_only(tmp_path):
     )
     assert result.returncode != 0
     lines = result.stderr.splitlines()
-    assert any("[@fake/garbled]" in line and "could not process fact: gpufleet.facts.OsInfo" in line for line in lines)
+    # The OS is read with preflight's other probes in one command (HostProbe); the error names the file.
+    assert any("[@fake/garbled]" in line and "could not process fact: gpufleet.facts.HostProbe" in line for line in lines)
+    assert any("[@fake/garbled]" in line and "no ID= line in /etc/os-release" in line for line in lines)
     assert not any("[@fake/healthy]" in line and "Error" in line for line in lines)
     names = [name for operation in json.loads(result.stdout)["plan"] for name in operation["names"]]
     assert f"{DRIVER} | Install the NVIDIA driver (nvidia-open-580)" in names

@@ -87,3 +87,4 @@ def test_the_stamp_is_trusted_only_in_root_s_own_folder() -> None:
     assert f"[ ! -L {stamp} ]" in command and f'"$(stat -c %u {stamp})" = 0' in command
     record = facts.record_torch_state_command("/opt/torchvenv/bin/python", CONTEXT)
     assert record.startswith(f"install -d -m 700 -o root -g root {facts.STATE_DIR} && ")
+
