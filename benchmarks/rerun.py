@@ -12,7 +12,11 @@ pyinfra process), and the commands plus file transfers pyinfra sent to each host
 (benchmarks/pyinfra_counted.py counts them). --profile prints the 10 slowest facts and operations of a no-op,
 summed over hosts.
 
+With --inventory the same figures come from real hosts instead of the lab (a GPU host: the full deploy, smoke test
+included): one converging run, then the 3 no-op runs.
+
 Usage: GPUFLEET_LAB_INSTANCE=K python benchmarks/rerun.py [--sizes 3 6 12 24] [--profile]
+       python benchmarks/rerun.py --inventory inventory/examples/preprovisioned.yaml --deploy deploys/full.py --profile
 """
 
 from __future__ import annotations
@@ -51,12 +55,12 @@ class Timed:
     stats: dict = field(default_factory=dict)
 
 
-def run_counted(inventory: Path, workdir: Path) -> Timed:
+def run_counted(inventory: Path, workdir: Path, deploy: Path = DEPLOY) -> Timed:
     """The real pyinfra CLI (through the counting wrapper) on the YAML inventory, timed."""
     stats = workdir / "stats.json"
     env = {**os.environ, "GPUFLEET_INVENTORY": str(inventory), "GPUFLEET_PYINFRA_STATS": str(stats),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, str(COUNTED), "-y", "--json", "inventory.py", str(DEPLOY)]
+    command = [sys.executable, str(COUNTED), "-y", "--json", "inventory.py", str(deploy)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=3600, check=False)
@@ -79,7 +83,7 @@ def built(run: PyinfraRun) -> bool:
     return any(op.split(" | ")[-1].startswith("Build xformers") for name in run.hosts for op in run.changes(name))
 
 
-def measure(lab: Lab, size: int, workdir: Path, wheel_cache: Path, profile: bool) -> dict:
+def measure(lab: Lab, size: int, workdir: Path, wheel_cache: Path) -> dict:
     for old in lab.hosts():
         lab.remove_host(old)
     hosts = lab.add_hosts(size, build_env=True)
@@ -109,6 +113,32 @@ def measure(lab: Lab, size: int, workdir: Path, wheel_cache: Path, profile: bool
             "stats": middle.stats, "load": os.getloadavg()}
 
 
+def measure_inventory(inventory: Path, deploy: Path, workdir: Path) -> dict:
+    """Real hosts as they are: one run to converge, then 3 no-op runs."""
+    first = run_counted(inventory.resolve(), workdir, deploy.resolve())
+    names = sorted(first.run.hosts)
+    first.run.assert_converged(names)
+    noops = [run_counted(inventory.resolve(), workdir, deploy.resolve()) for _ in range(3)]
+    for noop in noops:
+        noop.run.assert_no_changes(names)
+    middle = sorted(noops, key=lambda t: t.wall)[1]
+    per_host = [middle.stats["commands"].get(n, 0) for n in names]
+    return {"size": len(names), "first": first.wall, "built": built(first.run), "converge_runs": 1,
+            "converge": first.wall, "noop": statistics.median(t.wall for t in noops), "noops": [t.wall for t in noops],
+            "cpu": middle.cpu, "ssh": (min(per_host), max(per_host)), "stats": middle.stats, "load": os.getloadavg()}
+
+
+def print_row(r: dict, profile: bool) -> None:
+    low, high = r["ssh"]
+    runs = " ".join(f"{t:.1f}" for t in r["noops"])
+    mark = "*" if r["built"] else " "
+    print(f"{r['size']:5d} {r['first']:6.1f}s{mark} {r['converge']:6.1f}s/{r['converge_runs']} run"
+          f" {r['noop']:6.2f}s ({runs:>14}) {r['cpu']:5.2f}s {low:4d}-{high:<4d}"
+          f"  {' '.join(f'{x:.2f}' for x in r['load'])}", flush=True)
+    if profile:
+        print_profile(r)
+
+
 def seed_wheel_cache(target: Path) -> None:
     if CI_WHEELS.is_dir():
         for fp in CI_WHEELS.iterdir():
@@ -129,27 +159,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 6, 12, 24])
     parser.add_argument("--profile", action="store_true", help="print the 10 slowest facts and operations")
+    parser.add_argument("--inventory", type=Path, help="measure these real hosts instead of lab hosts")
+    parser.add_argument("--deploy", type=Path, default=DEPLOY, help="with --inventory: the deploy to run")
     args = parser.parse_args()
+    header = (f"{'hosts':>5} {'first':>7} {'converge':>12} {'no-op median (3 runs)':>27} {'CPU':>6} {'cmds/host':>9}"
+              "  load avg (1/5/15 min)")
+    if args.inventory:
+        print(header)
+        with tempfile.TemporaryDirectory() as tmp:
+            print_row(measure_inventory(args.inventory, args.deploy, Path(tmp)), args.profile)
+        return 0
     prepare()
     lab = Lab()
     lab.up(0)
     results = []
-    print(f"{'hosts':>5} {'first':>7} {'converge':>12} {'no-op median (3 runs)':>27} {'CPU':>6} {'cmds/host':>9}"
-          "  load avg (1/5/15 min)")
+    print(header)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp)
             seed_wheel_cache(workdir / "wheel-cache")
             for size in args.sizes:
-                r = measure(lab, size, workdir, workdir / "wheel-cache", args.profile)
+                r = measure(lab, size, workdir, workdir / "wheel-cache")
                 results.append(r)
-                low, high = r["ssh"]
-                runs = " ".join(f"{t:.1f}" for t in r["noops"])
-                print(f"{size:5d} {r['first']:6.1f}s{'*' if r['built'] else ' '} {r['converge']:6.1f}s/{r['converge_runs']} run"
-                      f" {r['noop']:6.2f}s ({runs:>14}) {r['cpu']:5.2f}s {low:4d}-{high:<4d}"
-                      f"  {' '.join(f'{x:.2f}' for x in r['load'])}", flush=True)
-                if args.profile:
-                    print_profile(r)
+                print_row(r, args.profile)
     finally:
         lab.down()
     if any(r["built"] for r in results):

@@ -68,14 +68,10 @@ def python() -> None:
             )
             return
 
-    server.user(
-        name=f"Create the unprivileged build user {user}",
-        user=user,
-        home=config["work_dir"],
-        shell="/bin/bash",
-        system=True,
-        create_home=False,
-    )
+    build_user_exists = fact(host, facts.PasswdEntry, user=user) == {"home": config["work_dir"], "shell": "/bin/bash"}
+    # Planned only while missing or different: pyinfra's check of a user reads every user of the host (seconds).
+    if not build_user_exists:
+        _create_build_user(user, config["work_dir"])
     files.directory(name=f"Create {config['work_dir']}", path=config["work_dir"], user=user, group=user, mode="755")
     owner = venv_owner(config)
     if not config["venv_adopt"]:
@@ -109,6 +105,17 @@ def python() -> None:
         packages=VENV_TOOLS,
         python=venv_python,
         **as_user(owner),
+    )
+
+
+def _create_build_user(user: str, home: str) -> None:
+    server.user(
+        name=f"Create the unprivileged build user {user}",
+        user=user,
+        home=home,
+        shell="/bin/bash",
+        system=True,
+        create_home=False,
     )
 
 

@@ -476,6 +476,27 @@ class PythonVersion(_ParsedFact):
         )
 
 
+def parse_passwd_entry(text: str) -> dict[str, str] | None:
+    """A `getent passwd` line as {"home", "shell"}; None when there is no such user."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    fields = lines[0].split(":")
+    if len(fields) != 7:
+        raise ParseError(f"unexpected passwd entry: {lines[0]!r}")
+    return {"home": fields[5], "shell": fields[6]}
+
+
+class PasswdEntry(_ParsedFact):
+    """A user's home and shell from the user database, or None: one lookup where pyinfra's Users fact runs several
+    commands for every user of the host."""
+
+    parser = staticmethod(parse_passwd_entry)
+
+    def command(self, user: str) -> str:
+        return f"getent passwd {shlex.quote(user)} || true"
+
+
 class PathOwner(_ParsedFact):
     """Owner of a path, or None when it does not exist."""
 

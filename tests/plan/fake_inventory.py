@@ -179,6 +179,8 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("PipFreeze", " -m pip freeze --all", NO_TOOL),
         Answer("InstalledDistributions", " -I -c 'import importlib.metadata", NO_TOOL),
         Answer("PathOwner", "stat -c %U ", NO_TOOL),
+        # No build user yet: pyinfra's server.user then plans its creation as on a fresh host.
+        Answer("PasswdEntry", "getent passwd ", ""),
         Answer("NvccVersion", "/bin/nvcc --version; else", NO_TOOL),
         Answer("FileText", " 2>/dev/null || echo " + NO_TOOL, NO_TOOL),
         # A tool list not in _TOOL_SETS: a tool name no deploy knows, so preflight or the build says so loudly.

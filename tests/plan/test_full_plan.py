@@ -381,6 +381,7 @@ FACT_CALLS: dict[str, list[dict]] = {
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InstalledDistributions": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InterruptedPackageInstall": [{}],
+    "PasswdEntry": [{"user": "gpufleet"}],
     "HostProbe": [{"disk_paths": ("/var/lib/gpufleet", "/opt/gpufleet/venv")}],
 }
 
