@@ -26,8 +26,8 @@ TORCH_STAGE = REPO_ROOT / "deploys" / "torch.py"
 LOADED_DRIVER = "580.95.05"
 TRACE = "/var/tmp/torch-imports"
 RECORD_OP = "Record the validated torch"
-# Commands plus file transfers per host in a no-op of preflight..xformers. Before each fact was read once per run
-# the same no-op sent 70 (3 hosts) and more with every added host; now about 30, whatever the fleet size.
+# Commands per host in a no-op of preflight..xformers. Before each fact was read once per run (and preflight's probes
+# went in one) the same no-op sent 70 per host (2 hosts and 3 alike); now 18.
 NOOP_COMMANDS_PER_HOST = 40
 
 
