@@ -14,6 +14,7 @@ from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
+from gpufleet.fact_memo import fact
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
 from gpufleet.stage import as_user, refuse_host, run_alone, settings
@@ -24,7 +25,7 @@ VENV_TOOLS = ["pip", "wheel", "setuptools", "ninja"]
 def venv_owner(config: dict) -> str:
     """Who installs into the venv: the build user, or the owner of an adopted venv."""
     if config["venv_adopt"]:
-        return host.get_fact(facts.PathOwner, path=config["venv_path"]) or config["build_user"]
+        return fact(host, facts.PathOwner, path=config["venv_path"]) or config["build_user"]
     return config["build_user"]
 
 
@@ -63,7 +64,7 @@ def python() -> None:
     venv_python = f"{venv}/bin/python"
 
     if config["venv_adopt"]:
-        found = host.get_fact(facts.PythonVersion, python=venv_python)
+        found = fact(host, facts.PythonVersion, python=venv_python)
         if found != config["python_version"]:
             refuse_host(
                 [
@@ -74,7 +75,7 @@ def python() -> None:
             )
             return
     else:
-        found = host.get_fact(facts.PythonVersion, python=interpreter)
+        found = fact(host, facts.PythonVersion, python=interpreter)
         if found != config["python_version"]:
             refuse_host(
                 [
@@ -90,14 +91,11 @@ def python() -> None:
         refuse_host(taken)
         return
 
-    server.user(
-        name=f"Create the unprivileged build user {user}",
-        user=user,
-        home=config["work_dir"],
-        shell="/bin/bash",
-        system=True,
-        create_home=False,
-    )
+    account = fact(host, facts.Account, user=user)
+    build_user_exists = account is not None and (account["home"], account["shell"]) == (config["work_dir"], "/bin/bash")
+    # Planned only while missing or different: pyinfra's check of a user reads every user of the host (seconds).
+    if not build_user_exists:
+        _create_build_user(user, config["work_dir"])
     files.directory(name=f"Create {config['work_dir']}", path=config["work_dir"], user=user, group=user, mode="755")
     owner = venv_owner(config)
     if not config["venv_adopt"]:
@@ -110,7 +108,7 @@ def python() -> None:
         if host.get_fact(Directory, path=parent) is None:
             files.directory(name=f"Create {parent}", path=parent, mode="755")
         files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
-        has_venv = host.get_fact(facts.PythonVersion, python=venv_python) is not None
+        has_venv = fact(host, facts.PythonVersion, python=venv_python) is not None
         server.shell(
             name=f"Create the venv {venv}",
             commands=[shlex.join([interpreter, "-m", "venv", venv])],
@@ -133,6 +131,17 @@ def python() -> None:
         packages=VENV_TOOLS,
         python=venv_python,
         **as_user(owner),
+    )
+
+
+def _create_build_user(user: str, home: str) -> None:
+    server.user(
+        name=f"Create the unprivileged build user {user}",
+        user=user,
+        home=home,
+        shell="/bin/bash",
+        system=True,
+        create_home=False,
     )
 
 

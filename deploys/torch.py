@@ -13,7 +13,7 @@ from pyinfra.operations import server
 from deploys.preflight import preflight
 from deploys.python import venv_owner
 from gpufleet import facts
-from gpufleet.decide import arch_list, torch_problems
+from gpufleet.decide import HostProfile, arch_list, torch_problems
 from gpufleet.operations import pip_packages
 from gpufleet.stage import (
     as_user,
@@ -51,11 +51,18 @@ def torch() -> None:
         logger.warning(FROZEN_CU128_NOTICE)
     python = f"{config['venv_path']}/bin/python"
     archs = config["xformers_arch_list"] or arch_list(me.gpus)
-    info = host.get_fact(facts.TorchInfo, python=python)
+    context = torch_state_context(me)
+    info = host.get_fact(facts.TorchInfo, python=python, context=context)
     if info is not None and info["version"] == config["torch_version"]:
         problems = torch_problems(info, config["cuda_version"], arch_list(me.gpus))
         if problems:
             refuse_host(problems)
+        elif not info["stamped"]:
+            # Planned only when the stamp is missing or stale, so a no-op run neither imports torch nor changes.
+            server.shell(
+                name="Record the validated torch (its files, interpreter, GPUs and driver)",
+                commands=[facts.record_torch_state_command(python, context)],
+            )
         return
     install = pip_packages(
         name=f"Install torch {config['torch_version']}",
@@ -75,9 +82,15 @@ def torch() -> None:
     )
     server.shell(
         name=f"Check torch's CUDA version and GPU architectures ({', '.join(archs)})",
-        commands=[f"{shlex.quote(python)} -c {shlex.quote(check)}"],
+        commands=[f"{shlex.quote(python)} -c {shlex.quote(check)}", facts.record_torch_state_command(python, context)],
         _if=install.did_change,
     )
+
+
+def torch_state_context(me: HostProfile) -> str:
+    """What, besides the venv, a validated torch state depends on: the GPUs' PCI IDs and the driver version."""
+    driver = me.driver.loaded.version if me.driver.loaded else next((g.driver_version for g in me.smi.gpus), "none")
+    return f"gpus={','.join(sorted(g.device_id for g in me.gpus)) or 'none'} driver={driver}"
 
 
 run_alone(__file__, preflight, torch)

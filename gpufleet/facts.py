@@ -3,6 +3,7 @@ into a FactProcessError, which fails that host alone, never the whole run."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 from typing import Any, Callable, NamedTuple
@@ -402,6 +403,58 @@ class MissingTools(_ParsedFact):
         )
 
 
+class HostProbe(FactBase):
+    """Preflight's probes in one round trip: each part is the command of one fact above, in its own section, read
+    by that fact's parser, so a host is described by one command instead of ten."""
+
+    PARTS: dict[str, type[FactBase]] = {
+        "os": OsInfo,
+        "wsl": WslInfo,
+        "pci": NvidiaPciGpus,
+        "smi": NvidiaSmi,
+        "mem": MemoryInfo,
+        "driver": DriverStateFact,
+        "secure_boot": SecureBoot,
+        "tools": MissingTools,
+    }
+
+    def command(self, disk_paths: tuple[str, ...]) -> str:
+        parts = [(name, cls().command()) for name, cls in self.PARTS.items()]
+        parts += [(f"disk{i}", FreeDisk().command(path)) for i, path in enumerate(disk_paths)]
+        return " ".join(f"echo '=== {name}'; ( {command} ); echo \"=== rc $?\";" for name, command in parts)
+
+    def process(self, output: list[str]) -> dict[str, Any]:
+        """name -> that fact's answer (its default for no output); "disks" lists FreeDisk's answers in order."""
+        sections: dict[str, list[str]] = {}
+        answers: dict[str, Any] = {"disks": []}
+        current = None
+        for line in output:
+            if line.startswith("=== rc "):
+                if current is None or line[7:].strip() != "0":
+                    raise FactProcessError(f"HostProbe: the {current} probe failed ({line[4:].strip()})")
+                cls = FreeDisk if current.startswith("disk") else self.PARTS[current]
+                lines = sections[current]
+                answer = cls().process(lines) if any(line.strip() for line in lines) else cls().default()
+                if current.startswith("disk"):
+                    answers["disks"].append(answer)
+                else:
+                    answers[current] = answer
+                current = None
+            elif line.startswith("=== ") and current is None:
+                current = line[4:].strip()
+                if current not in self.PARTS and not re.fullmatch(r"disk\d+", current):
+                    raise FactProcessError(f"HostProbe: unexpected section {current!r}")
+                sections[current] = []
+            elif current is not None:
+                sections[current].append(line)
+            elif line.strip():
+                raise FactProcessError(f"HostProbe: output outside a section: {line!r}")
+        missing = [name for name in self.PARTS if name not in answers]
+        if current is not None or missing:
+            raise FactProcessError(f"HostProbe: output ends early (missing {current or missing[0]})")
+        return answers
+
+
 class NvccVersion(_ParsedFact):
     """CUDA release reported by <cuda_home>/bin/nvcc, or None when it is not there."""
 
@@ -435,35 +488,85 @@ class PathOwner(_ParsedFact):
 
 
 def parse_torch_info(text: str) -> dict[str, Any] | None:
-    """JSON printed by the venv's python about its torch; None when torch is not installed."""
+    """JSON about the venv's torch, after `== stamp` (read from the validated-state stamp) or `== probed` (torch
+    imported just now); None when torch is not installed. `stamped` says which."""
     import json
 
     if NO_TOOL in text:
         return None
-    last = text.strip().splitlines()[-1]
+    lines = text.strip().splitlines()
+    last = lines[-1]
     info = json.loads(last)
-    if not {"version", "cuda", "arch_list"} <= info.keys():
+    if not isinstance(info, dict) or not {"version", "cuda", "arch_list"} <= info.keys():
         raise ParseError(f"unexpected torch probe output: {last!r}")
-    return info
+    return {**info, "stamped": "== stamp" in lines[:-1]}
 
 
 TORCH_PROBE = (
     "import json, torch; print(json.dumps({'version': torch.__version__, 'cuda': torch.version.cuda, "
     "'arch_list': torch.cuda.get_arch_list()}))"
 )
+# Root's own record of validated states, out of reach of the build user who owns the venv.
+STATE_DIR = "/var/lib/gpufleet-state"
+
+
+def torch_stamp_path(python: str) -> str:
+    """Where root keeps the validated torch state of the venv whose interpreter is `python`."""
+    return f"{STATE_DIR}/torch-{hashlib.sha256(python.encode()).hexdigest()[:16]}"
+
+
+def torch_state_key_command(python: str, context: str) -> str:
+    """Shell that prints the key of the venv's torch state: torch's dist-info RECORD (hash, size, mtime, inode),
+    the torch package and library folders (mtime: a file added or removed), the venv's interpreter (real path,
+    size, mtime) and `context` (the host's GPU PCI IDs and driver version). Any change makes a new key."""
+    venv = shlex.quote(python.rsplit("/bin/", 1)[0])
+    return (
+        f"{{ v={venv}; for r in \"$v\"/lib/python*/site-packages/torch-*.dist-info/RECORD; do "
+        'sha256sum "$r"; t="${r%/torch-*}/torch"; stat -c "%n %s %Y %i" "$r" "$t" "$t/lib"; done; '
+        f"readlink -f {shlex.quote(python)}; stat -L -c '%s %Y %i' {shlex.quote(python)}; "
+        f"echo {shlex.quote(context)}; }} 2>&1 | sha256sum | cut -c1-64"
+    )
+
+
+def torch_stamp_trusted_test(stamp: str) -> str:
+    """Shell test: the stamp and its folder are root's (folder mode 700), neither a symlink."""
+    return (
+        f'[ ! -L {STATE_DIR} ] && [ "$(stat -c %u:%a {STATE_DIR} 2>/dev/null)" = 0:700 ] && '
+        f'[ -f {stamp} ] && [ ! -L {stamp} ] && [ "$(stat -c %u {stamp})" = 0 ]'
+    )
 
 
 class TorchInfo(_ParsedFact):
-    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable."""
+    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable.
+
+    Importing torch takes seconds, so the answer comes from root's stamp while the venv's torch, interpreter, GPUs
+    and driver are those the stamp was validated with (its key, torch_state_key_command); otherwise torch is
+    imported again (`stamped` False) and the torch stage records the new state.
+    """
 
     parser = staticmethod(parse_torch_info)
 
-    def command(self, python: str) -> str:
-        python = shlex.quote(python)
+    def command(self, python: str, context: str = "") -> str:
+        stamp = torch_stamp_path(python)
+        quoted = shlex.quote(python)
         return (
-            f"if [ -x {python} ] && {python} -c 'import torch' 2>/dev/null; then "
-            f'{python} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
+            f"k=$({torch_state_key_command(python, context)}); "
+            f'if {torch_stamp_trusted_test(stamp)} && [ "$(head -n 1 {stamp})" = "$k" ]; then '
+            f"echo '== stamp'; sed -n 2p {stamp}; "
+            f"elif [ -x {quoted} ] && {quoted} -c 'import torch' 2>/dev/null; then "
+            f'echo \'== probed\'; {quoted} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
         )
+
+
+def record_torch_state_command(python: str, context: str) -> str:
+    """Shell, run as root after torch was validated: write the stamp (key line, then TorchInfo's JSON)."""
+    stamp = torch_stamp_path(python)
+    return (
+        f"install -d -m 700 -o root -g root {STATE_DIR} && "
+        f"k=$({torch_state_key_command(python, context)}) && "
+        f'j=$({shlex.quote(python)} -c "{TORCH_PROBE}" | tail -n 1) && '
+        f"(umask 077; printf '%s\\n%s\\n' \"$k\" \"$j\" > {stamp}.new) && mv -f {stamp}.new {stamp}"
+    )
 
 
 class FileText(_ParsedFact):
@@ -508,6 +611,22 @@ class PipFreeze(_ParsedFact):
     def command(self, python: str) -> str:
         python = shlex.quote(python)
         return f"if [ -x {python} ]; then {python} -m pip freeze --all; else echo {NO_TOOL}; fi"
+
+
+_DISTRIBUTIONS = (
+    'import importlib.metadata as m; print("\\n".join(sorted("%s==%s" % (d.metadata["Name"], d.version) '
+    'for d in m.distributions() if d.metadata["Name"])))'
+)
+
+
+class InstalledDistributions(_ParsedFact):
+    """The distributions installed in an interpreter's environment, as `pip freeze --all` names them, read with
+    importlib.metadata: a tenth of the time of starting pip, which a no-op run would otherwise pay per host."""
+
+    parser = staticmethod(parse_pip_freeze)
+
+    def command(self, python: str) -> str:
+        return f"if [ -x {python} ]; then {python} -I -c '{_DISTRIBUTIONS}'; else echo {NO_TOOL}; fi"
 
 
 class InterruptedPackageInstall(FactBase):

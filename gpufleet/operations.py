@@ -11,7 +11,7 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from gpufleet.buildplan import parse_manifest, staged_checksum_line
-from gpufleet.facts import PipFreeze
+from gpufleet.facts import InstalledDistributions
 from gpufleet.fingerprint import file_sha256
 
 
@@ -138,7 +138,7 @@ def pip_packages(python: str, packages: list[str], extra_args: str = ""):
 
     pyinfra's pip.packages needs a pip script, which some venvs (e.g. images built with ensurepip only) lack.
     """
-    installed = host.get_fact(PipFreeze, python=python) or {}
+    installed = host.get_fact(InstalledDistributions, python=python) or {}
     missing = [spec for spec in packages if _requirement(spec)[0] not in installed
                or (_requirement(spec)[1] is not None and installed[_requirement(spec)[0]] != _requirement(spec)[1])]
     if not missing:

@@ -10,6 +10,7 @@ from pyinfra.api.host import Host
 
 from gpufleet import cache, facts
 from gpufleet.decide import HostProfile, host_gpus
+from gpufleet.fact_memo import fact
 from gpufleet.operations import refuse
 from gpufleet.settings import load_settings
 
@@ -46,14 +47,16 @@ def profile(target: Host | None = None) -> HostProfile:
     """A host (default: the current one) as facts describe it."""
     host_ = host if target is None else target
     config = settings(host_)
-    wsl = host_.get_fact(facts.WslInfo) or {"is_wsl": False, "nvidia_smi": False}
-    pci = host_.get_fact(facts.NvidiaPciGpus)
-    smi = host_.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
-    mem = host_.get_fact(facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
-    disks = [host_.get_fact(facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
+    # One round trip for every probe below (a host that could not be probed has failed already).
+    probe = fact(host_, facts.HostProbe, disk_paths=(config["work_dir"], config["venv_path"])) or {"disks": []}
+    wsl = probe.get("wsl") or {"is_wsl": False, "nvidia_smi": False}
+    pci = probe.get("pci")
+    smi = probe.get("smi") or facts.SmiResult(available=False)
+    mem = probe.get("mem") or {"total": 0, "available": 0, "cpus": 1}
+    disks = [d or {"free": 0, "mount": "?"} for d in probe["disks"]] or [{"free": 0, "mount": "?"}]
     # Both trees may share a filesystem; the smaller free space is what the install can count on.
     disk = min(disks, key=lambda d: d["free"])
-    os_release = host_.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
+    os_release = probe.get("os") or facts.OsRelease("unknown", "", "", "an unreadable OS")
     return HostProfile(
         name=host_.name,
         group=host_.data.get("gpufleet_group", "workstations"),
@@ -61,17 +64,17 @@ def profile(target: Host | None = None) -> HostProfile:
         is_wsl=wsl["is_wsl"],
         gpus=host_gpus(pci, smi),
         smi=smi,
-        driver=host_.get_fact(facts.DriverStateFact) or facts.DriverState(None, None),
+        driver=probe.get("driver") or facts.DriverState(None, None),
         lspci_missing=pci is None,
-        secure_boot=host_.get_fact(facts.SecureBoot),
+        secure_boot=probe.get("secure_boot"),
         mem_total=mem["total"],
         mem_available=mem["available"],
         cpus=mem["cpus"],
         free_disk=disk["free"],
         disk_mount=disk["mount"],
         is_control_machine=is_control_machine(host_),
-        missing_tools=tuple(host_.get_fact(facts.MissingTools)),
-        build_account=host_.get_fact(facts.Account, user=config["build_user"]),
+        missing_tools=tuple(probe.get("tools") or ()),
+        build_account=fact(host_, facts.Account, user=config["build_user"]),
     )
 
 

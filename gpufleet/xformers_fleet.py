@@ -15,7 +15,8 @@ from pyinfra.api.host import Host
 
 from gpufleet import facts
 from gpufleet.buildplan import INSTALLED_STAMP, arch_union, normalise_arch_list
-from gpufleet.decide import arch_list, host_gpus, preflight_problems
+from gpufleet.decide import arch_list, preflight_problems
+from gpufleet.fact_memo import fact
 from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import profile, settings
@@ -42,9 +43,7 @@ def fleet_hosts() -> list[Host]:
 
 
 def _host_archs(h: Host) -> list[str]:
-    pci = h.get_fact(facts.NvidiaPciGpus)
-    smi = h.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
-    return arch_list(host_gpus(pci, smi))
+    return arch_list(profile(h).gpus)
 
 
 def fleet_arch_list() -> list[str]:
@@ -72,7 +71,7 @@ def host_wheel(h: Host) -> HostWheel:
     archs = normalise_arch_list(config["xformers_arch_list"] or fleet_arch_list())
     fp = wheel_fingerprint(config, archs)
     # Root's stamp (buildplan.ROOT_STATE_DIR): the build user cannot forge it.
-    installed = h.get_fact(facts.FileText, path=INSTALLED_STAMP)
+    installed = fact(h, facts.FileText, path=INSTALLED_STAMP)
     eligible = not preflight_problems(profile(h), config)
     return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp, eligible=eligible)
 

@@ -19,6 +19,7 @@ import yaml
 import gpufleet as _gpufleet
 from gpufleet.facts import BASE_TOOLS as _BASE_TOOLS
 from gpufleet.facts import NO_TOOL
+from gpufleet.facts import HostProbe as _HostProbe
 from gpufleet.settings import load_settings, validate_value
 
 _HERE = Path(__file__).resolve().parent
@@ -164,9 +165,14 @@ def fact_answers(profile: dict) -> list[Answer]:
             Answer("PythonHeaders", f"{path} -c 'import sysconfig", "yes" if interpreter["headers"] else "no")
         )
     if venv is not None:
-        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", _text(venv["torch"]) or NO_TOOL))
+        # torch_stamped: root's validated-state stamp matches, so the probe answers from it without importing torch.
+        torch = _text(venv["torch"])
+        heading = "== stamp" if venv.get("torch_stamped") else "== probed"
+        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", f"{heading}\n{torch}" if torch else NO_TOOL))
         answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
         answers.append(Answer("PipFreeze", f"{venv_python} -m pip freeze --all", _text(venv["pip_freeze"])))
+        answers.append(Answer("InstalledDistributions", f"{venv_python} -I -c 'import importlib.metadata",
+                              _text(venv["pip_freeze"])))
     for home, output in profile["nvcc"].items():
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
@@ -176,12 +182,16 @@ def fact_answers(profile: dict) -> list[Answer]:
         answers.append(Answer("Directory", f"! (test -e {path} ||",
                               f"user=root group=root mode=drwxr-xr-x atime=0 mtime=0 ctime=0 size=4096 '{path}'"))
 
+    # HostProbe runs the probes above in one command: their answers in its sections, looked up before them.
+    answers.insert(0, Answer("HostProbe", "echo '=== os'", _host_probe(answers)))
+
     # Anything not listed above does not exist on the host: each fact's own "absent" answer.
     answers += [
         Answer("PythonVersion", "print(\"%d.%d\" % sys.version_info[:2])", NO_TOOL),
         Answer("PythonHeaders", "/Python.h", "no"),
         Answer("TorchInfo", "-c 'import torch'", NO_TOOL),
         Answer("PipFreeze", " -m pip freeze --all", NO_TOOL),
+        Answer("InstalledDistributions", " -I -c 'import importlib.metadata", NO_TOOL),
         Answer("PathOwner", "stat -c %U ", NO_TOOL),
         Answer("NvccVersion", "/bin/nvcc --version; else", NO_TOOL),
         Answer("FileText", " 2>/dev/null || echo " + NO_TOOL, NO_TOOL),
@@ -193,13 +203,24 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("Os", "uname -s", "Linux"),
         # Symbolic links the build user planted in its tree ("path -> target" lines; optional, default none).
         Answer("PlantedLinks", '[ -L "$p" ] && printf', "\n".join(profile.get("planted_links", []))),
-        # build_user does not exist yet: gpufleet creates it.
+        # build_user does not exist yet: gpufleet creates it (pyinfra's server.user is planned as on a fresh host).
         Answer("Account", "getent passwd ", NO_TOOL),
         Answer("Which(useradd)", "command -v useradd", "/usr/sbin/useradd"),
         Answer("Which(curl)", "command -v curl", "" if "curl/wget" in missing else "/usr/bin/curl"),
         Answer("Which(wget)", "command -v wget", "" if "curl/wget" in missing else "/usr/bin/wget"),
     ]
     return answers
+
+
+def _host_probe(answers: list[Answer]) -> str:
+    """HostProbe's output from its parts' answers (the first answer of each part fact: the base tool list); two
+    disks, as profile() asks about work_dir and venv_path."""
+    first: dict[str, str] = {}
+    for answer in answers:
+        first.setdefault(answer.fact, answer.stdout)
+    parts = [(name, first[cls.__name__]) for name, cls in _HostProbe.PARTS.items()]
+    parts += [(f"disk{i}", first["FreeDisk"]) for i in range(2)]
+    return "".join(f"=== {name}\n{stdout}\n=== rc 0\n" for name, stdout in parts)
 
 
 def fact_outputs(profile: dict) -> dict[str, str]:

@@ -336,6 +336,8 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
         op(CHANGE, PYTHON, "Point the venv's pip at the configured index"),
         op(CHANGE, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
+        # torch accepted by importing it; root records that state so the next run need not import it again.
+        op(CHANGE, TORCH, "Record the validated torch (its files, interpreter, GPUs and driver)"),
         *xformers_build("9.0, 12.0", 16, None, source="file:///srv/gpufleet-mirror/xformers-0.0.35.tar.gz"),
         *SMOKE_TEST,
     ],
@@ -447,17 +449,20 @@ FACT_CALLS: dict[str, list[dict]] = {
     "PythonVersion": [{"python": "/usr/bin/python3"}, {"python": "/opt/gpufleet/venv/bin/python"},
                       {"python": "/opt/torch/.venv/bin/python"}],
     "PathOwner": [{"path": "/opt/gpufleet/venv"}, {"path": "/opt/torch/.venv"}],
-    "TorchInfo": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "TorchInfo": [{"python": "/opt/gpufleet/venv/bin/python", "context": "gpus=2b87 driver=580.95.05"},
+                  {"python": "/opt/torch/.venv/bin/python", "context": "gpus=2330 driver=580.159.04"}],
     "FileText": [{"path": "/var/lib/gpufleet-root/xformers/installed"},
                  {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "InstalledDistributions": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InterruptedPackageInstall": [{}],
     "Account": [{"user": "gpufleet"}],
     "PlantedLinks": [{"paths": ["/var/lib/gpufleet/xformers/build_wheel.sh"],
                       "trees": ["/var/lib/gpufleet/xformers/patches-0.0.35"]}],
     "GpuBusy": [{}],
     "InstalledKernels": [{}],
+    "HostProbe": [{"disk_paths": ("/var/lib/gpufleet", "/opt/gpufleet/venv")}],
 }
 
 
@@ -710,7 +715,9 @@ def test_garbage_fact_output_fails_that_host_only(tmp_path):
     )
     assert result.returncode != 0
     lines = result.stderr.splitlines()
-    assert any("[@fake/garbled]" in line and "could not process fact: gpufleet.facts.OsInfo" in line for line in lines)
+    # The OS is read with preflight's other probes in one command (HostProbe); the error names the file.
+    assert any("[@fake/garbled]" in line and "could not process fact: gpufleet.facts.HostProbe" in line for line in lines)
+    assert any("[@fake/garbled]" in line and "no ID= line in /etc/os-release" in line for line in lines)
     assert not any("[@fake/healthy]" in line and "Error" in line for line in lines)
     names = [name for operation in json.loads(result.stdout)["plan"] for name in operation["names"]]
     assert f"{DRIVER} | Install the NVIDIA driver (nvidia-open-580)" in names

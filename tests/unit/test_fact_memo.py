@@ -1,0 +1,63 @@
+"""gpufleet.fact_memo on a real pyinfra State with the @local connector: a fact runs once per host while pyinfra
+prepares the deploy, and again once operations may have run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pyinfra.api import Config, FactBase, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.state import StateStage
+from pyinfra.context import ctx_host, ctx_state
+
+from gpufleet.fact_memo import fact
+
+
+class LinesOf(FactBase):
+    """Appends a line to a trace file each time it runs, and reports how many lines it holds."""
+
+    def command(self, trace: str) -> str:
+        return f"echo ran >> {trace}; wc -l < {trace}"
+
+    def process(self, output: list[str]) -> int:
+        return int(output[0])
+
+
+def local_state() -> State:
+    state = State(Inventory((["@local"], {})), Config())
+    connect_all(state)
+    return state
+
+
+def test_a_fact_is_read_once_per_host_and_arguments_while_the_deploy_is_prepared(tmp_path: Path) -> None:
+    state = local_state()
+    host = state.inventory.get_host("@local")
+    trace, other = tmp_path / "trace", tmp_path / "other"
+    with ctx_state.use(state), ctx_host.use(host):
+        state.set_stage(StateStage.Prepare)
+        assert [fact(host, LinesOf, trace=str(trace)) for _ in range(3)] == [1, 1, 1]
+        # Other arguments are another question.
+        assert fact(host, LinesOf, trace=str(other)) == 1
+        assert trace.read_text() == "ran\n" and other.read_text() == "ran\n"
+
+
+def test_once_operations_execute_a_fact_is_read_again(tmp_path: Path) -> None:
+    state = local_state()
+    host = state.inventory.get_host("@local")
+    trace = tmp_path / "trace"
+    with ctx_state.use(state), ctx_host.use(host):
+        state.set_stage(StateStage.Prepare)
+        assert fact(host, LinesOf, trace=str(trace)) == 1
+        state.set_stage(StateStage.Execute)
+        assert fact(host, LinesOf, trace=str(trace)) == 2
+        assert fact(host, LinesOf, trace=str(trace)) == 3
+
+
+def test_each_run_state_has_its_own_answers(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    for expected in (1, 2):
+        state = local_state()
+        host = state.inventory.get_host("@local")
+        with ctx_state.use(state), ctx_host.use(host):
+            state.set_stage(StateStage.Prepare)
+            assert fact(host, LinesOf, trace=str(trace)) == expected
