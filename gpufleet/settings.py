@@ -150,7 +150,9 @@ VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "reboot_timeout": _positive,
     "apt_lock_timeout": _positive,
     "smoke_heads": _positive,
-    "min_free_disk_gb": lambda v: None if v >= 0 else "0 or more",
+    # Below 10 GB no stage fits (torch with its CUDA libraries alone takes 5.4 GB).
+    "min_free_disk_gb": lambda v: None if v >= 10 else "10 or more",
+    "lock_timeout": lambda v: None if 0 <= v <= 86400 else "0 (fail at once) to 86400 seconds",
     "min_memory_gb": lambda v: None if v >= 0 else "0 or more",
     "cuda_repo_url": _url,
     "torch_index_url": _url,

@@ -9,7 +9,8 @@ from pyinfra import host, state
 from pyinfra.api.host import Host
 
 from gpufleet import cache, facts
-from gpufleet.decide import HostProfile, host_gpus
+from gpufleet.decide import STAGE_DISK_GB, DiskNeed, HostProfile, host_gpus
+from gpufleet.nvidia_repo import repair_interrupted_packages
 from gpufleet.operations import refuse
 from gpufleet.settings import load_settings
 
@@ -50,7 +51,7 @@ def profile(target: Host | None = None) -> HostProfile:
     pci = host_.get_fact(facts.NvidiaPciGpus)
     smi = host_.get_fact(facts.NvidiaSmi) or facts.SmiResult(available=False)
     mem = host_.get_fact(facts.MemoryInfo) or {"total": 0, "available": 0, "cpus": 1}
-    disks = [host_.get_fact(facts.FreeDisk, path=config[key]) or {"free": 0, "mount": "?"} for key in ("work_dir", "venv_path")]
+    disks = [free_disk(host_, config[key]) for key in ("work_dir", "venv_path")]
     # Both trees may share a filesystem; the smaller free space is what the install can count on.
     disk = min(disks, key=lambda d: d["free"])
     os_release = host_.get_fact(facts.OsInfo) or facts.OsRelease("unknown", "", "", "an unreadable OS")
@@ -71,7 +72,38 @@ def profile(target: Host | None = None) -> HostProfile:
         disk_mount=disk["mount"],
         is_control_machine=is_control_machine(host_),
         missing_tools=tuple(host_.get_fact(facts.MissingTools)),
+        disk_needs=disk_needs(host_, config),
     )
+
+
+def free_disk(target: Host, path: str) -> dict[str, Any]:
+    return target.get_fact(facts.FreeDisk, path=path) or {"free": 0, "mount": "?"}
+
+
+def disk_needs(target: Host, config: dict[str, Any]) -> tuple[DiskNeed, ...]:
+    """Where each stage still to do writes, and how much it needs there (decided from what the host already has)."""
+    python = f"{config['venv_path']}/bin/python"
+    torch_done = (target.get_fact(facts.PipFreeze, python=python) or {}).get("torch") == config["torch_version"]
+    xformers_done = target.get_fact(facts.FileText, path=f"{config['work_dir']}/xformers/installed") is not None
+    toolkit_home = f"/usr/local/cuda-{config['cuda_version']}"
+    toolkit_done = config["cuda_existing_home"] is not None or (
+        target.get_fact(facts.NvccVersion, cuda_home=toolkit_home) == config["cuda_version"]
+    )
+    wanted = [
+        (config["work_dir"], "pip's cache and the xformers build",
+         0 if torch_done and xformers_done else STAGE_DISK_GB["work_dir"]),
+        (config["venv_path"], "torch and its CUDA libraries",
+         0 if torch_done or config["venv_adopt"] else STAGE_DISK_GB["venv"]),
+    ]
+    if not toolkit_done:
+        wanted.append(("/usr/local", f"the CUDA {config['cuda_version']} toolkit", STAGE_DISK_GB["toolkit"]))
+    if target.data.get("gpufleet_cache_server"):
+        wanted.append((config["cache_dir"], "the fleet cache", STAGE_DISK_GB["cache"]))
+    needs = []
+    for path, what, gb in wanted:
+        disk = free_disk(target, path)
+        needs.append(DiskNeed(path=path, mount=disk["mount"], free=disk["free"], need_gb=gb, what=what))
+    return tuple(needs)
 
 
 def refuse_host(reasons: list[str]) -> None:
@@ -104,7 +136,12 @@ def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
     current = state.current_deploy_filename
     if current is None or Path(current).resolve() != Path(module_file).resolve():
         return
-    for stage in stages:
+    first, *rest = stages
+    first()
+    # After preflight (the first stage), before any other change: as in deploys/full.py.
+    if not refused():
+        repair_interrupted_packages()
+    for stage in rest:
         if refused():
             return
         stage()

@@ -133,6 +133,10 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("KernelHeaders", "/lib/modules/", f"{kernel}\n{'yes' if profile['kernel_headers'] else 'no'}"),
         Answer("HeldPackages", "apt-mark showhold", _text(profile["held"])),
         Answer("InterruptedPackageInstall", "find /var/lib/dpkg/updates", _text(profile["dpkg_interrupted"])),
+        # A host with NVIDIA's keyring package has read the repository; a fresh one has no lists for it.
+        Answer("AptListsPresent", "apt-get indextargets",
+               "present" if any(name == "cuda-keyring" for name, _ in installed) else "missing"),
+        Answer("InitramfsStale", "command -v update-initramfs >/dev/null && [ -e", "ok"),
     ]
     for tools in _TOOL_SETS:
         answers.append(
@@ -157,6 +161,8 @@ def fact_answers(profile: dict) -> list[Answer]:
         answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", _text(venv["torch"]) or NO_TOOL))
         answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
         answers.append(Answer("PipFreeze", f"{venv_python} -m pip freeze --all", _text(venv["pip_freeze"])))
+        answers.append(Answer("VenvState", f"{venv_python} -m pip --version >/dev/null 2>&1; then echo no-pip",
+                              "ok" if _text(venv["pip_freeze"]).strip() else "no-pip"))
     for home, output in profile["nvcc"].items():
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
@@ -168,6 +174,7 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("PythonHeaders", "/Python.h", "no"),
         Answer("TorchInfo", "-c 'import torch'", NO_TOOL),
         Answer("PipFreeze", " -m pip freeze --all", NO_TOOL),
+        Answer("VenvState", "echo no-pip", "missing"),
         Answer("PathOwner", "stat -c %U ", NO_TOOL),
         Answer("NvccVersion", "/bin/nvcc --version; else", NO_TOOL),
         Answer("FileText", " 2>/dev/null || echo " + NO_TOOL, NO_TOOL),

@@ -122,7 +122,8 @@ FRESH_VENV = [
     op(CHANGE, PYTHON, "Install Python's venv module"),
     op(CHANGE, PYTHON, "Create /opt/gpufleet"),
     op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
-    op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
+    # Planned only because the venv is missing (VenvState), so it is no longer gated.
+    op(CHANGE, PYTHON, "Create the venv /opt/gpufleet/venv"),
     op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
     op(CHANGE, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
 ]
@@ -237,7 +238,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         # python3-venv is installed: no install (and no list refresh) is planned at all.
         op(CHANGE, PYTHON, "Create /opt/gpufleet"),
         op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
-        op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
+        # The venv has pip (VenvState "ok"): not planned at all.
         op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
         op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
         *SMOKE_TEST,
@@ -366,6 +367,9 @@ FACT_CALLS: dict[str, list[dict]] = {
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InterruptedPackageInstall": [{}],
+    "AptListsPresent": [{"uri": "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64/"}],
+    "InitramfsStale": [{"conf": "/etc/modprobe.d/gpufleet-blacklist-nouveau.conf"}],
+    "VenvState": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
 }
 
 

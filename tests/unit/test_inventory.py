@@ -209,7 +209,17 @@ MALFORMED = [
     (
         "negative_free_disk_is_refused",
         "settings:\n  min_free_disk_gb: -1\n" + ONE_HOST,
-        2, "'min_free_disk_gb'", ["0 or more"],
+        2, "'min_free_disk_gb'", ["10 or more"],
+    ),
+    (
+        "free_disk_minimum_of_zero_is_refused",
+        "settings:\n  min_free_disk_gb: 0\n" + ONE_HOST,
+        2, "'min_free_disk_gb'", ["10 or more"],
+    ),
+    (
+        "negative_lock_timeout_is_refused",
+        "settings:\n  lock_timeout: -5\n" + ONE_HOST,
+        2, "'lock_timeout'", ["0 (fail at once) to 86400 seconds"],
     ),
     (
         "index_url_without_scheme_asks_for_a_url",

@@ -4,9 +4,12 @@ from deploys.cuda import cuda
 from deploys.driver import driver
 from deploys.preflight import preflight
 from deploys.python import python
+from gpufleet.nvidia_repo import repair_interrupted_packages
 from gpufleet.stage import refused
 
 preflight()
+if not refused():
+    repair_interrupted_packages()
 if not refused():
     driver()
 if not refused():
