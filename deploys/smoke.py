@@ -18,7 +18,7 @@ from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from gpufleet.fleet_report import print_report_when_run_ends
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, run_alone, settings, stack_changed
+from gpufleet.stage import as_user, lock_control_folder, run_alone, settings, stack_changed
 
 SCRIPT = REPO_ROOT / "files" / "smoke" / "gpufleet_smoke.py"
 
@@ -67,6 +67,7 @@ def smoke() -> None:
         _if=needed,
     )
     local = Path(state.cwd or REPO_ROOT) / config["report_dir"] / "latest" / f"{host.name}.json"
+    lock_control_folder(local.parent.parent)
     files.get(
         name="Fetch the smoke result to the control machine",
         src=result,

@@ -29,7 +29,7 @@ from gpufleet.buildplan import (
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, profile, record_stack_change, run_alone, settings
+from gpufleet.stage import as_user, lock_control_folder, profile, record_stack_change, run_alone, settings
 from gpufleet.xformers_fleet import builder_for, fleet_wheels, host_wheel, patch_dir
 
 
@@ -50,6 +50,7 @@ def xformers() -> None:
     user = config["build_user"]
     python = f"{config['venv_path']}/bin/python"
     cache = local_cache(config, fp)
+    lock_control_folder(cache.parent)
     cached = (cache / "manifest.json").is_file()
     builder = None if cached else builder_for(fp, fleet_wheels(), config["xformers_builder"])
     files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from pyinfra import host, state
 from pyinfra.api.host import Host
 
-from gpufleet import cache, facts
+from gpufleet import cache, facts, hostlock
 from gpufleet.decide import STAGE_DISK_GB, DiskNeed, HostProfile, host_gpus
 from gpufleet.nvidia_repo import repair_interrupted_packages
 from gpufleet.operations import refuse
@@ -106,6 +106,19 @@ def disk_needs(target: Host, config: dict[str, Any]) -> tuple[DiskNeed, ...]:
     return tuple(needs)
 
 
+def take_host_lock() -> None:
+    """The first step of every deploy, before any fact is read: this run alone touches the host until it ends
+    (gpufleet.hostlock); a host another run holds is refused, naming that run."""
+    problem = hostlock.lock_host(state, host, settings()["lock_timeout"])
+    if problem:
+        refuse_host([problem])
+
+
+def lock_control_folder(folder: Path) -> None:
+    """This run alone writes the folder on this machine (wheel cache, reports) until it ends."""
+    hostlock.lock_control_folder(folder, settings()["lock_timeout"])
+
+
 def refuse_host(reasons: list[str]) -> None:
     """Stop this host with every reason, before anything on it changes; the other hosts go on."""
     _refused.add(host.name)
@@ -136,8 +149,10 @@ def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
     current = state.current_deploy_filename
     if current is None or Path(current).resolve() != Path(module_file).resolve():
         return
+    take_host_lock()
     first, *rest = stages
-    first()
+    if not refused():
+        first()
     # After preflight (the first stage), before any other change: as in deploys/full.py.
     if not refused():
         repair_interrupted_packages()

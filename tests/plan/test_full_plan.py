@@ -189,8 +189,10 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         *FRESH_AFTER_CUDA,
     ],
     # dpkg's unfinished work is finished before apt is asked for anything, once.
+    # The repair is planned by deploys/full.py itself, right after preflight, before any stage.
     "interrupted-package-install": [
-        *driver("nvidia-open-580", source=nvidia_repo(DRIVER, repair=True),
+        f"{CHANGE} {FINISH_INTERRUPTED}",
+        *driver("nvidia-open-580", source=nvidia_repo(DRIVER),
                 reboot=STOP_FOR_REBOOT),
         *FRESH_AFTER_DRIVER,
     ],
@@ -531,6 +533,17 @@ def test_interrupted_package_install_is_finished_before_apt_runs():
     assert commands[repair + 1] == "DEBIAN_FRONTEND=noninteractive apt-get -y -f install"
     assert not [c for c in commands[:repair] if c.startswith(("apt-get", "DEBIAN_FRONTEND=", "dpkg -i"))]
     assert FINISH_INTERRUPTED not in " ".join(names_only("ubuntu2404-5090d")), "a healthy host gets no repair"
+
+
+def test_interrupted_dpkg_is_repaired_on_a_host_whose_stages_use_no_apt(tmp_path):
+    # The preprovisioned host installs no package (driver, toolkit and venv accepted), so apt_settings never runs.
+    text = (PROFILES / "h100-preprovisioned.yaml").read_text().replace(
+        'dpkg_interrupted: ""', "dpkg_interrupted: {captured: dpkg-interrupted-half-configured.txt, rc: 0}")
+    (tmp_path / "h100-preprovisioned.yaml").write_text(text)
+    plan = plan_json("--limit", "@fake/h100-preprovisioned", INVENTORY, "deploys/full.py", profiles=tmp_path)["plan"]
+    names = [operation["names"][0] for operation in plan]
+    assert names[0] == FINISH_INTERRUPTED, names
+    assert FINISH_INTERRUPTED not in names_only("h100-preprovisioned"), "a clean dpkg gets no repair"
 
 
 def test_ubuntu_driver_host_pins_nvidia_s_driver_packages_away_before_installing_the_driver():
