@@ -451,14 +451,18 @@ TORCH_PROBE = (
 )
 
 
+TORCH_IMPORTABLE = "import torch; torch.__version__, torch.version.cuda, torch.cuda.get_arch_list"
+
+
 class TorchInfo(_ParsedFact):
-    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable."""
+    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable, or
+    imports without its parts (a killed install leaves a directory Python imports as an empty namespace package)."""
 
     parser = staticmethod(parse_torch_info)
 
     def command(self, python: str) -> str:
         return (
-            f"if [ -x {python} ] && {python} -c 'import torch' 2>/dev/null; then "
+            f"if [ -x {python} ] && {python} -c '{TORCH_IMPORTABLE}' 2>/dev/null; then "
             f'{python} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
         )
 

@@ -150,7 +150,8 @@ def lock_host(state, host, wait_s: int) -> str | None:
         return None
     owner = owner_text()
     for attempt in (1, 2):
-        handle, lines = _start(state, host, holder_script(owner, wait_s))
+        # After ending a stale holder, a few seconds for it to exit and its lock to fall.
+        handle, lines = _start(state, host, holder_script(owner, wait_s if attempt == 1 else max(wait_s, 10)))
         first = lines.readline().strip()
         if first == "taken":
             _holders[host.name] = handle

@@ -158,7 +158,7 @@ def fact_answers(profile: dict) -> list[Answer]:
             Answer("PythonHeaders", f"{path} -c 'import sysconfig", "yes" if interpreter["headers"] else "no")
         )
     if venv is not None:
-        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", _text(venv["torch"]) or NO_TOOL))
+        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch;", _text(venv["torch"]) or NO_TOOL))
         answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
         answers.append(Answer("PipFreeze", f"{venv_python} -m pip freeze --all", _text(venv["pip_freeze"])))
         answers.append(Answer("VenvState", f"{venv_python} -m pip --version >/dev/null 2>&1; then echo no-pip",
@@ -172,7 +172,7 @@ def fact_answers(profile: dict) -> list[Answer]:
     answers += [
         Answer("PythonVersion", "print(\"%d.%d\" % sys.version_info[:2])", NO_TOOL),
         Answer("PythonHeaders", "/Python.h", "no"),
-        Answer("TorchInfo", "-c 'import torch'", NO_TOOL),
+        Answer("TorchInfo", "-c 'import torch;", NO_TOOL),
         Answer("PipFreeze", " -m pip freeze --all", NO_TOOL),
         Answer("VenvState", "echo no-pip", "missing"),
         Answer("PathOwner", "stat -c %U ", NO_TOOL),
