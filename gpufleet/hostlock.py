@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+from pyinfra.api.state import BaseStateCallback
 from pyinfra.connectors.local import LocalConnector
 from pyinfra.connectors.ssh import SSHConnector
 from pyinfra.connectors.util import make_unix_command_for_host
@@ -55,20 +56,63 @@ def owner_text() -> str:
     return f"{user}@{machine} pid {os.getpid()} since {since}"
 
 
-def holder_script(owner: str, wait_s: int) -> str:
-    """Shell that takes the lock within wait_s seconds (printing `taken`) and then holds it until end-of-file or
-    silence on stdin; or prints `held: <owner file>` and exits 75."""
-    stamp = 'date -u +%Y-%m-%dT%H:%M:%SZ'
-    hold = (
-        f'while read -r -t {HOLDER_TIMEOUT_S} _; do :; done; '
-        f'echo "$({stamp}) released: $1" >> {LOG}'
-    )
+STAMP = "date -u +%Y-%m-%dT%H:%M:%SZ"
+# The holder, run by bash with $1 the owner and $2 the run's SSH_CONNECTION ("" on @local: nothing is stopped).
+# It holds fd 9 (the flock) until the run says `bye` after its last operation, or, when the run died, until stdin
+# ends, stays silent HOLDER_TIMEOUT_S seconds, or it is sent TERM. A dead run's lock is released only after the
+# holder stopped what that run left running (processes of the same SSH connection, which sshd does not end when
+# the link dies), so the next run never works beside a dead run's apt or pip. After `bye` nothing is stopped: a
+# server the run started on purpose (the fleet cache without systemd) carries the connection's environment too.
+HOLD = r"""
+owner="$1"; conn="$2"; unset SSH_CONNECTION
+finish() {
+  trap '' TERM HUP
+  if [ -n "$conn" ]; then
+    keep=" $$ "; p=$$
+    while [ "$p" -gt 1 ] 2>/dev/null; do p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status); keep="$keep$p "; done
+    pids=""
+    for e in /proc/[0-9]*/environ; do
+      p=${e#/proc/}; p=${p%/environ}
+      case "$keep" in *" $p "*) continue ;; esac
+      if tr '\0' '\n' < "$e" 2>/dev/null | grep -qxF "SSH_CONNECTION=$conn"; then pids="$pids $p"; fi
+    done
+    if [ -n "$pids" ]; then
+      kill -TERM $pids 2>/dev/null
+      for _ in 1 2 3 4 5 6 7 8 9 10; do
+        alive=""; for p in $pids; do if [ -d /proc/$p ]; then alive="$alive $p"; fi; done
+        [ -z "$alive" ] && break; sleep 0.5
+      done
+      [ -n "$alive" ] && kill -KILL $alive 2>/dev/null
+      echo "$(STAMP) stopped what the run left running:$pids" >> LOG
+    fi
+  fi
+  echo "$(STAMP) released: $owner" >> LOG
+  exit 0
+}
+trap finish TERM HUP
+while read -r -t TIMEOUT line; do
+  if [ "$line" = bye ]; then conn=""; break; fi
+done
+finish
+""".replace("STAMP", STAMP).replace("LOG", LOG).replace("TIMEOUT", str(HOLDER_TIMEOUT_S))
+# The nearest process up from the script that carries SSH_CONNECTION (sudo clears it from its children).
+FIND_CONNECTION = (
+    'conn=""; p=$$; while [ -z "$conn" ] && [ "$p" -gt 1 ] 2>/dev/null; do '
+    "conn=$(tr '\\0' '\\n' < /proc/$p/environ 2>/dev/null | sed -n 's/^SSH_CONNECTION=//p'); "
+    "p=$(sed -n 's/^PPid:[[:space:]]*//p' /proc/$p/status); done; "
+)
+
+
+def holder_script(owner: str, wait_s: int, over_ssh: bool = True) -> str:
+    """Shell that takes the lock within wait_s seconds (printing `taken`) and then holds it (HOLD); or prints
+    `held: <owner file>` and exits 75."""
     return (
         f"exec 9>>{LOCK} || exit 70; "
         f"if ! flock -w {int(wait_s)} 9; then "
-        f'echo "held: $(cat {OWNER} 2>/dev/null)"; echo "$({stamp}) busy, refused: {owner}" >> {LOG}; exit 75; fi; '
-        f'echo "{owner} holder $$" > {OWNER}; echo "$({stamp}) taken: {owner} holder $$" >> {LOG}; echo taken; '
-        f"exec bash -c {shlex.quote(hold)} {HOLDER_NAME} {shlex.quote(owner)}"
+        f'echo "held: $(cat {OWNER} 2>/dev/null)"; echo "$({STAMP}) busy, refused: {owner}" >> {LOG}; exit 75; fi; '
+        + (FIND_CONNECTION if over_ssh else 'conn=""; ')
+        + f'echo "{owner} holder $$" > {OWNER}; echo "$({STAMP}) taken: {owner} holder $$" >> {LOG}; echo taken; '
+        f'exec bash -c {shlex.quote(HOLD)} {HOLDER_NAME} {shlex.quote(owner)} "$conn"'
     )
 
 
@@ -76,7 +120,7 @@ def takeover_script(holder_pid: int) -> str:
     """Shell that ends a holder whose run is gone (only if that PID still is a gpufleet lock holder)."""
     return (
         f"if tr '\\0' ' ' < /proc/{holder_pid}/cmdline 2>/dev/null | grep -q {HOLDER_NAME}; then "
-        f"kill {holder_pid}; echo \"$(date -u +%Y-%m-%dT%H:%M:%SZ) stale holder {holder_pid} ended\" >> {LOG}; fi"
+        f"kill {holder_pid}; echo \"$({STAMP}) stale holder {holder_pid} ended\" >> {LOG}; fi"
     )
 
 
@@ -140,6 +184,31 @@ def _beat() -> None:
                 continue
 
 
+class _ReleaseAfterTheLastOperation(BaseStateCallback):
+    """Says `bye` to every holder once the run's last operation ended: the normal release."""
+
+    @staticmethod
+    def operation_end(state, op_hash) -> None:
+        order = state.get_op_order()
+        if order and op_hash == order[-1]:
+            release_all()
+
+
+def release_all() -> None:
+    """Release every host lock of this run, telling each holder the run ended normally."""
+    for name, handle in list(_holders.items()):
+        try:
+            if isinstance(handle, subprocess.Popen):
+                handle.stdin.write("bye\n")
+                handle.stdin.flush()
+            else:
+                handle.sendall(b"bye\n")
+                handle.shutdown_write()
+        except (OSError, EOFError, ValueError):
+            pass
+        del _holders[name]
+
+
 def lock_host(state, host, wait_s: int) -> str | None:
     """Take the host's lock for the rest of this run; None when taken (or the connector cannot be locked), else why
     not, naming the run that holds it."""
@@ -151,13 +220,16 @@ def lock_host(state, host, wait_s: int) -> str | None:
     owner = owner_text()
     for attempt in (1, 2):
         # After ending a stale holder, a few seconds for it to exit and its lock to fall.
-        handle, lines = _start(state, host, holder_script(owner, wait_s if attempt == 1 else max(wait_s, 10)))
+        wait = wait_s if attempt == 1 else max(wait_s, 20)
+        script = holder_script(owner, wait, over_ssh=isinstance(host.connector, SSHConnector))
+        handle, lines = _start(state, host, script)
         first = lines.readline().strip()
         if first == "taken":
             _holders[host.name] = handle
             if _heartbeat is None:
                 _heartbeat = threading.Thread(target=_beat, name="gpufleet-lock-heartbeat", daemon=True)
                 _heartbeat.start()
+                state.add_callback_handler(_ReleaseAfterTheLastOperation())
             return None
         _close(handle)
         held_by = parse_owner(first.removeprefix("held:").strip())

@@ -112,16 +112,21 @@ def test_the_lock_of_a_killed_run_is_taken_over_by_the_next_run(
     give_work(lab, hosts)
     killed = start_pyinfra(inventory, STACK)
     deadline = time.monotonic() + 300
-    while not all("ensurepip" in " ".join(lab.processes(h).values()) or
-                  lab.ssh(h, "test -x /opt/gpufleet/venv/bin/python").returncode == 0 for h in hosts):
+    busy: list[Host] = []
+    while not busy:
         assert time.monotonic() < deadline and killed.poll() is None, "the run never reached the venv"
-        time.sleep(0.2)
+        busy = [h for h in hosts if "ensurepip" in " ".join(lab.processes(h).values())]
+        time.sleep(0.05)
     os.kill(killed.pid, signal.SIGKILL)
     killed.communicate(timeout=60)
     # No waiting: the next run starts at once and takes the lock the dead run left.
     repair = run_pyinfra(inventory, STACK)
     repair.assert_converged(names)
     run_pyinfra(inventory, STACK).assert_no_changes(names)
+    for host in busy:
+        # The dead run's venv creation (sshd left it running) was stopped before its lock was let go.
+        log = lab.ssh(host, f"cat {hostlock.LOG}").stdout
+        assert "stopped what the run left running" in log, log
 
 
 def test_a_holder_whose_run_is_gone_but_whose_connection_lingers_is_ended_and_taken_over(
@@ -145,3 +150,27 @@ def test_a_holder_whose_run_is_gone_but_whose_connection_lingers_is_ended_and_ta
         for proc in lingering:
             proc.kill()
             proc.wait()
+
+
+def test_a_silent_connection_releases_the_lock_after_stopping_what_its_run_left_running(lab: Lab) -> None:
+    # A dropped link as the host sees it: the connection stays open, no heartbeat comes. A leftover of the run
+    # (here a sleep started on the same connection) must be stopped before the lock is released.
+    host = lab.add_host()
+    try:
+        owner = hostlock.owner_text()
+        script = f"sleep 1000 & echo leftover $!; {hostlock.holder_script(owner, 0)}"
+        silent = subprocess.Popen(lab.ssh_command(host, script), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)
+        leftover = int(silent.stdout.readline().split()[1])
+        assert silent.stdout.readline().strip() == "taken"
+        held = lab.ssh(host, f"flock -n {hostlock.LOCK} true")
+        assert held.returncode != 0, "the lock is not held"
+        time.sleep(hostlock.HOLDER_TIMEOUT_S + 15)
+        assert lab.ssh(host, f"flock -n {hostlock.LOCK} true").returncode == 0, "still held after the timeout"
+        assert lab.ssh(host, f"test -d /proc/{leftover}").returncode != 0, "the run's leftover still runs"
+        log = lab.ssh(host, f"cat {hostlock.LOG}").stdout
+        assert f"stopped what the run left running: {leftover}" in log and f"released: {owner}" in log, log
+        silent.kill()
+        silent.wait()
+    finally:
+        lab.remove_host(host)
