@@ -2,15 +2,15 @@
 
 On a host: `flock` on /run/gpufleet.lock, held by a small shell (the holder) that runs on an SSH channel of its own on
 this run's connection. It is taken at prepare time, before the deploy reads any fact, so a run never plans from
-state another run is changing. The holder exits, releasing the lock, when its channel reaches end-of-file (pyinfra
-disconnects at the end of the run, or this process dies and the kernel closes the socket) or when no heartbeat came
-for HOLDER_TIMEOUT_S seconds (the link dropped and sshd has not noticed). /run/gpufleet.owner names the holder; each
-take, refusal and release is logged in /var/log/gpufleet-lock.log.
+state another run is changing. It is released when the run's last operation ended (`bye`), or, when the run died,
+once the holder sees its channel end (this process died and the kernel closed the socket) or hears no heartbeat for
+HOLDER_TIMEOUT_S seconds (the link dropped and sshd has not noticed); then it first stops what the dead run left
+running. A later run from this machine ends a holder whose run's process is gone at once. /run/gpufleet.owner names
+the holder; each take, refusal and release is logged in /var/log/gpufleet-lock.log.
 
 Hosts reached by other connectors than SSH and @local (docker, chroot, the plan tests' fake one) are not locked.
 A reboot (server.reboot) ends the connection, and with it the lock, for the rest of that run.
 """
-
 from __future__ import annotations
 
 import fcntl
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS, pop_global_arguments
+from pyinfra.api.exceptions import PyinfraError
 from pyinfra.api.state import BaseStateCallback
 from pyinfra.connectors.local import LocalConnector
 from pyinfra.connectors.ssh import SSHConnector
@@ -255,8 +256,6 @@ def lock_host(state, host, wait_s: int) -> str | None:
 def lock_control_folder(folder: Path, wait_s: int) -> None:
     """Hold a file lock on a folder of this machine (wheel cache, reports) for the rest of this run; raise a
     PyinfraError naming the other run when it is held past wait_s."""
-    from pyinfra.api.exceptions import PyinfraError
-
     folder = folder.resolve()
     if folder in _control_locks:
         return
