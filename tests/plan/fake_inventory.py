@@ -25,8 +25,10 @@ _HERE = Path(__file__).resolve().parent
 # A test may point this at a folder of its own profiles.
 _PROFILES = Path(os.environ.get("GPUFLEET_PLAN_PROFILES", _HERE / "profiles"))
 _CAPTURED = _HERE.parent / "data" / "captured"
-# The control machine's wheel cache; a folder that does not exist unless a test makes one, so no local build leaks in.
-_WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE", str(_HERE / "no-wheel-cache"))
+# The control machine's wheel cache: a folder that holds no wheel unless a test puts one there, so no local build
+# leaks in (outside the checkout: the xformers stage creates it to hold its lock file).
+_WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE",
+                              str(Path(tempfile.gettempdir()) / "gpufleet-plan-no-wheel-cache"))
 # The control machine's report folder: a dry run creates it (files.get at prepare time), so keep it out of the checkout.
 _REPORT_DIR = os.environ.get("GPUFLEET_PLAN_REPORT_DIR", str(Path(tempfile.gettempdir()) / "gpufleet-plan-reports"))
 _SCHEMA = load_settings()
