@@ -8,6 +8,7 @@ operation's commands are generated against the profile's facts, as on a user's f
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from functools import cache
 from pathlib import Path
@@ -544,6 +545,16 @@ def test_interrupted_dpkg_is_repaired_on_a_host_whose_stages_use_no_apt(tmp_path
     names = [operation["names"][0] for operation in plan]
     assert names[0] == FINISH_INTERRUPTED, names
     assert FINISH_INTERRUPTED not in names_only("h100-preprovisioned"), "a clean dpkg gets no repair"
+
+
+def test_a_driver_installed_but_never_loaded_is_rebooted_with_reboot_policy_auto(tmp_path):
+    # A fresh host whose run was killed between the driver install and the reboot: the module is on disk only.
+    # (reboot_policy never: tests/lab/test_interruptions.py, where the stop message is read on every run.)
+    text = (PROFILES / "mismatch-reboot-auto.yaml").read_text()
+    (tmp_path / "not-loaded-auto.yaml").write_text(re.sub(r'(?m)^  proc: "NVRM.*"$', '  proc: ""', text))
+    reason = "the NVIDIA module 580.95.05 is installed but not loaded"
+    auto = plan_json("--limit", "@fake/not-loaded-auto", INVENTORY, "deploys/full.py", profiles=tmp_path)["plan"]
+    assert [op for op in auto if op["names"][0] == f"{DRIVER} | Reboot: {reason} (the host was not rebooted)"], auto
 
 
 def test_ubuntu_driver_host_pins_nvidia_s_driver_packages_away_before_installing_the_driver():
