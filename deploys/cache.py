@@ -20,10 +20,10 @@ from pyinfra.operations import apt, files, server, systemd
 
 from deploys.python import VENV_TOOLS
 from gpufleet import cache, facts
-from gpufleet.decide import cuda_repo_dir
+from gpufleet.decide import STAGE_DISK_GB, DiskNeed, cuda_repo_dir, disk_problems
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
-from gpufleet.stage import run_alone, settings
+from gpufleet.stage import cache_only, free_disk, refuse_host, run_alone, settings
 
 CACHE_USER = "gpufleet-cache"
 DEVPI_VENV = "/opt/gpufleet/cache-venv"
@@ -166,6 +166,14 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
 def _serve() -> None:
     """The cache host: both servers installed, configured, listening (upstream settings, not the cache's own)."""
     config = settings(through_cache=False)
+    if cache_only():
+        # No preflight runs on a host that only serves the cache; its space is checked here, before any change.
+        disk = free_disk(host, config["cache_dir"])
+        need = DiskNeed(config["cache_dir"], disk["mount"], disk["free"], STAGE_DISK_GB["cache"], "the fleet cache")
+        problems = disk_problems([need], config["min_free_disk_gb"])
+        if problems:
+            refuse_host(problems)
+            return
     address = str(host.data.get("ssh_hostname", host.name))
     listen = cache.listen_addresses(config, address)
     systemd_host = host.get_fact(cache.HasSystemd)

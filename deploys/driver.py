@@ -49,6 +49,7 @@ Unattended-Upgrade::Package-Blacklist {
     "cuda-";
 };
 """
+NOUVEAU_CONF = "/etc/modprobe.d/gpufleet-blacklist-nouveau.conf"
 NOUVEAU_BLACKLIST = "# gpufleet: the NVIDIA driver needs nouveau out of the way.\nblacklist nouveau\noptions nouveau modeset=0\n"
 
 
@@ -88,13 +89,14 @@ def driver() -> None:
     nouveau = files.put(
         name="Blacklist nouveau",
         src=StringIO(NOUVEAU_BLACKLIST),
-        dest="/etc/modprobe.d/gpufleet-blacklist-nouveau.conf",
+        dest=NOUVEAU_CONF,
         mode="644",
     )
+    initramfs_stale = host.get_fact(facts.InitramfsStale, conf=NOUVEAU_CONF)
     server.shell(
         name="Rebuild the initramfs without nouveau",
         commands=["if command -v update-initramfs >/dev/null; then update-initramfs -u; fi"],
-        _if=nouveau.did_change,
+        _if=lambda: initramfs_stale or nouveau.did_change(),
     )
 
     _refresh_lists_for_branch_change(me, wanted)
@@ -171,17 +173,22 @@ def _refresh_lists_for_branch_change(me, wanted: list[str]) -> None:
 
 
 def _handle_mismatch(me, config, installed) -> None:
-    """Reboot (or stop with instructions) when the driver was just installed or the loaded module is stale."""
+    """Reboot (or stop with instructions) when the driver was just installed, or, from the host's state, when the
+    loaded module is stale or a module on disk was never loaded (a run killed between install and reboot)."""
     state = me.driver
-    mismatch = state.mismatch
-    reason = (
-        f"the loaded NVIDIA module is {state.loaded.version} but {state.on_disk_version} is installed "
-        "(nvidia-smi: 'Driver/library version mismatch')"
-        if mismatch
-        else "the NVIDIA driver was installed or changed"
-    )
-    needs = (lambda: True) if mismatch else (installed.did_change if installed is not None else None)
-    if needs is None:
+    if state.mismatch:
+        reason = (
+            f"the loaded NVIDIA module is {state.loaded.version} but {state.on_disk_version} is installed "
+            "(nvidia-smi: 'Driver/library version mismatch')"
+        )
+        needs = lambda: True  # noqa: E731
+    elif state.loaded is None and state.on_disk_version is not None:
+        reason = f"the NVIDIA module {state.on_disk_version} is installed but not loaded (the host was not rebooted)"
+        needs = lambda: True  # noqa: E731
+    elif installed is not None:
+        reason = "the NVIDIA driver was installed or changed"
+        needs = installed.did_change
+    else:
         return
     if may_reboot(me, config) and _reboot_pending(reason, config, needs):
         return

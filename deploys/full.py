@@ -12,11 +12,17 @@ from deploys.python import python
 from deploys.smoke import smoke
 from deploys.torch import torch
 from deploys.xformers import xformers
-from gpufleet.stage import cache_only, refused, skip_remaining_stages
+from gpufleet.nvidia_repo import repair_interrupted_packages
+from gpufleet.stage import cache_only, refused, skip_remaining_stages, take_host_lock
 
+# This run alone touches the host from here to its end; taken before any fact is read.
+take_host_lock()
 # Preflight before anything changes; a host that only serves the fleet cache needs no GPU to pass.
-if not cache_only():
+if not cache_only() and not refused():
     preflight()
+# dpkg work a dropped connection interrupted is finished on every host, whether or not a stage uses apt this run.
+if not refused():
+    repair_interrupted_packages()
 # Then the cache, on one line for every host (pyinfra orders hosts' operations by their call lines, so the cache
 # host's servers start before any client downloads through them); every later apt and pip use goes through it.
 if not refused():

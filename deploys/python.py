@@ -108,13 +108,14 @@ def python() -> None:
         if host.get_fact(Directory, path=parent) is None:
             files.directory(name=f"Create {parent}", path=parent, mode="755")
         files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
-        has_venv = fact(host, facts.PythonVersion, python=venv_python) is not None
-        server.shell(
-            name=f"Create the venv {venv}",
-            commands=[shlex.join([interpreter, "-m", "venv", venv])],
-            **as_user(user),
-            _if=lambda: not has_venv,
-        )
+        # "no-pip": a creation killed before ensurepip finished; --clear makes it from scratch.
+        venv_state = fact(host, facts.VenvState, python=venv_python)
+        if venv_state != "ok":
+            server.shell(
+                name=f"Create the venv {venv}" + (" again (pip is missing)" if venv_state == "no-pip" else ""),
+                commands=[shlex.join([interpreter, "-m", "venv", "--clear", venv])],
+                **as_user(user),
+            )
     conf = pip_conf(config)
     if conf:
         files.put(

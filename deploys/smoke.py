@@ -23,7 +23,7 @@ from gpufleet.decide import HostProfile
 from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
 from gpufleet.rollout import SMOKE_CHECK
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import as_user, profile, refuse_planted_links, run_alone, settings, stack_changed
+from gpufleet.stage import as_user, lock_control_folder, profile, refuse_planted_links, run_alone, settings, stack_changed
 
 SCRIPT = REPO_ROOT / "files" / "smoke" / "gpufleet_smoke.py"
 
@@ -93,6 +93,7 @@ def smoke() -> None:
     )
     reports = Path(state.cwd or REPO_ROOT) / config["report_dir"]
     local = reports / "latest" / f"{host.name}.json"
+    lock_control_folder(reports)
     files.get(
         name="Fetch the smoke result to the control machine",
         src=result,

@@ -64,11 +64,15 @@ def torch() -> None:
                 commands=[facts.record_torch_state_command(python, context)],
             )
         return
+    # pip lists torch at the pinned version yet it does not import: an install killed midway; pip would skip it.
+    listed = (host.get_fact(facts.PipFreeze, python=python) or {}).get("torch")
+    broken = info is None and listed is not None
     install = pip_packages(
-        name=f"Install torch {config['torch_version']}",
+        name=f"Install torch {config['torch_version']}" + (f" again (torch {listed} does not import)" if broken else ""),
         packages=[f"torch=={config['torch_version']}"],
         python=python,
-        extra_args=install_args(config),
+        extra_args=install_args(config) + (" --force-reinstall --no-deps" if broken else ""),
+        reinstall=broken,
         **as_user(venv_owner(config)),
     )
     record_stack_change(install)

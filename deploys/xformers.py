@@ -35,6 +35,7 @@ from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import (
     as_user,
+    lock_control_folder,
     profile,
     record_stack_change,
     refuse_host,
@@ -62,6 +63,7 @@ def xformers() -> None:
     user = config["build_user"]
     python = f"{config['venv_path']}/bin/python"
     cache = local_cache(config, fp)
+    lock_control_folder(cache.parent)
     cached = (cache / "manifest.json").is_file()
     builder = None if cached else builder_for(fp, fleet_wheels(), config["xformers_builder"])
     if refuse_planted_links(*build_paths(layout, config["work_dir"])):

@@ -120,6 +120,44 @@ def driver_packages(source: str, branch: str, flavour: str, kernel_flavour: str 
     return [f"nvidia-open-{branch}" if flavour == "open" else f"cuda-drivers-{branch}"]
 
 
+# Free space (GB) each stage needs where it writes, while its work is still to do. The venv figure is measured: the
+# lab's real torch 2.14.1 venv with its CUDA wheels takes 5.4 GB (du -sh /var/cache/gpufleet-build/venv-torch-*),
+# plus headroom for xformers. The others are estimates nobody here measured (no cuda-toolkit-12-8 install or
+# cu128 download was possible): the toolkit's packages, pip's download cache and the build tree under work_dir
+# (the build user's home), and everything the fleet cache keeps.
+STAGE_DISK_GB = {"toolkit": 8, "venv": 8, "work_dir": 6, "cache": 20}
+
+
+@dataclass(frozen=True)
+class DiskNeed:
+    """One place a stage writes: the path, the filesystem holding it and its free bytes, and what needs how much."""
+
+    path: str
+    mount: str
+    free: int
+    need_gb: int
+    what: str
+
+
+def disk_problems(needs: Iterable[DiskNeed], floor_gb: int) -> list[str]:
+    """Filesystems with less free space than the stages writing to them need together (at least floor_gb each)."""
+    by_mount: dict[str, list[DiskNeed]] = {}
+    for need in needs:
+        by_mount.setdefault(need.mount, []).append(need)
+    problems = []
+    for mount, group in by_mount.items():
+        total = max(sum(n.need_gb for n in group), floor_gb)
+        free = min(n.free for n in group)
+        if free < total * GB:
+            parts = ", ".join(f"{n.path} ({n.what}, {n.need_gb} GB)" if n.need_gb else n.path for n in group)
+            problems.append(
+                f"has {free / GB:.1f} GB free on {mount} and needs {total} GB there for {parts}; at least "
+                f"min_free_disk_gb ({floor_gb} GB) on each filesystem gpufleet writes to. Free some space, or "
+                "point the setting (work_dir, venv_path, cache_dir) at a larger filesystem."
+            )
+    return problems
+
+
 @dataclass(frozen=True)
 class HostProfile:
     """Everything preflight knows about one host."""
@@ -142,6 +180,8 @@ class HostProfile:
     missing_tools: tuple[str, ...] = ()
     # The account named by build_user as the host has it (facts.Account), None when it does not exist yet.
     build_account: dict[str, Any] | None = None
+    # Per-stage free-space needs (stage.profile); empty: only min_free_disk_gb against free_disk is checked.
+    disk_needs: tuple[DiskNeed, ...] = ()
 
 
 def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
@@ -247,7 +287,9 @@ def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]
         )
     problems.extend(build_account_problems(host.build_account, settings))
     need_disk = settings["min_free_disk_gb"] * GB
-    if host.free_disk < need_disk:
+    if host.disk_needs:
+        problems.extend(disk_problems(host.disk_needs, settings["min_free_disk_gb"]))
+    elif host.free_disk < need_disk:
         problems.append(
             f"has {host.free_disk / GB:.1f} GB free on {host.disk_mount} and needs {settings['min_free_disk_gb']} GB "
             "(setting min_free_disk_gb) for the toolkit, torch and the build; free some space."

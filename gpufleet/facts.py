@@ -536,8 +536,12 @@ def torch_stamp_trusted_test(stamp: str) -> str:
     )
 
 
+TORCH_IMPORTABLE = "import torch; torch.__version__, torch.version.cuda, torch.cuda.get_arch_list"
+
+
 class TorchInfo(_ParsedFact):
-    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable.
+    """torch's version, CUDA version and compiled arch list in a venv; None when torch is not importable, or
+    imports without its parts (a killed install leaves a directory Python imports as an empty namespace package).
 
     Importing torch takes seconds, so the answer comes from root's stamp while the venv's torch, interpreter, GPUs
     and driver are those the stamp was validated with (its key, torch_state_key_command); otherwise torch is
@@ -553,7 +557,7 @@ class TorchInfo(_ParsedFact):
             f"k=$({torch_state_key_command(python, context)}); "
             f'if {torch_stamp_trusted_test(stamp)} && [ "$(head -n 1 {stamp})" = "$k" ]; then '
             f"echo '== stamp'; sed -n 2p {stamp}; "
-            f"elif [ -x {quoted} ] && {quoted} -c 'import torch' 2>/dev/null; then "
+            f"elif [ -x {quoted} ] && {quoted} -c '{TORCH_IMPORTABLE}' 2>/dev/null; then "
             f'echo \'== probed\'; {quoted} -c "{TORCH_PROBE}"; else echo {NO_TOOL}; fi'
         )
 
@@ -609,8 +613,12 @@ class PipFreeze(_ParsedFact):
     parser = staticmethod(parse_pip_freeze)
 
     def command(self, python: str) -> str:
+        # None (like a missing interpreter) when pip itself is missing: a venv whose creation was killed.
         python = shlex.quote(python)
-        return f"if [ -x {python} ]; then {python} -m pip freeze --all; else echo {NO_TOOL}; fi"
+        return (
+            f"if [ -x {python} ] && {python} -m pip --version >/dev/null 2>&1; then {python} -m pip freeze --all; "
+            f"else echo {NO_TOOL}; fi"
+        )
 
 
 _DISTRIBUTIONS = (
@@ -783,3 +791,58 @@ class InstalledKernels(_ParsedFact):
             "'linux-headers-*' 2>/dev/null "
             "| awk '$2 ~ /^.i/ && $1 !~ /^linux-(image|headers)-[0-9]/ {print $1}' || true"
         )
+
+
+class AptListsPresent(FactBase):
+    """Whether apt holds a Packages list for a repository URI (what `apt update` writes once it read the repo).
+
+    A list's mtime is the server's Last-Modified, not when it was fetched, so it cannot be compared with the
+    source file's; a source written by a run killed before `apt update` shows as a repository without lists.
+    """
+
+    def command(self, uri: str) -> str:
+        return (
+            "f=$(apt-get indextargets --format '$(FILENAME)' "
+            f"{shlex.quote('Repo-URI: ' + uri)} 'Created-By: Packages' 2>/dev/null | head -n 1); "
+            'if [ -n "$f" ] && ls "$f"* >/dev/null 2>&1; then echo present; else echo missing; fi'
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return "present" in output
+
+    def default(self) -> bool:
+        return False
+
+
+class InitramfsStale(FactBase):
+    """True when the running kernel's initramfs is older than a modprobe.d file that must be inside it."""
+
+    def command(self, conf: str) -> str:
+        return (
+            'i="/boot/initrd.img-$(uname -r)"; '
+            f'if command -v update-initramfs >/dev/null && [ -e "$i" ] && [ {shlex.quote(conf)} -nt "$i" ]; '
+            "then echo stale; else echo ok; fi"
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return "stale" in output
+
+    def default(self) -> bool:
+        return False
+
+
+class VenvState(FactBase):
+    """A venv's health: "missing" (no interpreter), "no-pip" (a creation killed before ensurepip finished), or "ok"."""
+
+    def command(self, python: str) -> str:
+        quoted = shlex.quote(python)
+        return (
+            f"if [ ! -x {quoted} ] || ! {quoted} -c '' 2>/dev/null; then echo missing; "
+            f"elif ! {quoted} -m pip --version >/dev/null 2>&1; then echo no-pip; else echo ok; fi"
+        )
+
+    def process(self, output: list[str]) -> str:
+        value = "\n".join(output).strip()
+        if value not in ("missing", "no-pip", "ok"):
+            raise FactProcessError(f"VenvState: unexpected output {value!r}")
+        return value

@@ -12,7 +12,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, server
 
 from gpufleet.buildplan import ROOT_STATE_DIR
-from gpufleet.facts import InterruptedPackageInstall
+from gpufleet.facts import AptListsPresent, InterruptedPackageInstall
 
 KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
@@ -54,6 +54,17 @@ def apt_settings(config: dict[str, Any]) -> None:
         dest="/etc/apt/apt.conf.d/50gpufleet-lock-timeout",
         mode="644",
     )
+    repair_interrupted_packages()
+
+
+def repair_interrupted_packages() -> None:
+    """Finish dpkg work a dropped connection interrupted, decided from `dpkg --audit` and dpkg's journal.
+
+    Planned once per host and run, on every host (deploys/full.py), so a broken dpkg never waits for a stage
+    that happens to use apt; a no-op when dpkg is clean.
+    """
+    if not _first_time("dpkg repair"):
+        return
     if host.get_fact(InterruptedPackageInstall):
         server.shell(
             name="Finish the package installation a dropped connection interrupted",
@@ -96,9 +107,11 @@ def ensure_repo(config: dict[str, Any], repo_dir: str) -> None:
         suites="/",
         signed_by=KEYRING,
     )
+    # From the host's state: a run killed after writing the source but before `apt update` left no lists.
+    lists_missing = not host.get_fact(AptListsPresent, uri=repo_url(config, repo_dir))
     apt.update(
         name="Update apt lists for NVIDIA's repository",
-        _if=lambda: keyring.did_change() or source.did_change(),
+        _if=lambda: lists_missing or keyring.did_change() or source.did_change(),
     )
 
 

@@ -133,13 +133,14 @@ def _requirement(spec: str) -> tuple[str, str | None]:
 
 
 @operation()
-def pip_packages(python: str, packages: list[str], extra_args: str = ""):
-    """Install packages with `python -m pip`; a no-op when each is present (at the pinned version, if given).
+def pip_packages(python: str, packages: list[str], extra_args: str = "", reinstall: bool = False):
+    """Install packages with `python -m pip`; a no-op when each is present (at the pinned version, if given), unless
+    reinstall (the caller found an installed one broken).
 
     pyinfra's pip.packages needs a pip script, which some venvs (e.g. images built with ensurepip only) lack.
     """
     installed = host.get_fact(InstalledDistributions, python=python) or {}
-    missing = [spec for spec in packages if _requirement(spec)[0] not in installed
+    missing = [spec for spec in packages if reinstall or _requirement(spec)[0] not in installed
                or (_requirement(spec)[1] is not None and installed[_requirement(spec)[0]] != _requirement(spec)[1])]
     if not missing:
         host.noop(f"{', '.join(packages)} already installed")

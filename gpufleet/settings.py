@@ -289,7 +289,9 @@ VALUE_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "reboot_timeout": _between(30, 86400),
     "apt_lock_timeout": _between(1, 86400),
     "smoke_heads": _between(1, 256),
-    "min_free_disk_gb": _between(0, 100000),
+    # Below 10 GB no stage fits (torch with its CUDA libraries alone takes 5.4 GB).
+    "min_free_disk_gb": _between(10, 100000),
+    "lock_timeout": _between(0, 86400),
     "min_memory_gb": _between(0, 100000),
     "cuda_repo_url": _url,
     "torch_index_url": _url,

@@ -8,9 +8,11 @@ from typing import Any, Callable
 from pyinfra import host, state
 from pyinfra.api.host import Host
 
-from gpufleet import cache, facts
-from gpufleet.decide import HostProfile, host_gpus
+from gpufleet import cache, facts, hostlock
+from gpufleet.buildplan import INSTALLED_STAMP
+from gpufleet.decide import STAGE_DISK_GB, DiskNeed, HostProfile, host_gpus
 from gpufleet.fact_memo import fact
+from gpufleet.nvidia_repo import repair_interrupted_packages
 from gpufleet.operations import refuse
 from gpufleet.settings import load_settings
 
@@ -75,7 +77,51 @@ def profile(target: Host | None = None) -> HostProfile:
         is_control_machine=is_control_machine(host_),
         missing_tools=tuple(probe.get("tools") or ()),
         build_account=fact(host_, facts.Account, user=config["build_user"]),
+        disk_needs=disk_needs(host_, config),
     )
+
+
+def free_disk(target: Host, path: str) -> dict[str, Any]:
+    return fact(target, facts.FreeDisk, path=path) or {"free": 0, "mount": "?"}
+
+
+def disk_needs(target: Host, config: dict[str, Any]) -> tuple[DiskNeed, ...]:
+    """Where each stage still to do writes, and how much it needs there (decided from what the host already has)."""
+    python = f"{config['venv_path']}/bin/python"
+    torch_done = (fact(target, facts.InstalledDistributions, python=python) or {}).get("torch") == config["torch_version"]
+    xformers_done = fact(target, facts.FileText, path=INSTALLED_STAMP) is not None
+    toolkit_home = f"/usr/local/cuda-{config['cuda_version']}"
+    toolkit_done = config["cuda_existing_home"] is not None or (
+        fact(target, facts.NvccVersion, cuda_home=toolkit_home) == config["cuda_version"]
+    )
+    wanted = [
+        (config["work_dir"], "pip's cache and the xformers build",
+         0 if torch_done and xformers_done else STAGE_DISK_GB["work_dir"]),
+        (config["venv_path"], "torch and its CUDA libraries",
+         0 if torch_done or config["venv_adopt"] else STAGE_DISK_GB["venv"]),
+    ]
+    if not toolkit_done:
+        wanted.append(("/usr/local", f"the CUDA {config['cuda_version']} toolkit", STAGE_DISK_GB["toolkit"]))
+    if target.data.get("gpufleet_cache_server"):
+        wanted.append((config["cache_dir"], "the fleet cache", STAGE_DISK_GB["cache"]))
+    needs = []
+    for path, what, gb in wanted:
+        disk = free_disk(target, path)
+        needs.append(DiskNeed(path=path, mount=disk["mount"], free=disk["free"], need_gb=gb, what=what))
+    return tuple(needs)
+
+
+def take_host_lock() -> None:
+    """The first step of every deploy, before any fact is read: this run alone touches the host until it ends
+    (gpufleet.hostlock); a host another run holds is refused, naming that run."""
+    problem = hostlock.lock_host(state, host, settings()["lock_timeout"])
+    if problem:
+        refuse_host([problem])
+
+
+def lock_control_folder(folder: Path) -> None:
+    """This run alone writes the folder on this machine (wheel cache, reports) until it ends."""
+    hostlock.lock_control_folder(folder, settings()["lock_timeout"])
 
 
 def refuse_host(reasons: list[str]) -> None:
@@ -118,7 +164,14 @@ def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
     current = state.current_deploy_filename
     if current is None or Path(current).resolve() != Path(module_file).resolve():
         return
-    for stage in stages:
+    take_host_lock()
+    first, *rest = stages
+    if not refused():
+        first()
+    # After preflight (the first stage), before any other change: as in deploys/full.py.
+    if not refused():
+        repair_interrupted_packages()
+    for stage in rest:
         if refused():
             return
         stage()

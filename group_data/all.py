@@ -24,6 +24,8 @@ apt_lock_timeout: int = 300
 hold_driver_updates: bool = True
 # With reboot_policy auto, reboot even a host whose GPU runs compute processes or where users are logged in; otherwise such a host is left "reboot pending".
 reboot_when_busy: bool = False
+# Seconds a run waits for another gpufleet run's lock on a host (or on this machine's wheel cache and reports) before failing that host; 0 = fail at once.
+lock_timeout: int = 0
 
 # CUDA toolkit version (major.minor), installed as cuda-toolkit-X-Y under /usr/local/cuda-X.Y.
 cuda_version: str = "12.8"
@@ -78,7 +80,7 @@ pip_index_url: Optional[str] = None
 # Hosts pip trusts without TLS (needed for an http:// mirror).
 pip_trusted_hosts: list = []
 
-# Free disk (GB) required under work_dir and venv_path before anything is installed.
+# Free disk (GB) required, at least, on each filesystem gpufleet writes to (work_dir, venv_path, /usr/local, cache_dir); each stage's own need is checked too. 10 or more.
 min_free_disk_gb: int = 30
 # Available memory (GB) required for the xformers build (one compile job needs about 3).
 min_memory_gb: int = 4

@@ -67,6 +67,23 @@ def parse(command: list[str], proc: subprocess.CompletedProcess[str]) -> Pyinfra
     return run
 
 
+def pyinfra_command(inventory: Path, deploy: str | Path, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """The `pyinfra -y --json` command line and environment run_pyinfra uses (for a run a test kills itself)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    target = str(inventory)
+    if Path(inventory).suffix in (".yaml", ".yml"):
+        env["GPUFLEET_INVENTORY"] = str(inventory)
+        target = "inventory.py"
+    return [sys.executable, "-m", "pyinfra", "-y", "--json", *extra, target, str(deploy)], env
+
+
+def start_pyinfra(inventory: Path, deploy: str | Path, *extra: str) -> subprocess.Popen[str]:
+    """A pyinfra run in the background, as run_pyinfra starts it; `parse(command, ...)` reads what it printed."""
+    command, env = pyinfra_command(inventory, deploy, *extra)
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
 def run_pyinfra(inventory: Path, deploy: str | Path, *extra: str, timeout: float = 1800) -> PyinfraRun:
     """`pyinfra -y --json <inventory> <deploy> *extra` (this interpreter's pyinfra) from the repository root.
 
@@ -74,12 +91,7 @@ def run_pyinfra(inventory: Path, deploy: str | Path, *extra: str, timeout: float
     passed to pyinfra as it is.
     """
     # This checkout's gpufleet first, even where another checkout is pip-installed in editable mode.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    target = str(inventory)
-    if Path(inventory).suffix in (".yaml", ".yml"):
-        env["GPUFLEET_INVENTORY"] = str(inventory)
-        target = "inventory.py"
-    command = [sys.executable, "-m", "pyinfra", "-y", "--json", *extra, target, str(deploy)]
+    command, env = pyinfra_command(inventory, deploy, *extra)
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
                           check=False)
     return parse(command, proc)

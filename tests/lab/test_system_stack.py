@@ -29,7 +29,7 @@ def inventory_with(make_inventory: Callable[..., Path], hosts: list[Host], **set
     """The lab's YAML inventory (mirror settings included) with extra fleet-wide settings."""
     path = make_inventory(hosts, kind="yaml")
     document = yaml.safe_load(path.read_text())
-    document["settings"].update({"reboot_policy": "never", "min_free_disk_gb": 1, **settings})
+    document["settings"].update({"reboot_policy": "never", "min_free_disk_gb": 10, **settings})
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 

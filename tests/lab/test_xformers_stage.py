@@ -56,7 +56,7 @@ def build_inventory(lab: Lab, make_inventory: Callable[..., Path], hosts: list[H
     path = make_inventory(hosts, kind="yaml")
     document = yaml.safe_load(path.read_text())
     document["settings"].update({
-        **lab.build_settings(), "xformers_arch_list": ["12.0"], "reboot_policy": "never", "min_free_disk_gb": 1,
+        **lab.build_settings(), "xformers_arch_list": ["12.0"], "reboot_policy": "never", "min_free_disk_gb": 10,
         "wheel_cache_dir": str(tmp_path / "wheel-cache"), **settings})
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path

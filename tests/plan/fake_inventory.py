@@ -26,8 +26,10 @@ _HERE = Path(__file__).resolve().parent
 # A test may point this at a folder of its own profiles.
 _PROFILES = Path(os.environ.get("GPUFLEET_PLAN_PROFILES", _HERE / "profiles"))
 _CAPTURED = _HERE.parent / "data" / "captured"
-# The control machine's wheel cache; a folder that does not exist unless a test makes one, so no local build leaks in.
-_WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE", str(_HERE / "no-wheel-cache"))
+# The control machine's wheel cache: a folder that holds no wheel unless a test puts one there, so no local build
+# leaks in (outside the checkout: the xformers stage creates it to hold its lock file).
+_WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE",
+                              str(Path(tempfile.gettempdir()) / "gpufleet-plan-no-wheel-cache"))
 # The control machine's report folder: a dry run creates it (files.get at prepare time), so keep it out of the checkout.
 _REPORT_DIR = os.environ.get("GPUFLEET_PLAN_REPORT_DIR", str(Path(tempfile.gettempdir()) / "gpufleet-plan-reports"))
 _SCHEMA = load_settings()
@@ -144,6 +146,10 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("KernelHeaders", "/lib/modules/", f"{kernel}\n{'yes' if profile['kernel_headers'] else 'no'}"),
         Answer("HeldPackages", "apt-mark showhold", _text(profile["held"])),
         Answer("InterruptedPackageInstall", "find /var/lib/dpkg/updates", _text(profile["dpkg_interrupted"])),
+        # A host with NVIDIA's keyring package has read the repository; a fresh one has no lists for it.
+        Answer("AptListsPresent", "apt-get indextargets",
+               "present" if any(name == "cuda-keyring" for name, _ in installed) else "missing"),
+        Answer("InitramfsStale", "command -v update-initramfs >/dev/null && [ -e", "ok"),
     ]
     for tools in _TOOL_SETS:
         answers.append(
@@ -168,11 +174,13 @@ def fact_answers(profile: dict) -> list[Answer]:
         # torch_stamped: root's validated-state stamp matches, so the probe answers from it without importing torch.
         torch = _text(venv["torch"])
         heading = "== stamp" if venv.get("torch_stamped") else "== probed"
-        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch'", f"{heading}\n{torch}" if torch else NO_TOOL))
+        answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch;", f"{heading}\n{torch}" if torch else NO_TOOL))
         answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
         answers.append(Answer("PipFreeze", f"{venv_python} -m pip freeze --all", _text(venv["pip_freeze"])))
         answers.append(Answer("InstalledDistributions", f"{venv_python} -I -c 'import importlib.metadata",
                               _text(venv["pip_freeze"])))
+        answers.append(Answer("VenvState", f"{venv_python} -m pip --version >/dev/null 2>&1; then echo no-pip",
+                              "ok" if _text(venv["pip_freeze"]).strip() else "no-pip"))
     for home, output in profile["nvcc"].items():
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
@@ -189,9 +197,10 @@ def fact_answers(profile: dict) -> list[Answer]:
     answers += [
         Answer("PythonVersion", "print(\"%d.%d\" % sys.version_info[:2])", NO_TOOL),
         Answer("PythonHeaders", "/Python.h", "no"),
-        Answer("TorchInfo", "-c 'import torch'", NO_TOOL),
+        Answer("TorchInfo", "-c 'import torch;", NO_TOOL),
         Answer("PipFreeze", " -m pip freeze --all", NO_TOOL),
         Answer("InstalledDistributions", " -I -c 'import importlib.metadata", NO_TOOL),
+        Answer("VenvState", "echo no-pip", "missing"),
         Answer("PathOwner", "stat -c %U ", NO_TOOL),
         Answer("NvccVersion", "/bin/nvcc --version; else", NO_TOOL),
         Answer("FileText", " 2>/dev/null || echo " + NO_TOOL, NO_TOOL),

@@ -8,6 +8,7 @@ operation's commands are generated against the profile's facts, as on a user's f
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from functools import cache
 from pathlib import Path
@@ -133,7 +134,8 @@ FRESH_VENV = [
     op(CHANGE, PYTHON, "Install Python's venv module"),
     op(CHANGE, PYTHON, "Create /opt/gpufleet"),
     op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
-    op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
+    # Planned only because the venv is missing (VenvState), so it is no longer gated.
+    op(CHANGE, PYTHON, "Create the venv /opt/gpufleet/venv"),
     op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
     op(CHANGE, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
 ]
@@ -203,8 +205,10 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         *FRESH_AFTER_CUDA,
     ],
     # dpkg's unfinished work is finished before apt is asked for anything, once.
+    # The repair is planned by deploys/full.py itself, right after preflight, before any stage.
     "interrupted-package-install": [
-        *driver("nvidia-open-580", source=nvidia_repo(DRIVER, repair=True),
+        f"{CHANGE} {FINISH_INTERRUPTED}",
+        *driver("nvidia-open-580", source=nvidia_repo(DRIVER),
                 reboot=STOP_FOR_REBOOT),
         *FRESH_AFTER_DRIVER,
     ],
@@ -296,7 +300,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         # python3-venv is installed: no install (and no list refresh) is planned at all.
         op(CHANGE, PYTHON, "Create /opt/gpufleet"),
         op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
-        op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
+        # The venv has pip (VenvState "ok"): not planned at all.
         op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
         op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
         *SMOKE_TEST,
@@ -314,7 +318,6 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         # python3-venv is installed: no install (and no list refresh) is planned at all.
         op(CHANGE, PYTHON, "Create /opt/gpufleet"),
         op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
-        op(MAYBE, PYTHON, "Create the venv /opt/gpufleet/venv"),
         op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
         op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
         *SMOKE_TEST,
@@ -463,6 +466,9 @@ FACT_CALLS: dict[str, list[dict]] = {
     "GpuBusy": [{}],
     "InstalledKernels": [{}],
     "HostProbe": [{"disk_paths": ("/var/lib/gpufleet", "/opt/gpufleet/venv")}],
+    "AptListsPresent": [{"uri": "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64/"}],
+    "InitramfsStale": [{"conf": "/etc/modprobe.d/gpufleet-blacklist-nouveau.conf"}],
+    "VenvState": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
 }
 
 
@@ -662,6 +668,27 @@ def test_interrupted_package_install_is_finished_before_apt_runs():
     assert commands[repair + 1] == "DEBIAN_FRONTEND=noninteractive apt-get -y -f install"
     assert not [c for c in commands[:repair] if c.startswith(("apt-get", "DEBIAN_FRONTEND=", "dpkg -i"))]
     assert FINISH_INTERRUPTED not in " ".join(names_only("ubuntu2404-5090d")), "a healthy host gets no repair"
+
+
+def test_interrupted_dpkg_is_repaired_on_a_host_whose_stages_use_no_apt(tmp_path):
+    # The preprovisioned host installs no package (driver, toolkit and venv accepted), so apt_settings never runs.
+    text = (PROFILES / "h100-preprovisioned.yaml").read_text().replace(
+        'dpkg_interrupted: ""', "dpkg_interrupted: {captured: dpkg-interrupted-half-configured.txt, rc: 0}")
+    (tmp_path / "h100-preprovisioned.yaml").write_text(text)
+    plan = plan_json("--limit", "@fake/h100-preprovisioned", INVENTORY, "deploys/full.py", profiles=tmp_path)["plan"]
+    names = [operation["names"][0] for operation in plan]
+    assert names[0] == FINISH_INTERRUPTED, names
+    assert FINISH_INTERRUPTED not in names_only("h100-preprovisioned"), "a clean dpkg gets no repair"
+
+
+def test_a_driver_installed_but_never_loaded_is_rebooted_with_reboot_policy_auto(tmp_path):
+    # A fresh host whose run was killed between the driver install and the reboot: the module is on disk only.
+    # (reboot_policy never: tests/lab/test_interruptions.py, where the stop message is read on every run.)
+    text = (PROFILES / "mismatch-reboot-auto.yaml").read_text()
+    (tmp_path / "not-loaded-auto.yaml").write_text(re.sub(r'(?m)^  proc: "NVRM.*"$', '  proc: ""', text))
+    reason = "the NVIDIA module 580.95.05 is installed but not loaded"
+    auto = plan_json("--limit", "@fake/not-loaded-auto", INVENTORY, "deploys/full.py", profiles=tmp_path)["plan"]
+    assert [op for op in auto if op["names"][0] == f"{DRIVER} | Reboot: {reason} (the host was not rebooted)"], auto
 
 
 def test_ubuntu_driver_host_pins_nvidia_s_driver_packages_away_before_installing_the_driver():

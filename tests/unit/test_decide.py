@@ -9,11 +9,13 @@ import pytest
 from gpufleet.buildplan import max_jobs
 from gpufleet.decide import (
     GB,
+    DiskNeed,
     HostGpu,
     HostProfile,
     arch_list,
     cuda_driver_problem,
     cuda_repo_dir,
+    disk_problems,
     driver_packages,
     host_gpus,
     may_reboot,
@@ -456,3 +458,28 @@ def test_accepted_existing_driver_too_old_for_the_toolkit_is_refused_by_prefligh
 def test_driver_gpufleet_installs_is_not_judged_against_the_toolkit_before_the_install():
     host = workstation(driver=DriverState(LoadedModule("560.35.03", True), "560.35.03"))
     assert not [p for p in preflight_problems(host, settings()) if "CUDA 12.8 needs" in p]
+
+
+def test_each_stage_s_disk_need_is_checked_where_it_writes():
+    needs = (
+        DiskNeed("/var/lib/gpufleet", "/var/lib/gpufleet", int(0.5 * GB), 6, "pip's cache and the xformers build"),
+        DiskNeed("/opt/gpufleet/venv", "/", 200 * GB, 8, "torch and its CUDA libraries"),
+        DiskNeed("/usr/local", "/", 200 * GB, 8, "the CUDA 12.8 toolkit"),
+    )
+    problems = preflight_problems(workstation(disk_needs=needs), settings(min_free_disk_gb=10))
+    only(problems, "0.5 GB free on /var/lib/gpufleet", "needs 10 GB", "/var/lib/gpufleet (pip's cache", "6 GB")
+
+
+def test_stages_sharing_a_filesystem_add_up_their_needs():
+    needs = (
+        DiskNeed("/opt/gpufleet/venv", "/", 15 * GB, 8, "torch and its CUDA libraries"),
+        DiskNeed("/usr/local", "/", 15 * GB, 8, "the CUDA 12.8 toolkit"),
+    )
+    only(disk_problems(needs, 10), "15.0 GB free on /", "needs 16 GB", "/usr/local (the CUDA 12.8 toolkit, 8 GB)")
+    assert disk_problems(needs, 10)[0].count("GB free") == 1
+
+
+def test_a_converged_host_needs_only_the_floor():
+    needs = (DiskNeed("/var/lib/gpufleet", "/", 12 * GB, 0, "pip's cache and the xformers build"),)
+    assert disk_problems(needs, 10) == []
+    only(disk_problems(needs, 30), "12.0 GB free on /", "needs 30 GB", "min_free_disk_gb (30 GB)")

@@ -209,7 +209,17 @@ MALFORMED = [
     (
         "negative_free_disk_is_refused",
         "settings:\n  min_free_disk_gb: -1\n" + ONE_HOST,
-        2, "'min_free_disk_gb'", ["0 or more"],
+        2, "'min_free_disk_gb'", ["at least 10"],
+    ),
+    (
+        "free_disk_minimum_of_zero_is_refused",
+        "settings:\n  min_free_disk_gb: 0\n" + ONE_HOST,
+        2, "'min_free_disk_gb'", ["at least 10"],
+    ),
+    (
+        "negative_lock_timeout_is_refused",
+        "settings:\n  lock_timeout: -5\n" + ONE_HOST,
+        2, "'lock_timeout'", ["0 or more, at most 86400"],
     ),
     (
         "index_url_without_scheme_asks_for_a_url",

@@ -4,9 +4,14 @@ from deploys.cuda import cuda
 from deploys.driver import driver
 from deploys.preflight import preflight
 from deploys.python import python
-from gpufleet.stage import refused
+from gpufleet.nvidia_repo import repair_interrupted_packages
+from gpufleet.stage import refused, take_host_lock
 
-preflight()
+take_host_lock()
+if not refused():
+    preflight()
+if not refused():
+    repair_interrupted_packages()
 if not refused():
     driver()
 if not refused():
