@@ -74,7 +74,7 @@ def write_inventory(lab: Lab, hosts: list, path: Path, wheel_cache: Path) -> Pat
     lab.write_inventory_yaml(path, hosts)
     document = yaml.safe_load(path.read_text())
     document["settings"].update({**lab.build_settings(), "xformers_arch_list": ["12.0"], "reboot_policy": "never",
-                                 "min_free_disk_gb": 1, "wheel_cache_dir": str(wheel_cache)})
+                                 "min_free_disk_gb": 10, "wheel_cache_dir": str(wheel_cache)})
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path
 

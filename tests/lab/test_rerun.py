@@ -51,7 +51,7 @@ def inventory(lab: Lab, make_inventory: Callable[..., Path], hosts: list[Host], 
     path = make_inventory(hosts, kind="yaml")
     document = yaml.safe_load(path.read_text())
     document["settings"].update({
-        **lab.build_settings(), "xformers_arch_list": ["12.0"], "reboot_policy": "never", "min_free_disk_gb": 1,
+        **lab.build_settings(), "xformers_arch_list": ["12.0"], "reboot_policy": "never", "min_free_disk_gb": 10,
         "wheel_cache_dir": str(wheel_cache)})
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path

@@ -52,7 +52,7 @@ def standin_hosts(lab: Lab) -> Iterator[Callable[[int], list[Host]]]:
 def write_inventory(make_inventory: Callable[..., Path], hosts: list[Host], reports: Path, **settings) -> Path:
     path = make_inventory(hosts, kind="yaml")
     document = yaml.safe_load(path.read_text())
-    document["settings"].update({"reboot_policy": "auto", "min_free_disk_gb": 1, "report_dir": str(reports),
+    document["settings"].update({"reboot_policy": "auto", "min_free_disk_gb": 10, "report_dir": str(reports),
                                  **settings})
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path

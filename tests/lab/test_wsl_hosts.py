@@ -81,7 +81,7 @@ def write_inventory(lab: Lab, path: Path, hosts: list[Host], metal: Host | None)
     lab.write_inventory_yaml(path, hosts)
     document = yaml.safe_load(path.read_text())
     assert set(document["settings"]["cuda_keyring_sha256"]) >= {"wsl-ubuntu", "debian12"}
-    document["settings"].update({"reboot_policy": "auto", "min_free_disk_gb": 1})
+    document["settings"].update({"reboot_policy": "auto", "min_free_disk_gb": 10})
     if metal is not None:
         document["groups"]["workstations"]["hosts"][metal.name]["settings"] = {"reboot_policy": "never"}
     path.write_text(yaml.safe_dump(document, sort_keys=False))
