@@ -19,6 +19,7 @@ from pyinfra.operations import files, python, server
 
 from deploys.cuda import cuda_home
 from deploys.preflight import preflight
+from gpufleet.buildplan import ROOT_STATE_DIR
 from gpufleet.decide import HostProfile
 from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
 from gpufleet.rollout import SMOKE_CHECK
@@ -94,14 +95,28 @@ def smoke() -> None:
     reports = Path(state.cwd or REPO_ROOT) / config["report_dir"]
     local = reports / "latest" / f"{host.name}.json"
     lock_control_folder(reports)
+    # Root copies the result into its own directory, reading it as the build user (root never opens a path of the
+    # build user's tree), and fetches that copy; per stamp, so a killed run's missing copy is made by the next.
+    staging = f"{ROOT_STATE_DIR}/smoke"
+    staged = f"{staging}/result-{stamp}.json"
+    have_staged = bool(host.get_fact(File, path=staged))
+    read = shlex.quote(f"cat -- {shlex.quote(result)}")
+    server.shell(
+        name="Copy the smoke result into root's directory (read as the build user)",
+        commands=[
+            f"install -d -m 700 -o root -g root {shlex.quote(staging)} && "
+            f"rm -f {shlex.quote(staging)}/result-*.json && "
+            f"su -s /bin/sh -c {read} {shlex.quote(user)} > {shlex.quote(staged + '.new')} && "
+            f"mv -f {shlex.quote(staged + '.new')} {shlex.quote(staged)}"
+        ],
+        _if=lambda: needed() or not have_staged,
+    )
     files.get(
         name="Fetch the smoke result to the control machine",
-        src=result,
+        src=staged,
         dest=str(local),
         add_deploy_dir=False,
         create_local_dir=True,
-        # Read as the build user, who wrote it: root never opens a path of the build user's tree.
-        **as_user(user),
     )
     # Only a run that tested keeps a copy (made when the run gets there), so a re-run stays zero changes.
     python.call(

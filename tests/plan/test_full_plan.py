@@ -167,6 +167,7 @@ SMOKE_TEST = [
     op(CHANGE, SMOKE, "Create the smoke test directory"),
     op(CHANGE, SMOKE, "Upload the smoke test"),
     op(MAYBE, SMOKE, "Run the smoke test on this host's GPU"),
+    op(MAYBE, SMOKE, "Copy the smoke result into root's directory (read as the build user)"),
     op(CHANGE, SMOKE, "Fetch the smoke result to the control machine"),
     op(MAYBE, SMOKE, "Keep the smoke result in the report history"),
     op(MAYBE, SMOKE, "Check that every rung of the smoke test passed"),

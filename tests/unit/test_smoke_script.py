@@ -152,8 +152,9 @@ def test_a_hung_driver_query_is_stopped_by_the_watchdog(tmp_path: Path) -> None:
     bin_dir = standin_dir(tmp_path, nvidia_smi="#!/bin/sh\nexec sleep 120\n")
     env = dict(os.environ, PATH=f"{bin_dir}:/usr/bin:/bin")
     out = tmp_path / "hung.json"
-    # The driver rung imports nothing but the standard library, so this interpreter is enough.
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--output", str(out), "--timeout", "3"], env=env,
+    # The driver rung needs only the standard library: -S leaves out site-packages, where NVML's binding would find
+    # a GPU host's real GPU.
+    proc = subprocess.run([sys.executable, "-S", str(SCRIPT), "--output", str(out), "--timeout", "3"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 3
     doc = json.loads(out.read_text())
@@ -163,7 +164,8 @@ def test_a_hung_driver_query_is_stopped_by_the_watchdog(tmp_path: Path) -> None:
 
 def test_without_output_the_document_goes_to_stdout(tmp_path: Path) -> None:
     env = dict(os.environ, PATH=str(system_bin_without(tmp_path, "nvidia-smi", "nvcc")))
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60,
+    # -S: no site-packages, so no NVML binding finds a GPU host's real GPU (the driver rung needs only stdlib).
+    proc = subprocess.run([sys.executable, "-S", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == 1
     assert json.loads(proc.stdout)["failed_rung"] == "driver"
