@@ -56,8 +56,9 @@ def test_yaml_inventory_through_root_inventory_converges_and_reruns_clean(
 
 
 def run_and_cut(lab: Lab, run_pyinfra: Callable[..., PyinfraRun], inventory: Path, deploy: Path,
-                victim: Host, in_step: Callable[[str], bool]) -> PyinfraRun:
-    """Run pyinfra and, once a process on `victim` matches `in_step`, kill that host's SSH sessions by PID."""
+                victim: Host, in_step: Callable[[str], bool], settle: float = 1.0) -> PyinfraRun:
+    """Run pyinfra and, `settle` seconds after a process on `victim` matches `in_step`, kill that host's SSH
+    sessions by PID."""
     outcome: list[PyinfraRun] = []
     runner = threading.Thread(target=lambda: outcome.append(run_pyinfra(inventory, deploy)))
     runner.start()
@@ -65,7 +66,7 @@ def run_and_cut(lab: Lab, run_pyinfra: Callable[..., PyinfraRun], inventory: Pat
     while not any(in_step(cmd) for cmd in lab.processes(victim).values()):
         assert time.monotonic() < deadline and runner.is_alive(), f"the step never started on {victim.name}"
         time.sleep(0.05)
-    time.sleep(1)
+    time.sleep(settle)
     assert lab.cut_ssh_sessions(victim), f"no SSH session processes found on {victim.name}"
     runner.join(300)
     return outcome[0]
