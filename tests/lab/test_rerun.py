@@ -9,7 +9,7 @@ Speed itself is measured by benchmarks/rerun.py, not here.
 import re
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,33 +18,17 @@ import yaml
 from gpufleet.lab import Lab
 from gpufleet.lab.hosts import Host
 from gpufleet.lab.runner import REPO_ROOT, PyinfraRun
+from tests.lab.test_xformers_stage import build_hosts  # noqa: F401  (the fixture, shared)
 
 pytestmark = [pytest.mark.lab, pytest.mark.build]
 
 STAGES = REPO_ROOT / "tests" / "lab" / "deploys" / "stages_to_xformers.py"
 TORCH_STAGE = REPO_ROOT / "deploys" / "torch.py"
-LOADED_DRIVER = "580.95.05"
 TRACE = "/var/tmp/torch-imports"
 RECORD_OP = "Record the validated torch"
 # Commands per host in a no-op of preflight..xformers. Before each fact was read once per run (and preflight's probes
 # went in one) the same no-op sent 70 per host (2 hosts and 3 alike); now 18.
 NOOP_COMMANDS_PER_HOST = 40
-
-
-@pytest.fixture
-def build_hosts(lab: Lab) -> Iterator[Callable[[int], list[Host]]]:
-    created: list[Host] = []
-
-    def make(count: int) -> list[Host]:
-        hosts = lab.add_hosts(count, build_env=True)
-        created.extend(hosts)
-        for host in hosts:
-            lab.set_loaded_driver(host, LOADED_DRIVER)
-        return hosts
-
-    yield make
-    for host in created:
-        lab.remove_host(host)
 
 
 def inventory(lab: Lab, make_inventory: Callable[..., Path], hosts: list[Host], wheel_cache: Path) -> Path:
