@@ -24,13 +24,13 @@ class _ReportAtEnd(BaseStateCallback):
             return
         from rich.console import Console
 
-        from gpufleet import report, report_history, report_html
+        from gpufleet import report, report_history
 
         summary = report.write_report(self.directory)
         if summary["hosts"]:
             report.print_report(summary, stderr=True)
             Console(stderr=True, highlight=False).print(
-                f"Fleet report with charts: {self.directory / report_html.HTML_NAME}", overflow="fold")
+                f"Fleet report with charts: {self.directory / report.HTML_NAME}", overflow="fold")
         # A run that tested hosts says what changed since the run before it (a new driver that made one slower).
         if id(current_state) in _run_names:
             since = report_history.since_previous_run(report_history.history_for(self.directory),

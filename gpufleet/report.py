@@ -7,6 +7,7 @@ the hosts with the same GPU model is flagged; failed hosts show the rung they fa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import statistics
@@ -19,6 +20,9 @@ SUPPORTED_SCHEMA = 1
 OUTLIER_FRACTION = 0.15
 MARKDOWN_NAME = "fleet-report.md"
 JSON_NAME = "fleet-report.json"
+HTML_NAME = "fleet-report.html"
+# The HTML page names the inputs it was drawn from, so a run whose results did not change skips matplotlib.
+_RENDER_KEY = re.compile(r'<meta name="gpufleet-report-key" content="([0-9a-f]{64})">')
 WIDE_HEADS = 16
 
 # The seed document's RTX 5090 D table, in tokens per second, by batch x seq x head_dim (head count not stated).
@@ -343,15 +347,41 @@ def write_report(directory: Path, history: Optional[Path] = None, trend_runs: Op
     The HTML shows the trend of the last `trend_runs` runs kept in `history` (default: `history` beside
     `directory`, when it exists).
     """
-    from gpufleet import report_history, report_html
+    from gpufleet import report_history
 
     summary = build_summary(directory)
     (directory / JSON_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (directory / MARKDOWN_NAME).write_text(render_markdown(summary), encoding="utf-8")
     history = report_history.history_for(directory) if history is None else history
     trend = report_history.trend(history, trend_runs or report_history.TREND_RUNS)
-    (directory / report_html.HTML_NAME).write_text(report_html.render_html(summary, trend), encoding="utf-8")
+    key = render_key(summary, trend)
+    page = directory / HTML_NAME
+    if drawn_from(page) != key:
+        from gpufleet import report_html
+
+        page.write_text(report_html.render_html(summary, trend, key), encoding="utf-8")
     return summary
+
+
+def render_key(summary: dict, trend: list) -> str:
+    """What the HTML page is a function of: the summary, the trend, the report's code and matplotlib's version."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(json.dumps([summary, trend], sort_keys=True).encode())
+    for code in ("report.py", "report_html.py"):
+        digest.update(Path(__file__).with_name(code).read_bytes())
+    digest.update(version("matplotlib").encode())
+    return digest.hexdigest()
+
+
+def drawn_from(page: Path) -> Optional[str]:
+    """The render key an existing HTML page was drawn from; None when there is no page or it names none."""
+    try:
+        with page.open(encoding="utf-8", errors="replace") as f:
+            found = _RENDER_KEY.search(f.read(4096))
+    except OSError:
+        return None
+    return found.group(1) if found else None
 
 
 def print_report(summary: dict, stderr: bool = False) -> None:

@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from gpufleet import report
 from gpufleet.report_history import RUN_FORMAT
 
-HTML_NAME = "fleet-report.html"
+HTML_NAME = report.HTML_NAME
 XFORMERS_COLOUR = "#3b6ea8"
 OUTLIER_COLOUR = "#d1495b"
 SEED_COLOUR = "#f0a202"
@@ -219,10 +219,12 @@ def _grid_section(summary: dict) -> list[str]:
     return out
 
 
-def render_html(summary: dict, trend: Optional[list[tuple[str, dict[str, float]]]] = None) -> str:
+def render_html(summary: dict, trend: Optional[list[tuple[str, dict[str, float]]]] = None,
+                render_key: Optional[str] = None) -> str:
     c = summary["counts"]
     finished = sorted(h["finished_at"] for h in summary["hosts"] if h["finished_at"])
-    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', "<title>gpufleet smoke report</title>",
+    key = [f'<meta name="gpufleet-report-key" content="{render_key}">'] if render_key else []
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', *key, "<title>gpufleet smoke report</title>",
            f"<style>{STYLE}</style></head><body>", "<h1>gpufleet smoke report</h1>",
            f'<p id="counts">{c["hosts"]} hosts: {c["passed"]} passed, {c["failed"]} failed, {c["flagged_slow"]} '
            f'flagged slow (more than {summary["outlier_fraction"]:.0%} below the median of their GPU model).'

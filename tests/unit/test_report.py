@@ -155,6 +155,26 @@ def test_running_the_report_twice_ignores_its_own_summary(fleet_dir: Path) -> No
     assert first["counts"] == second["counts"]
 
 
+def test_the_html_page_is_drawn_again_only_when_its_inputs_change(fleet_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    report.write_report(fleet_dir)
+    page = fleet_dir / report.HTML_NAME
+    drawn = page.read_text()
+    drawings = []
+    real_render = report_html.render_html
+    monkeypatch.setattr(report_html, "render_html", lambda *a, **k: drawings.append(a) or real_render(*a, **k))
+    report.write_report(fleet_dir)
+    assert drawings == [] and page.read_text() == drawn
+    doc = json.loads((fleet_dir / "synthetic-ws01.json").read_text())
+    doc["host"] = "ws07"
+    (fleet_dir / "synthetic-ws07.json").write_text(json.dumps(doc))
+    report.write_report(fleet_dir)
+    assert len(drawings) == 1 and "ws07" in page.read_text()
+    page.write_text("edited by hand\n")
+    report.write_report(fleet_dir)
+    assert len(drawings) == 2 and page.read_text().startswith("<!DOCTYPE html>")
+
+
 def test_the_latest_document_of_a_host_wins(tmp_path: Path) -> None:
     older = json.loads((FLEET / "synthetic-ws06-no-sm120.json").read_text())
     newer = json.loads((FLEET / "synthetic-ws01.json").read_text())
