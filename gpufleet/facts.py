@@ -634,7 +634,8 @@ class InstalledDistributions(_ParsedFact):
     parser = staticmethod(parse_pip_freeze)
 
     def command(self, python: str) -> str:
-        return f"if [ -x {python} ]; then {python} -I -c '{_DISTRIBUTIONS}'; else echo {NO_TOOL}; fi"
+        python = shlex.quote(python)
+        return f"if [ -x {python} ]; then {python} -I -c {shlex.quote(_DISTRIBUTIONS)}; else echo {NO_TOOL}; fi"
 
 
 class InterruptedPackageInstall(FactBase):

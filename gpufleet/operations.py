@@ -11,6 +11,7 @@ from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
 from gpufleet.buildplan import parse_manifest, staged_checksum_line
+from gpufleet.fact_memo import fact
 from gpufleet.facts import InstalledDistributions
 from gpufleet.fingerprint import file_sha256
 
@@ -139,7 +140,7 @@ def pip_packages(python: str, packages: list[str], extra_args: str = "", reinsta
 
     pyinfra's pip.packages needs a pip script, which some venvs (e.g. images built with ensurepip only) lack.
     """
-    installed = host.get_fact(InstalledDistributions, python=python) or {}
+    installed = fact(host, InstalledDistributions, python=python) or {}
     missing = [spec for spec in packages if reinstall or _requirement(spec)[0] not in installed
                or (_requirement(spec)[1] is not None and installed[_requirement(spec)[0]] != _requirement(spec)[1])]
     if not missing:
