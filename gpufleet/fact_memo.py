@@ -1,8 +1,10 @@
 """Each fact read once per host per run: pyinfra 3 keeps no fact cache, so every host.get_fact is a round trip.
 
-While pyinfra prepares (runs the deploy code) no operation has executed yet, so a fact's answer cannot change
-between two reads: the first answer is kept for the rest of the preparation. From the execute phase on (an `_if`
-callable, a FunctionCommand) a read goes to the host again, since the operations before it may have changed it.
+pyinfra 3 runs each operation's body twice: while it prepares the run (to see whether the operation would change
+anything) and again when it executes it. Both times the body reads its facts. An answer stays true until something
+changes the host, so it is kept while nothing has: through the preparation (no operation has run yet), and while
+executing until an operation on that host runs a command. The operation being executed counts as changing when its
+preparation planned commands, since a read inside it may follow one of them.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from typing import Any, TypeVar
 from weakref import WeakKeyDictionary
 
 from gevent.event import AsyncResult
-from pyinfra import state
 from pyinfra.api import FactBase
 from pyinfra.api.host import Host
-from pyinfra.api.state import StateStage
+from pyinfra.api.state import State, StateStage
 from pyinfra.context import ctx_state
 
 T = TypeVar("T")
@@ -23,11 +24,27 @@ T = TypeVar("T")
 _answers: WeakKeyDictionary[Any, dict[tuple[str, type, str], AsyncResult]] = WeakKeyDictionary()
 
 
+def unchanged_since_prepare(run: State, target: Host) -> bool:
+    """True while no operation on target has run a command in this run, and the one running now planned none."""
+    if run.current_stage == StateStage.Prepare:
+        return True
+    for op_hash, data in run.ops.get(target, {}).items():
+        meta = data.operation_meta
+        if meta.is_complete():
+            if meta.executed:
+                return False
+        # pyinfra keeps the preparation's verdict in _maybe_is_change; None (not checked) counts as a change.
+        elif op_hash == target.current_op_hash and getattr(meta, "_maybe_is_change", None) is not False:
+            return False
+    return True
+
+
 def fact(target: Host, cls: type[FactBase[T]], **kwargs: Any) -> T:
-    """target.get_fact(cls, **kwargs), fetched once per host, fact and arguments while the run is prepared."""
-    if state.current_stage != StateStage.Prepare:
+    """target.get_fact(cls, **kwargs), fetched once per host, fact and arguments while the host is unchanged."""
+    run = ctx_state.get()
+    if run is None or not unchanged_since_prepare(run, target):
         return target.get_fact(cls, **kwargs)
-    answers = _answers.setdefault(ctx_state.get(), {})
+    answers = _answers.setdefault(run, {})
     key = (target.name, cls, repr(sorted(kwargs.items())))
     if key in answers:
         return answers[key].get()

@@ -1,12 +1,16 @@
 """gpufleet.fact_memo on a real pyinfra State with the @local connector: a fact runs once per host while pyinfra
-prepares the deploy, and again once operations may have run."""
+prepares the deploy and while executing leaves the host unchanged, and again once an operation has run a command."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pyinfra.api import Config, FactBase, Inventory, State
+from pyinfra import host as current_host
+from pyinfra.api import Config, FactBase, Inventory, State, operation
 from pyinfra.api.connect import connect_all
+from pyinfra.api.operation import add_op
+from pyinfra.api.operations import run_ops
+from pyinfra.operations import server
 from pyinfra.api.state import StateStage
 from pyinfra.context import ctx_host, ctx_state
 
@@ -41,16 +45,29 @@ def test_a_fact_is_read_once_per_host_and_arguments_while_the_deploy_is_prepared
         assert trace.read_text() == "ran\n" and other.read_text() == "ran\n"
 
 
-def test_once_operations_execute_a_fact_is_read_again(tmp_path: Path) -> None:
+@operation()
+def note_lines(trace: str, seen: list):
+    """Records what LinesOf answers, and changes nothing (so pyinfra plans no command for it)."""
+    seen.append(fact(current_host, LinesOf, trace=trace))
+    yield from ()
+
+
+def test_executing_operations_reuse_an_answer_until_one_runs_a_command(tmp_path: Path) -> None:
     state = local_state()
     host = state.inventory.get_host("@local")
-    trace = tmp_path / "trace"
-    with ctx_state.use(state), ctx_host.use(host):
-        state.set_stage(StateStage.Prepare)
-        assert fact(host, LinesOf, trace=str(trace)) == 1
-        state.set_stage(StateStage.Execute)
-        assert fact(host, LinesOf, trace=str(trace)) == 2
-        assert fact(host, LinesOf, trace=str(trace)) == 3
+    trace, seen = tmp_path / "trace", []
+    state.set_stage(StateStage.Prepare)
+    with ctx_state.use(state):
+        add_op(state, note_lines, trace=str(trace), seen=seen)
+        add_op(state, note_lines, trace=str(trace), seen=seen)
+        add_op(state, server.shell, commands=["true"])
+        add_op(state, note_lines, trace=str(trace), seen=seen)
+    state.set_stage(StateStage.Execute)
+    run_ops(state)
+    # Prepared: one read shared by the three operations. Executed: the first two reuse it, since no command has
+    # run; the third reads again after `true` ran, and its fresh answer is what it sees.
+    assert seen == [1, 1, 1, 1, 1, 2]
+    assert trace.read_text() == "ran\nran\n"
 
 
 def test_each_run_state_has_its_own_answers(tmp_path: Path) -> None:
