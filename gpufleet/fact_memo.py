@@ -4,7 +4,8 @@ pyinfra 3 runs each operation's body twice: while it prepares the run (to see wh
 anything) and again when it executes it. Both times the body reads its facts. An answer stays true until something
 changes the host, so it is kept while nothing has: through the preparation (no operation has run yet), and while
 executing until an operation on that host runs a command. The operation being executed counts as changing when its
-preparation planned commands, since a read inside it may follow one of them.
+preparation planned commands or did not look (`pyinfra -y` skips that look), since a read inside it may follow one
+of its commands; a caller that reads before its operation yields anything says so with before_commands=True.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ T = TypeVar("T")
 _answers: WeakKeyDictionary[Any, dict[tuple[str, type, str], AsyncResult]] = WeakKeyDictionary()
 
 
-def unchanged_since_prepare(run: State, target: Host) -> bool:
-    """True while no operation on target has run a command in this run, and the one running now planned none."""
+def unchanged_since_prepare(run: State, target: Host, before_commands: bool = False) -> bool:
+    """True while no operation on target has run a command in this run, and the one running now planned none (or,
+    before_commands, has yielded none yet)."""
     if run.current_stage == StateStage.Prepare:
         return True
     for op_hash, data in run.ops.get(target, {}).items():
@@ -34,15 +36,19 @@ def unchanged_since_prepare(run: State, target: Host) -> bool:
             if meta.executed:
                 return False
         # pyinfra keeps the preparation's verdict in _maybe_is_change; None (not checked) counts as a change.
-        elif op_hash == target.current_op_hash and getattr(meta, "_maybe_is_change", None) is not False:
+        elif (op_hash == target.current_op_hash and not before_commands
+              and getattr(meta, "_maybe_is_change", None) is not False):
             return False
     return True
 
 
-def fact(target: Host, cls: type[FactBase[T]], **kwargs: Any) -> T:
-    """target.get_fact(cls, **kwargs), fetched once per host, fact and arguments while the host is unchanged."""
+def fact(target: Host, cls: type[FactBase[T]], before_commands: bool = False, **kwargs: Any) -> T:
+    """target.get_fact(cls, **kwargs), fetched once per host, fact and arguments while the host is unchanged.
+
+    before_commands: the caller is an operation's body that has yielded no command yet.
+    """
     run = ctx_state.get()
-    if run is None or not unchanged_since_prepare(run, target):
+    if run is None or not unchanged_since_prepare(run, target, before_commands):
         return target.get_fact(cls, **kwargs)
     answers = _answers.setdefault(run, {})
     key = (target.name, cls, repr(sorted(kwargs.items())))

@@ -52,6 +52,13 @@ def note_lines(trace: str, seen: list):
     yield from ()
 
 
+@operation()
+def note_lines_first(trace: str, seen: list):
+    """note_lines, reading before it yields anything."""
+    seen.append(fact(current_host, LinesOf, before_commands=True, trace=trace))
+    yield from ()
+
+
 def test_executing_operations_reuse_an_answer_until_one_runs_a_command(tmp_path: Path) -> None:
     state = local_state()
     host = state.inventory.get_host("@local")
@@ -78,3 +85,23 @@ def test_each_run_state_has_its_own_answers(tmp_path: Path) -> None:
         with ctx_state.use(state), ctx_host.use(host):
             state.set_stage(StateStage.Prepare)
             assert fact(host, LinesOf, trace=str(trace)) == expected
+
+
+def test_under_yes_an_operation_that_reads_before_its_commands_reuses_the_answer(tmp_path: Path) -> None:
+    # `pyinfra -y` does not look for changes while preparing, so an operation's body runs only when executed.
+    state = State(Inventory((["@local"], {})), Config(), check_for_changes=False)
+    connect_all(state)
+    host = state.inventory.get_host("@local")
+    trace, seen = tmp_path / "trace", []
+    state.set_stage(StateStage.Prepare)
+    with ctx_state.use(state), ctx_host.use(host):
+        assert fact(host, LinesOf, trace=str(trace)) == 1
+        add_op(state, note_lines, trace=str(trace), seen=seen)
+        add_op(state, note_lines_first, trace=str(trace), seen=seen)
+        add_op(state, server.shell, commands=["true"])
+        add_op(state, note_lines_first, trace=str(trace), seen=seen)
+    state.set_stage(StateStage.Execute)
+    run_ops(state)
+    # note_lines may read after a command of its own, so it reads again; note_lines_first reuses the answer until
+    # `true` has run.
+    assert seen == [2, 1, 3]
