@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from pyinfra import host, state
 from pyinfra.api.host import Host
+from pyinfra.facts.files import Directory, File, FileContents, Link
 
 from gpufleet import cache, facts, hostlock
 from gpufleet.buildplan import INSTALLED_STAMP
@@ -89,7 +90,7 @@ def disk_needs(target: Host, config: dict[str, Any]) -> tuple[DiskNeed, ...]:
     """Where each stage still to do writes, and how much it needs there (decided from what the host already has)."""
     python = f"{config['venv_path']}/bin/python"
     torch_done = (fact(target, facts.InstalledDistributions, python=python) or {}).get("torch") == config["torch_version"]
-    xformers_done = fact(target, facts.FileText, path=INSTALLED_STAMP) is not None
+    xformers_done = file_text(INSTALLED_STAMP, target) is not None
     toolkit_home = f"/usr/local/cuda-{config['cuda_version']}"
     toolkit_done = config["cuda_existing_home"] is not None or (
         fact(target, facts.NvccVersion, cuda_home=toolkit_home) == config["cuda_version"]
@@ -191,3 +192,30 @@ def stack_changed() -> Callable[[], bool]:
 def as_user(user: str) -> dict[str, Any]:
     """Global arguments that run an operation as user (su from root; sudo first where the inventory says sudo)."""
     return {} if user == "root" else {"_su_user": user}
+
+
+def file_text(path: str, target: Host | None = None, **arguments: Any) -> str | None:
+    """A small file's text on a host (default: the current one), None when it does not exist; `arguments`: pyinfra's
+    global arguments, e.g. as_user(...) to read it as that user."""
+    lines = fact(host if target is None else target, FileContents, path=path, **arguments)
+    return None if lines is None else "\n".join(lines).strip()
+
+
+def path_owner(path: str, target: Host | None = None) -> str | None:
+    """Who owns whatever is at path on a host (default: the current one), None when nothing is there."""
+    target = host if target is None else target
+    # pyinfra's facts answer False for a path of another type: ask the next type.
+    for kind in (Directory, File, Link):
+        found = fact(target, kind, path=path)
+        if found is None:
+            return None
+        if found:
+            return found["user"]
+    return None
+
+
+def venv_owner(config: dict[str, Any]) -> str:
+    """Who installs into the venv: the build user, or the owner of an adopted venv."""
+    if config["venv_adopt"]:
+        return path_owner(config["venv_path"]) or config["build_user"]
+    return config["build_user"]
