@@ -71,8 +71,8 @@ def xformers() -> None:
     files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
     _upload(CUBIN_READER, layout.cubins_reader, user)
 
-    # Every installing host plans the build, the fetch and the upload, in this order, each gated to the hosts it
-    # concerns: pyinfra orders operations by each host's sequence, so this puts the upload after the fetch.
+    # Every installing host plans the build, the fetch and the upload, gated to the hosts each concerns, so the
+    # upload runs after the fetch (gpufleet/stage.py, the order of a run).
     if is_builder:
         _prepare_build(config, layout, python)
     _build(config, mine, layout, python, run=is_builder, finished=finished)

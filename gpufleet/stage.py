@@ -1,4 +1,18 @@
-"""What every stage shares: the host's settings, its profile from facts, refusal, and running a stage alone."""
+"""What every stage shares: the host's settings, its profile from facts, refusal, and running a stage alone.
+
+The order of a run, and why (deploys/full.py and run_alone follow it; deploys refer here):
+- pyinfra runs one operation at a time across the fleet. An operation is known by the lines that called it (the
+  deploy file's line, then the stage's, then any helper's), and operations run in the order of those lines, each
+  on every host that planned it before the next one starts.
+- So a deploy calls each stage on its own line: two stages called from one line would share their operations'
+  places and collide.
+- So an operation that one host must finish before another host's (the cache host's servers before any client
+  downloads through them; the builder's wheel fetched before the other hosts upload it) is planned by every host,
+  at the same line and in that order, and gated with _if to the hosts it concerns.
+- Every run first takes the host lock (before any fact is read), then preflight refuses what cannot be provisioned
+  before anything changes, then dpkg work a dropped connection interrupted is finished, then the stages run in the
+  pipeline's order: cache, driver, cuda, python, torch, xformers, smoke. A refused host plans nothing further.
+"""
 
 from __future__ import annotations
 
@@ -161,7 +175,8 @@ def not_implemented(stage: str, issue: int) -> None:
 
 
 def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
-    """Run preflight then the stages when pyinfra was pointed at this deploy file itself."""
+    """Run preflight then the stages when pyinfra was pointed at this deploy file itself, in the order of a run
+    (this module's docstring)."""
     current = state.current_deploy_filename
     if current is None or Path(current).resolve() != Path(module_file).resolve():
         return
@@ -169,7 +184,6 @@ def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
     first, *rest = stages
     if not refused():
         first()
-    # After preflight (the first stage), before any other change: as in deploys/full.py.
     if not refused():
         repair_interrupted_packages()
     for stage in rest:
