@@ -285,6 +285,6 @@ def _host(path: Path, profile: dict) -> tuple[str, dict]:
 
 _profiles = {path: load_profile(path) for path in sorted(_PROFILES.glob("*.yaml"))}
 
-# One pyinfra group per gpufleet group, so group_data/wsl.py applies to the WSL profiles.
+# One pyinfra group per gpufleet group, as in a real inventory.
 workstations = [_host(path, p) for path, p in _profiles.items() if p["group"] == "workstations"]
 wsl = [_host(path, p) for path, p in _profiles.items() if p["group"] == "wsl"]
