@@ -216,7 +216,7 @@ def file_text(path: str, target: Host | None = None, **arguments: Any) -> str | 
 
 
 def path_owner(path: str, target: Host | None = None) -> str | None:
-    """Who owns whatever is at path on a host (default: the current one), None when nothing is there."""
+    """Who owns the directory, file or link at path on a host (default: the current one); None when there is none."""
     target = host if target is None else target
     # pyinfra's facts answer False for a path of another type: ask the next type.
     for kind in (Directory, File, Link):
