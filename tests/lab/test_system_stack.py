@@ -162,9 +162,10 @@ SM90_TORCH = {
 def test_a_torch_without_the_gpus_architecture_fails_the_check_right_after_its_install(
         lab: Lab, fresh_hosts: list[Host], make_inventory: Callable[..., Path],
         run_pyinfra: Callable[..., PyinfraRun]) -> None:
-    host = fresh_hosts[0]
-    inventory = inventory_with(make_inventory, [host])
-    converge(lab, [host], inventory, run_pyinfra)
+    hosts = fresh_hosts[:1]
+    inventory = inventory_with(make_inventory, hosts)
+    converge(lab, hosts, inventory, run_pyinfra)
+    host = hosts[0]
     # Once pip has installed torch, a .pth line puts SM90_TORCH first on the venv's path: the run finds no torch
     # before its install, and this one right after it.
     python = "/opt/gpufleet/venv/bin/python"
