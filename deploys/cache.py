@@ -18,9 +18,8 @@ from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import KernelVersion
 from pyinfra.operations import apt, files, server, systemd
 
-from deploys.python import VENV_TOOLS
 from gpufleet import cache, facts
-from gpufleet.decide import STAGE_DISK_GB, DiskNeed, cuda_repo_dir, disk_problems
+from gpufleet.decide import STAGE_DISK_GB, VENV_TOOLS, DiskNeed, cuda_repo_dir, disk_problems
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
 from gpufleet.stage import cache_only, free_disk, refuse_host, run_alone, settings

@@ -13,12 +13,9 @@ from pyinfra.operations import apt, files, server
 from deploys.preflight import preflight
 from gpufleet import facts
 from gpufleet.decide import cuda_repo_dir
+from gpufleet.layout import cuda_home
 from gpufleet.nvidia_repo import ensure_repo, pin_driver_source
 from gpufleet.stage import profile, refuse_host, run_alone, settings
-
-
-def cuda_home(config: dict) -> str:
-    return config["cuda_existing_home"] or f"/usr/local/cuda-{config['cuda_version']}"
 
 
 @deploy("CUDA toolkit")

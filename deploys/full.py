@@ -1,7 +1,6 @@
 """Every stage in order, from a fresh host to a proven one: pyinfra inventory.py deploys/full.py
 
-Each stage is called on its own line: pyinfra orders operations by the lines that call them, so stages sharing one
-call site would collide.
+Why this order, and why each stage is called on its own line: gpufleet/stage.py (its docstring).
 """
 
 from deploys.cache import fleet_cache
@@ -15,16 +14,14 @@ from deploys.xformers import xformers
 from gpufleet.nvidia_repo import repair_interrupted_packages
 from gpufleet.stage import cache_only, refused, skip_remaining_stages, take_host_lock
 
-# This run alone touches the host from here to its end; taken before any fact is read.
 take_host_lock()
-# Preflight before anything changes; a host that only serves the fleet cache needs no GPU to pass.
+# A host that only serves the fleet cache needs no GPU to pass preflight.
 if not cache_only() and not refused():
     preflight()
-# dpkg work a dropped connection interrupted is finished on every host, whether or not a stage uses apt this run.
+# On every host, whether or not a stage uses apt this run.
 if not refused():
     repair_interrupted_packages()
-# Then the cache, on one line for every host (pyinfra orders hosts' operations by their call lines, so the cache
-# host's servers start before any client downloads through them); every later apt and pip use goes through it.
+# On one line for every host: every later apt and pip use goes through the cache.
 if not refused():
     fleet_cache()
 if cache_only():

@@ -14,29 +14,11 @@ from pyinfra.operations import apt, files, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
+from gpufleet.decide import VENV_TOOLS, pip_conf
 from gpufleet.fact_memo import fact
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
-from gpufleet.stage import as_user, refuse_host, run_alone, settings
-
-VENV_TOOLS = ["pip", "wheel", "setuptools", "ninja"]
-
-
-def venv_owner(config: dict) -> str:
-    """Who installs into the venv: the build user, or the owner of an adopted venv."""
-    if config["venv_adopt"]:
-        return fact(host, facts.PathOwner, path=config["venv_path"]) or config["build_user"]
-    return config["build_user"]
-
-
-def pip_conf(config: dict) -> str | None:
-    """The venv's pip.conf for a mirror, or None to use PyPI."""
-    if config["pip_index_url"] is None:
-        return None
-    lines = ["[global]", f"index-url = {config['pip_index_url']}"]
-    if config["pip_trusted_hosts"]:
-        lines.append("trusted-host = " + " ".join(config["pip_trusted_hosts"]))
-    return "\n".join(lines) + "\n"
+from gpufleet.stage import as_user, path_owner, refuse_host, run_alone, settings, venv_owner
 
 
 def foreign_directories(config: dict) -> list[str]:
@@ -48,7 +30,7 @@ def foreign_directories(config: dict) -> list[str]:
     keys = ("work_dir",) if config["venv_adopt"] else ("work_dir", "venv_path")
     problems = []
     for key in keys:
-        owner = host.get_fact(facts.PathOwner, path=config[key])
+        owner = path_owner(config[key])
         if owner not in (None, user, "root"):
             problems.append(f"setting {key} is {config[key]}, which exists and belongs to {owner}; gpufleet hands "
                             f"only a directory of its own to {user}: choose a new path")

@@ -7,7 +7,6 @@ run ends. A failed rung fails that host, not the fleet.
 Runs alone (after preflight): pyinfra inventory.py deploys/smoke.py
 """
 
-import hashlib
 import shlex
 import shutil
 from pathlib import Path
@@ -17,40 +16,14 @@ from pyinfra.api import deploy
 from pyinfra.facts.files import File
 from pyinfra.operations import files, python, server
 
-from deploys.cuda import cuda_home
 from deploys.preflight import preflight
 from gpufleet.buildplan import ROOT_STATE_DIR
-from gpufleet.decide import HostProfile
+from gpufleet.decide import smoke_stamp, windows_driver
 from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
+from gpufleet.layout import SMOKE_SCRIPT, cuda_home
 from gpufleet.rollout import SMOKE_CHECK
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, lock_control_folder, profile, refuse_planted_links, run_alone, settings, stack_changed
-
-SCRIPT = REPO_ROOT / "files" / "smoke" / "gpufleet_smoke.py"
-
-
-def smoke_stamp(config: dict, windows_driver: str | None = None) -> str:
-    """The stack the result belongs to: script, driver branch, CUDA, torch, xformers source, heads, and on WSL2 the
-    Windows driver's version.
-
-    Only settings go in, and on WSL the Windows driver, which gpufleet never changes, so a run after a successful one
-    computes the same stamp; changes made during a run (install, reboot) trigger the test through stack_changed()
-    instead. An update of the Windows driver between runs gives a new stamp, so the test runs again.
-    """
-    digest = hashlib.sha256(SCRIPT.read_bytes())
-    for key in ("driver_branch", "cuda_version", "torch_version", "xformers_source_sha256", "smoke_heads"):
-        digest.update(b"\0" + str(config[key]).encode())
-    if windows_driver is not None:
-        digest.update(b"\0windows-driver\0" + windows_driver.encode())
-    return digest.hexdigest()[:16]
-
-
-def windows_driver(me: HostProfile) -> str | None:
-    """The Windows driver's version(s) as WSL2's nvidia-smi reports them; None on bare metal."""
-    if not me.is_wsl:
-        return None
-    return ",".join(sorted({gpu.driver_version for gpu in me.smi.gpus})) or None
-
 
 def keep_in_history(src: Path, dest: Path) -> None:
     """Copy the fetched result into this run's history folder on the control machine."""
@@ -74,7 +47,7 @@ def smoke() -> None:
     files.directory(name="Create the smoke test directory", path=work, user=user, group=user, mode="755")
     files.put(
         name="Upload the smoke test",
-        src=str(SCRIPT),
+        src=str(SMOKE_SCRIPT),
         dest=f"{work}/gpufleet_smoke.py",
         user=user,
         group=user,

@@ -3,18 +3,14 @@
 Runs alone (after preflight): pyinfra inventory.py deploys/torch.py
 """
 
-import shlex
-from urllib.parse import urlparse
-
 from pyinfra import host, logger
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
 from deploys.preflight import preflight
-from deploys.python import venv_owner
 from gpufleet import facts
-from gpufleet.decide import HostProfile, arch_list, torch_problems
-from gpufleet.operations import pip_packages
+from gpufleet.decide import HostProfile, arch_list, torch_install_args, torch_problems
+from gpufleet.operations import check_torch, pip_packages
 from gpufleet.stage import (
     as_user,
     profile,
@@ -22,6 +18,7 @@ from gpufleet.stage import (
     refuse_host,
     run_alone,
     settings,
+    venv_owner,
 )
 
 FROZEN_CU128_NOTICE = (
@@ -29,16 +26,6 @@ FROZEN_CU128_NOTICE = (
     "(torch_version). To move on, use a cu130 build with cuda_version 13.0 and a 580+ driver (README)."
 )
 _noticed = False
-
-
-def install_args(config: dict) -> str:
-    args = ["--index-url", config["torch_index_url"]]
-    if config["torch_channel"] == "nightly":
-        args.insert(0, "--pre")
-    index_host = urlparse(config["torch_index_url"])
-    if index_host.scheme == "http":
-        args += ["--trusted-host", index_host.hostname or ""]
-    return " ".join(shlex.quote(a) for a in args)
 
 
 @deploy("PyTorch")
@@ -71,22 +58,17 @@ def torch() -> None:
         name=f"Install torch {config['torch_version']}" + (f" again (torch {listed} does not import)" if broken else ""),
         packages=[f"torch=={config['torch_version']}"],
         python=python,
-        extra_args=install_args(config) + (" --force-reinstall --no-deps" if broken else ""),
+        extra_args=torch_install_args(config) + (" --force-reinstall --no-deps" if broken else ""),
         reinstall=broken,
         **as_user(venv_owner(config)),
     )
     record_stack_change(install)
-    wanted_sms = " ".join("sm_" + a.replace(".", "") for a in arch_list(me.gpus))
-    check = (
-        "import sys, torch; cuda = torch.version.cuda or 'none'; archs = torch.cuda.get_arch_list(); "
-        f"want = {config['cuda_version']!r}; missing = [a for a in {wanted_sms!r}.split() if a not in archs]; "
-        "ok = '.'.join(cuda.split('.')[:2]) == want and not missing; "
-        "print(f'torch {torch.__version__} CUDA {cuda} archs {archs}; toolkit {want}; missing {missing}', "
-        "file=sys.stdout if ok else sys.stderr); sys.exit(0 if ok else 1)"
-    )
-    server.shell(
+    check_torch(
         name=f"Check torch's CUDA version and GPU architectures ({', '.join(archs)})",
-        commands=[f"{shlex.quote(python)} -c {shlex.quote(check)}", facts.record_torch_state_command(python, context)],
+        python=python,
+        cuda_version=config["cuda_version"],
+        archs=arch_list(me.gpus),
+        context=context,
         _if=install.did_change,
     )
 

@@ -10,13 +10,11 @@ Runs alone (after preflight): pyinfra inventory.py deploys/xformers.py
 import shlex
 from pathlib import Path
 
-from pyinfra import host, state
+from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import apt, files, server
 
-from deploys.cuda import cuda_home
 from deploys.preflight import preflight
-from deploys.python import venv_owner
 from gpufleet import facts
 from gpufleet.buildplan import (
     BUILD_SCRIPT,
@@ -30,11 +28,13 @@ from gpufleet.buildplan import (
     install_commands,
     max_jobs,
 )
+from gpufleet.layout import cuda_home, local_cache
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import fetch_built_wheel, push_built_wheel
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import (
     as_user,
+    file_text,
     lock_control_folder,
     profile,
     record_stack_change,
@@ -42,13 +42,9 @@ from gpufleet.stage import (
     refuse_planted_links,
     run_alone,
     settings,
+    venv_owner,
 )
 from gpufleet.xformers_fleet import builder_for, fleet_wheels, host_wheel, patch_dir
-
-
-def local_cache(config: dict, fp: str) -> Path:
-    root = Path(config["wheel_cache_dir"])
-    return (root if root.is_absolute() else Path(state.cwd or REPO_ROOT) / root) / fp
 
 
 @deploy("xformers")
@@ -75,8 +71,8 @@ def xformers() -> None:
     files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
     _upload(CUBIN_READER, layout.cubins_reader, user)
 
-    # Every installing host plans the build, the fetch and the upload, in this order, each gated to the hosts it
-    # concerns: pyinfra orders operations by each host's sequence, so this puts the upload after the fetch.
+    # Every installing host plans the build, the fetch and the upload, gated to the hosts each concerns, so the
+    # upload runs after the fetch (gpufleet/stage.py, the order of a run).
     if is_builder:
         _prepare_build(config, layout, python)
     _build(config, mine, layout, python, run=is_builder, finished=finished)
@@ -158,7 +154,7 @@ def _prepare_build(config: dict, layout, python: str) -> None:
 def _finished(config: dict, layout, fp: str) -> tuple[bool, str | None]:
     """(usable, wheel name of a finished build of fp on this host); not usable when its manifest names something
     no build writes, and then the host is refused. Read as the build user: root never opens a file of that tree."""
-    text = host.get_fact(facts.FileText, path=layout.manifest, **as_user(config["build_user"]))
+    text = file_text(layout.manifest, **as_user(config["build_user"]))
     try:
         return True, finished_wheel(text, fp, layout.manifest)
     except ManifestError as error:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import shlex
 from dataclasses import dataclass
 from typing import Any, Iterable
+from urllib.parse import urlparse
 
 from packaging.version import Version
 
 from gpufleet.buildplan import normalise_arch_list
 from gpufleet.facts import DriverState, OsRelease, PciGpu, SmiResult
+from gpufleet.layout import SMOKE_SCRIPT
 
 GB = 1024**3
 
@@ -405,6 +409,54 @@ def torch_problems(info: dict[str, Any], cuda_version: str, archs: list[str]) ->
                 f"would fail with 'no kernel image is available'. Use a CUDA 12.8+ build of torch."
             )
     return problems
+
+
+# What the python stage installs in every venv (and the fleet cache fetches ahead).
+VENV_TOOLS = ["pip", "wheel", "setuptools", "ninja"]
+
+
+def pip_conf(config: dict) -> str | None:
+    """The venv's pip.conf for a mirror, or None to use PyPI."""
+    if config["pip_index_url"] is None:
+        return None
+    lines = ["[global]", f"index-url = {config['pip_index_url']}"]
+    if config["pip_trusted_hosts"]:
+        lines.append("trusted-host = " + " ".join(config["pip_trusted_hosts"]))
+    return "\n".join(lines) + "\n"
+
+
+def torch_install_args(config: dict) -> str:
+    """pip's index arguments for torch, quoted: --pre for nightlies, --trusted-host for an http index."""
+    args = ["--index-url", config["torch_index_url"]]
+    if config["torch_channel"] == "nightly":
+        args.insert(0, "--pre")
+    index_host = urlparse(config["torch_index_url"])
+    if index_host.scheme == "http":
+        args += ["--trusted-host", index_host.hostname or ""]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def smoke_stamp(config: dict, windows_driver: str | None = None) -> str:
+    """The stack the result belongs to: script, driver branch, CUDA, torch, xformers source, heads, and on WSL2 the
+    Windows driver's version.
+
+    Only settings go in, and on WSL the Windows driver, which gpufleet never changes, so a run after a successful one
+    computes the same stamp; changes made during a run (install, reboot) trigger the test through stack_changed()
+    instead. An update of the Windows driver between runs gives a new stamp, so the test runs again.
+    """
+    digest = hashlib.sha256(SMOKE_SCRIPT.read_bytes())
+    for key in ("driver_branch", "cuda_version", "torch_version", "xformers_source_sha256", "smoke_heads"):
+        digest.update(b"\0" + str(config[key]).encode())
+    if windows_driver is not None:
+        digest.update(b"\0windows-driver\0" + windows_driver.encode())
+    return digest.hexdigest()[:16]
+
+
+def windows_driver(me: HostProfile) -> str | None:
+    """The Windows driver's version(s) as WSL2's nvidia-smi reports them; None on bare metal."""
+    if not me.is_wsl:
+        return None
+    return ",".join(sorted({gpu.driver_version for gpu in me.smi.gpus})) or None
 
 
 def stale_driver_holds(packages: dict[str, str], held: set[str], branch: str) -> list[str]:

@@ -478,15 +478,6 @@ class PythonVersion(_ParsedFact):
         )
 
 
-class PathOwner(_ParsedFact):
-    """Owner of a path, or None when it does not exist."""
-
-    parser = staticmethod(lambda text: None if NO_TOOL in text else text.strip())
-
-    def command(self, path: str) -> str:
-        return f"stat -c %U {shlex.quote(path)} 2>/dev/null || echo {NO_TOOL}"
-
-
 def parse_torch_info(text: str) -> dict[str, Any] | None:
     """JSON about the venv's torch, after `== stamp` (read from the validated-state stamp) or `== probed` (torch
     imported just now); None when torch is not installed. `stamped` says which."""
@@ -571,15 +562,6 @@ def record_torch_state_command(python: str, context: str) -> str:
         f'j=$({shlex.quote(python)} -c "{TORCH_PROBE}" | tail -n 1) && '
         f"(umask 077; printf '%s\\n%s\\n' \"$k\" \"$j\" > {stamp}.new) && mv -f {stamp}.new {stamp}"
     )
-
-
-class FileText(_ParsedFact):
-    """A small text file's content, or None when it does not exist."""
-
-    parser = staticmethod(lambda text: None if NO_TOOL in text else text.strip())
-
-    def command(self, path: str) -> str:
-        return f"cat {shlex.quote(path)} 2>/dev/null || echo {NO_TOOL}"
 
 
 class PythonHeaders(_ParsedFact):

@@ -7,12 +7,13 @@ import re
 import shlex
 from pathlib import Path
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
 from gpufleet.buildplan import parse_manifest, staged_checksum_line
+from gpufleet.decide import torch_problems
 from gpufleet.fact_memo import fact
-from gpufleet.facts import InstalledDistributions
+from gpufleet.facts import TORCH_PROBE, InstalledDistributions, parse_torch_info, record_torch_state_command
 from gpufleet.fingerprint import file_sha256
 
 
@@ -126,6 +127,35 @@ def push_built_wheel(local_dir: str, staging: str, fingerprint: str):
         return True
 
     yield FunctionCommand(push, (), {})
+
+
+def installed_torch_problems(ok: bool, stdout: str, stderr: str, cuda_version: str, archs: list[str]) -> list[str]:
+    """What is wrong with the torch that facts.TORCH_PROBE just imported on a host (its exit status and output),
+    judged by the rule the torch stage applies to any installed torch (decide.torch_problems)."""
+    try:
+        info = parse_torch_info(stdout) if ok else None
+    except (ValueError, IndexError):
+        return [f"torch's probe printed no torch information: {stdout.strip()[-500:]!r}"]
+    if info is None:
+        return [f"the installed torch does not import: {(stderr or stdout).strip()[-500:]}"]
+    return torch_problems(info, cuda_version, archs)
+
+
+@operation(is_idempotent=False)
+def check_torch(python: str, cuda_version: str, archs: list[str], context: str):
+    """Import the venv's torch on the host and check it as the torch stage checks an installed one (its CUDA
+    version, code for each GPU architecture), then record the validated state (facts.TorchInfo reads it). Never a
+    no-op: planned only right after torch was installed."""
+
+    def check(state, host) -> bool:
+        ok, output = host.run_shell_command(f"{shlex.quote(python)} -c {shlex.quote(TORCH_PROBE)}", **_as_root(host))
+        problems = installed_torch_problems(ok, output.stdout, output.stderr, cuda_version, archs)
+        for problem in problems:
+            host.log_styled(f"torch check failed: {problem}", fg="red", log_func=logger.error)
+        return not problems
+
+    yield FunctionCommand(check, (), {})
+    yield record_torch_state_command(python, context)
 
 
 def _requirement(spec: str) -> tuple[str, str | None]:

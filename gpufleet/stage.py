@@ -1,4 +1,18 @@
-"""What every stage shares: the host's settings, its profile from facts, refusal, and running a stage alone."""
+"""What every stage shares: the host's settings, its profile from facts, refusal, and running a stage alone.
+
+The order of a run, and why (deploys/full.py and run_alone follow it; deploys refer here):
+- pyinfra runs one operation at a time across the fleet. An operation is known by the lines that called it (the
+  deploy file's line, then the stage's, then any helper's), and operations run in the order of those lines, each
+  on every host that planned it before the next one starts.
+- So a deploy calls each stage on its own line: two stages called from one line would share their operations'
+  places and collide.
+- So an operation that one host must finish before another host's (the cache host's servers before any client
+  downloads through them; the builder's wheel fetched before the other hosts upload it) is planned by every host,
+  at the same line and in that order, and gated with _if to the hosts it concerns.
+- Every run first takes the host lock (before any fact is read), then preflight refuses what cannot be provisioned
+  before anything changes, then dpkg work a dropped connection interrupted is finished, then the stages run in the
+  pipeline's order: cache, driver, cuda, python, torch, xformers, smoke. A refused host plans nothing further.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +21,7 @@ from typing import Any, Callable
 
 from pyinfra import host, state
 from pyinfra.api.host import Host
+from pyinfra.facts.files import Directory, File, FileContents, Link
 
 from gpufleet import cache, facts, hostlock
 from gpufleet.buildplan import INSTALLED_STAMP
@@ -89,7 +104,7 @@ def disk_needs(target: Host, config: dict[str, Any]) -> tuple[DiskNeed, ...]:
     """Where each stage still to do writes, and how much it needs there (decided from what the host already has)."""
     python = f"{config['venv_path']}/bin/python"
     torch_done = (fact(target, facts.InstalledDistributions, python=python) or {}).get("torch") == config["torch_version"]
-    xformers_done = fact(target, facts.FileText, path=INSTALLED_STAMP) is not None
+    xformers_done = file_text(INSTALLED_STAMP, target) is not None
     toolkit_home = f"/usr/local/cuda-{config['cuda_version']}"
     toolkit_done = config["cuda_existing_home"] is not None or (
         fact(target, facts.NvccVersion, cuda_home=toolkit_home) == config["cuda_version"]
@@ -160,7 +175,8 @@ def not_implemented(stage: str, issue: int) -> None:
 
 
 def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
-    """Run preflight then the stages when pyinfra was pointed at this deploy file itself."""
+    """Run preflight then the stages when pyinfra was pointed at this deploy file itself, in the order of a run
+    (this module's docstring)."""
     current = state.current_deploy_filename
     if current is None or Path(current).resolve() != Path(module_file).resolve():
         return
@@ -168,7 +184,6 @@ def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
     first, *rest = stages
     if not refused():
         first()
-    # After preflight (the first stage), before any other change: as in deploys/full.py.
     if not refused():
         repair_interrupted_packages()
     for stage in rest:
@@ -191,3 +206,30 @@ def stack_changed() -> Callable[[], bool]:
 def as_user(user: str) -> dict[str, Any]:
     """Global arguments that run an operation as user (su from root; sudo first where the inventory says sudo)."""
     return {} if user == "root" else {"_su_user": user}
+
+
+def file_text(path: str, target: Host | None = None, **arguments: Any) -> str | None:
+    """A small file's text on a host (default: the current one), None when it does not exist; `arguments`: pyinfra's
+    global arguments, e.g. as_user(...) to read it as that user."""
+    lines = fact(host if target is None else target, FileContents, path=path, **arguments)
+    return None if lines is None else "\n".join(lines).strip()
+
+
+def path_owner(path: str, target: Host | None = None) -> str | None:
+    """Who owns the directory, file or link at path on a host (default: the current one); None when there is none."""
+    target = host if target is None else target
+    # pyinfra's facts answer False for a path of another type: ask the next type.
+    for kind in (Directory, File, Link):
+        found = fact(target, kind, path=path)
+        if found is None:
+            return None
+        if found:
+            return found["user"]
+    return None
+
+
+def venv_owner(config: dict[str, Any]) -> str:
+    """Who installs into the venv: the build user, or the owner of an adopted venv."""
+    if config["venv_adopt"]:
+        return path_owner(config["venv_path"]) or config["build_user"]
+    return config["build_user"]

@@ -13,13 +13,11 @@ from typing import Any
 from pyinfra import state
 from pyinfra.api.host import Host
 
-from gpufleet import facts
 from gpufleet.buildplan import INSTALLED_STAMP, arch_union, normalise_arch_list
 from gpufleet.decide import arch_list, preflight_problems
-from gpufleet.fact_memo import fact
 from gpufleet.fingerprint import WheelInputs, fingerprint, read_patch_series
 from gpufleet.settings import REPO_ROOT
-from gpufleet.stage import profile, settings
+from gpufleet.stage import file_text, profile, settings
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def host_wheel(h: Host) -> HostWheel:
     archs = normalise_arch_list(config["xformers_arch_list"] or fleet_arch_list())
     fp = wheel_fingerprint(config, archs)
     # Root's stamp (buildplan.ROOT_STATE_DIR): the build user cannot forge it.
-    installed = fact(h, facts.FileText, path=INSTALLED_STAMP)
+    installed = file_text(INSTALLED_STAMP, h)
     eligible = not preflight_problems(profile(h), config)
     return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp, eligible=eligible)
 

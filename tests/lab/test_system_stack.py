@@ -7,6 +7,7 @@ reboot by loading the installed module version (Lab.set_loaded_driver); reboot_p
 tests.
 """
 
+import shlex
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from gpufleet.lab.runner import PyinfraRun
 pytestmark = pytest.mark.lab
 
 STACK = Path(__file__).parent / "deploys" / "system_stack.py"
+STACK_TORCH = Path(__file__).parent / "deploys" / "system_stack_torch.py"
 
 
 def inventory_with(make_inventory: Callable[..., Path], hosts: list[Host], **settings: object) -> Path:
@@ -147,6 +149,38 @@ def test_unreachable_mirror_is_an_error_naming_the_url(
     assert run.returncode != 0, run.explain()
     assert f"{dead}/debian12/x86_64/cuda-keyring_1.1-1_all.deb" in run.stderr, run.explain()
     assert lab.ssh(hosts[0], "dpkg-query -W nvidia-open-580").returncode != 0, "nothing installed after the failure"
+
+
+# A torch built for the pinned version and CUDA but without sm_120 (the lab's index serves only one with it).
+SM90_TORCH = {
+    "torch/__init__.py": "from torch import cuda, version\n__version__ = '2.12.0.dev20260407+cu128'\n",
+    "torch/version.py": "cuda = '12.8'\n",
+    "torch/cuda/__init__.py": "def get_arch_list():\n    return ['sm_80', 'sm_90']\n",
+}
+
+
+def test_a_torch_without_the_gpus_architecture_fails_the_check_right_after_its_install(
+        lab: Lab, fresh_hosts: list[Host], make_inventory: Callable[..., Path],
+        run_pyinfra: Callable[..., PyinfraRun]) -> None:
+    hosts = fresh_hosts[:1]
+    inventory = inventory_with(make_inventory, hosts)
+    converge(lab, hosts, inventory, run_pyinfra)
+    host = hosts[0]
+    # Once pip has installed torch, a .pth line puts SM90_TORCH first on the venv's path: the run finds no torch
+    # before its install, and this one right after it.
+    python = "/opt/gpufleet/venv/bin/python"
+    site = lab.ssh(host, f"{python} -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])'").stdout.strip()
+    for path, text in SM90_TORCH.items():
+        lab.ssh(host, f"mkdir -p /opt/sm90/{Path(path).parent} && printf %s {shlex.quote(text)} > /opt/sm90/{path}")
+    pth = f"import os, sys; os.path.exists('{site}/torch/version.py') and sys.path.insert(0, '/opt/sm90')\n"
+    lab.ssh(host, f"printf %s {shlex.quote(pth)} > {site}/zz-sm90-torch.pth")
+    assert lab.ssh(host, f"{python} -c 'import torch'").returncode != 0, "a torch was importable before the install"
+    run = run_pyinfra(inventory, STACK_TORCH)
+    assert run.returncode != 0, run.explain()
+    assert "torch==2.12.0.dev20260407+cu128" in lab.ssh(host, f"{python} -m pip freeze").stdout, "torch not installed"
+    failed = [line for line in run.stderr.splitlines() if f"[{host.name}] torch check failed:" in line]
+    assert failed and "has no sm_120 code (it has sm_80, sm_90)" in failed[0], run.explain()
+    assert lab.ssh(host, "ls /var/lib/gpufleet-state/torch-* 2>/dev/null").stdout == "", "a failed torch was recorded"
 
 
 def hold_dpkg_lock(lab: Lab, host: Host, seconds: int) -> threading.Thread:

@@ -85,6 +85,11 @@ def _file_text(value: Any, config: dict[str, Any]) -> str:
     return _text(value)
 
 
+def _directory(path: str, owner: str) -> str:
+    """What pyinfra's Directory fact reads (stat) for an existing directory of owner, mode 755."""
+    return f"user={owner} group={owner} mode=drwxr-xr-x atime=0 mtime=0 ctime=0 size=4096 '{path}'"
+
+
 def effective_settings(profile: dict) -> dict[str, Any]:
     """The profile's settings over group_data/all.py's defaults (paths the facts are asked about)."""
     return {name: profile["settings"].get(name, s.default) for name, s in _SCHEMA.items()}
@@ -175,7 +180,7 @@ def fact_answers(profile: dict) -> list[Answer]:
         torch = _text(venv["torch"])
         heading = "== stamp" if venv.get("torch_stamped") else "== probed"
         answers.append(Answer("TorchInfo", f"{venv_python} -c 'import torch;", f"{heading}\n{torch}" if torch else NO_TOOL))
-        answers.append(Answer("PathOwner", f"stat -c %U {config['venv_path']} ", venv["owner"]))
+        answers.append(Answer("Directory", f"! (test -e {config['venv_path']} ||", _directory(config["venv_path"], venv["owner"])))
         answers.append(Answer("PipFreeze", f"{venv_python} -m pip freeze --all", _text(venv["pip_freeze"])))
         answers.append(Answer("InstalledDistributions", f"{venv_python} -I -c 'import importlib.metadata",
                               _text(venv["pip_freeze"])))
@@ -184,16 +189,16 @@ def fact_answers(profile: dict) -> list[Answer]:
     for home, output in profile["nvcc"].items():
         answers.append(Answer("NvccVersion", f"{home}/bin/nvcc --version", _text(output)))
     for path, text in profile["files"].items():
-        answers.append(Answer("FileText", f"cat {path} 2>/dev/null", _file_text(text, config)))
+        answers.append(Answer("FileContents", f"( test -e {path} && cat {path} )", _file_text(text, config)))
     # Optional: directories that exist already (root's, 755), for pyinfra's Directory fact.
     for path in profile.get("directories", []):
-        answers.append(Answer("Directory", f"! (test -e {path} ||",
-                              f"user=root group=root mode=drwxr-xr-x atime=0 mtime=0 ctime=0 size=4096 '{path}'"))
+        answers.append(Answer("Directory", f"! (test -e {path} ||", _directory(path, "root")))
 
     # HostProbe runs the probes above in one command: their answers in its sections, looked up before them.
     answers.insert(0, Answer("HostProbe", "echo '=== os'", _host_probe(answers)))
 
-    # Anything not listed above does not exist on the host: each fact's own "absent" answer.
+    # Anything not listed above does not exist on the host: each fact's own "absent" answer (pyinfra's file facts
+    # read the fake connector's default, no output, as absent).
     answers += [
         Answer("PythonVersion", "print(\"%d.%d\" % sys.version_info[:2])", NO_TOOL),
         Answer("PythonHeaders", "/Python.h", "no"),
@@ -201,9 +206,7 @@ def fact_answers(profile: dict) -> list[Answer]:
         Answer("PipFreeze", " -m pip freeze --all", NO_TOOL),
         Answer("InstalledDistributions", " -I -c 'import importlib.metadata", NO_TOOL),
         Answer("VenvState", "echo no-pip", "missing"),
-        Answer("PathOwner", "stat -c %U ", NO_TOOL),
         Answer("NvccVersion", "/bin/nvcc --version; else", NO_TOOL),
-        Answer("FileText", " 2>/dev/null || echo " + NO_TOOL, NO_TOOL),
         # A tool list not in _TOOL_SETS: a tool name no deploy knows, so preflight or the build says so loudly.
         Answer("MissingTools(unlisted tool list)", "; do ok=; for c in", "FAKE-INVENTORY-HAS-NO-ANSWER-FOR-THIS-TOOL-LIST"),
         # pyinfra's own facts that tell a fresh host from a provisioned one.
@@ -282,6 +285,6 @@ def _host(path: Path, profile: dict) -> tuple[str, dict]:
 
 _profiles = {path: load_profile(path) for path in sorted(_PROFILES.glob("*.yaml"))}
 
-# One pyinfra group per gpufleet group, so group_data/wsl.py applies to the WSL profiles.
+# One pyinfra group per gpufleet group, as in a real inventory.
 workstations = [_host(path, p) for path, p in _profiles.items() if p["group"] == "workstations"]
 wsl = [_host(path, p) for path, p in _profiles.items() if p["group"] == "wsl"]

@@ -291,7 +291,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
     ],
     # A second run after a successful one: every package "=", the holds kept, torch and xformers plan nothing, every
     # command gated. Files, directories, the user and the daemon show "+" only because the profile does not answer
-    # pyinfra's own file and systemd facts.
+    # pyinfra's own file and systemd facts (it answers the venv directory, whose owner it states).
     "ubuntu2404-5090d-provisioned": [
         *driver("nvidia-open-580", installed=SAME,
                 after_install=[op(SAME, DRIVER, "Install the kernel headers metapackage (linux-headers-generic)")]),
@@ -300,7 +300,8 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
         # python3-venv is installed: no install (and no list refresh) is planned at all.
         op(CHANGE, PYTHON, "Create /opt/gpufleet"),
-        op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
+        # The venv's owner is read with pyinfra's Directory fact, so the existing venv directory is in place.
+        op(SAME, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
         # The venv has pip (VenvState "ok"): not planned at all.
         op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
         op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
@@ -318,7 +319,7 @@ EXPECTED_PLAN: dict[str, list[str]] = {
         op(CHANGE, PYTHON, "Create /var/lib/gpufleet"),
         # python3-venv is installed: no install (and no list refresh) is planned at all.
         op(CHANGE, PYTHON, "Create /opt/gpufleet"),
-        op(CHANGE, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
+        op(SAME, PYTHON, "Create /opt/gpufleet/venv for gpufleet"),
         op(SAME, PYTHON, "Use PyPI in the venv (no mirror set)"),
         op(SAME, PYTHON, "Install pip, wheel, setuptools, ninja in the venv"),
         *SMOKE_TEST,
@@ -452,11 +453,8 @@ FACT_CALLS: dict[str, list[dict]] = {
     "NvccVersion": [{"cuda_home": "/usr/local/cuda-12.8"}, {"cuda_home": "/usr/local/cuda-13.0"}],
     "PythonVersion": [{"python": "/usr/bin/python3"}, {"python": "/opt/gpufleet/venv/bin/python"},
                       {"python": "/opt/torch/.venv/bin/python"}],
-    "PathOwner": [{"path": "/opt/gpufleet/venv"}, {"path": "/opt/torch/.venv"}],
     "TorchInfo": [{"python": "/opt/gpufleet/venv/bin/python", "context": "gpus=2b87 driver=580.95.05"},
                   {"python": "/opt/torch/.venv/bin/python", "context": "gpus=2330 driver=580.159.04"}],
-    "FileText": [{"path": "/var/lib/gpufleet-root/xformers/installed"},
-                 {"path": "/var/lib/gpufleet/xformers/452cdaefae3a7aee/manifest.json"}],
     "PythonHeaders": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "PipFreeze": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "InstalledDistributions": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],

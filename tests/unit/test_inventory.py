@@ -17,7 +17,7 @@ from gpufleet.inventory import (
     load_inventory,
 )
 from gpufleet.settings import load_settings, validate_value
-from tests.conftest import REPO_ROOT, run_pyinfra
+from tests.conftest import run_pyinfra
 
 ONE_HOST = "groups:\n  workstations:\n    hosts:\n      ws01: {}\n"
 
@@ -553,17 +553,6 @@ def test_every_default_in_all_py_passes_its_own_validation():
     assert settings, "group_data/all.py declares no settings"
     for name, setting in settings.items():
         assert validate_value(name, setting.default, settings) is None, name
-
-
-def test_wsl_group_data_values_pass_validation():
-    settings = load_settings()
-    namespace: dict = {}
-    exec((REPO_ROOT / "group_data" / "wsl.py").read_text(), namespace)
-    overrides = {k: v for k, v in namespace.items() if not k.startswith("_")}
-    assert overrides
-    for name, value in overrides.items():
-        assert name in settings, f"group_data/wsl.py sets unknown setting {name}"
-        assert validate_value(name, value, settings) is None, name
 
 
 class Listener:

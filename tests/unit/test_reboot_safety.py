@@ -48,7 +48,7 @@ def test_branch_change_is_a_driver_installed_without_the_wanted_packages():
 def test_a_branch_change_runs_the_smoke_test_again_but_does_not_rebuild_xformers():
     from dataclasses import fields
 
-    from deploys.smoke import smoke_stamp
+    from gpufleet.decide import smoke_stamp
     from gpufleet.fingerprint import WheelInputs
     from gpufleet.settings import load_settings
 

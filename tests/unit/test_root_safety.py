@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from pyinfra.facts.files import Directory, FileContents
 
 from gpufleet import cache, facts
 from gpufleet.buildplan import (
@@ -188,8 +189,8 @@ HOSTILE_PATH = "{tmp}/a b; touch {tmp}/pwned; echo $(touch {tmp}/pwned2)"
 
 
 @pytest.mark.parametrize("fact, kwargs", [
-    (facts.FileText, {"path": HOSTILE_PATH}),
-    (facts.PathOwner, {"path": HOSTILE_PATH}),
+    (FileContents, {"path": HOSTILE_PATH}),
+    (Directory, {"path": HOSTILE_PATH}),
     (facts.PythonVersion, {"python": HOSTILE_PATH}),
     (facts.PythonHeaders, {"python": HOSTILE_PATH}),
     (facts.PipFreeze, {"python": HOSTILE_PATH}),
@@ -202,7 +203,7 @@ HOSTILE_PATH = "{tmp}/a b; touch {tmp}/pwned; echo $(touch {tmp}/pwned2)"
 def test_fact_commands_quote_what_they_are_given(tmp_path, fact, kwargs):
     filled = {k: ([x.format(tmp=tmp_path) for x in v] if isinstance(v, list) else v.format(tmp=tmp_path))
               for k, v in kwargs.items()}
-    bash(fact().command(**filled))
+    bash(str(fact().command(**filled)))
     assert not list(tmp_path.glob("pwned*"))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from deploys.smoke import smoke_stamp, windows_driver
+from gpufleet.decide import smoke_stamp, windows_driver
 from gpufleet.facts import SmiGpu, SmiResult
 from gpufleet.settings import load_settings
 from tests.unit.test_decide import wsl_with_windows_driver, workstation

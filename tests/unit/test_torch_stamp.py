@@ -1,17 +1,21 @@
 """The validated-torch stamp: its key (run for real in bash on a venv-shaped folder) changes with whatever would
-change torch's answer and with nothing else; the TorchInfo fact tells a stamped answer from a fresh import."""
+change torch's answer and with nothing else; the TorchInfo fact tells a stamped answer from a fresh import. The
+check after an install: TORCH_PROBE's real output judged by decide.torch_problems."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from pyinfra.api.exceptions import FactProcessError
 
 from gpufleet import facts
+from gpufleet.decide import torch_problems
 from gpufleet.facts import NO_TOOL, parse_torch_info
+from gpufleet.operations import installed_torch_problems
 
 INFO = '{"version": "2.14.1+cu130", "cuda": "13.0", "arch_list": ["sm_90", "sm_120"]}'
 CONTEXT = "gpus=2b87 driver=580.95.05"
@@ -88,3 +92,55 @@ def test_the_stamp_is_trusted_only_in_root_s_own_folder() -> None:
     record = facts.record_torch_state_command("/opt/torchvenv/bin/python", CONTEXT)
     assert record.startswith(f"install -d -m 700 -o root -g root {facts.STATE_DIR} && ")
 
+
+
+def probe(tmp_path: Path, torch_init: str | None) -> subprocess.CompletedProcess:
+    """facts.TORCH_PROBE run for real by this interpreter, against a torch package made of `torch_init` (None: no
+    torch at all), as the torch stage runs it on a host right after the install."""
+    if torch_init is not None:
+        (tmp_path / "torch").mkdir(parents=True)
+        (tmp_path / "torch" / "__init__.py").write_text(torch_init)
+    tmp_path.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    # -S: no site-packages, so a torch installed on this machine is never the one probed.
+    return subprocess.run([sys.executable, "-S", "-c", facts.TORCH_PROBE], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+
+
+def torch_module(version: str, cuda: str | None, archs: list[str]) -> str:
+    return (f"import types\n__version__ = {version!r}\nversion = types.SimpleNamespace(cuda={cuda!r})\n"
+            f"cuda = types.SimpleNamespace(get_arch_list=lambda: {archs!r})\n")
+
+
+def check_after_install(tmp_path: Path, torch_init: str | None, archs: tuple[str, ...] = ("12.0",)) -> list[str]:
+    done = probe(tmp_path, torch_init)
+    return installed_torch_problems(done.returncode == 0, done.stdout, done.stderr, "12.8", list(archs))
+
+
+def test_a_freshly_installed_torch_for_the_toolkit_and_the_gpu_passes_the_check(tmp_path: Path) -> None:
+    assert check_after_install(tmp_path, torch_module("2.12.0.dev20260407+cu128", "12.8", ["sm_90", "sm_120"])) == []
+
+
+def test_a_freshly_installed_torch_is_judged_by_the_same_rule_as_an_installed_one(tmp_path: Path) -> None:
+    info = {"version": "2.12.0.dev20260407+cu128", "cuda": "12.8", "arch_list": ["sm_80", "sm_90"]}
+    found = check_after_install(tmp_path, torch_module(info["version"], info["cuda"], info["arch_list"]))
+    assert found == torch_problems(info, "12.8", ["12.0"]) and "no sm_120 code" in found[0]
+
+
+def test_a_cpu_build_or_another_cuda_fails_the_check(tmp_path: Path) -> None:
+    cpu = check_after_install(tmp_path / "cpu", torch_module("2.12.0", None, []))
+    assert len(cpu) == 1 and "CPU build" in cpu[0]
+    other = check_after_install(tmp_path / "cu130", torch_module("2.12.0+cu130", "13.0", ["sm_120"]))
+    assert len(other) == 1 and "built for CUDA 13.0" in other[0]
+
+
+def test_a_torch_that_does_not_import_fails_the_check_with_pythons_error(tmp_path: Path) -> None:
+    missing = check_after_install(tmp_path / "missing", None)
+    assert len(missing) == 1 and "does not import" in missing[0] and "No module named 'torch'" in missing[0]
+    broken = check_after_install(tmp_path, "raise ImportError('libcudart.so.12: cannot open shared object file')")
+    assert len(broken) == 1 and "libcudart.so.12" in broken[0]
+
+
+def test_a_probe_that_prints_no_torch_information_fails_the_check_naming_the_output() -> None:
+    found = installed_torch_problems(True, "Segmentation fault\n", "", "12.8", ["12.0"])
+    assert len(found) == 1 and "Segmentation fault" in found[0]

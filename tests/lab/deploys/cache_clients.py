@@ -14,7 +14,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import apt, files, server
 
 from deploys.cache import fleet_cache
-from deploys.python import pip_conf
+from gpufleet.decide import pip_conf
 from gpufleet.operations import pip_packages
 from gpufleet.stage import cache_only, settings
 
