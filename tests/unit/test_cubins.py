@@ -40,7 +40,7 @@ def test_elf_reader_agrees_with_cuobjdump(name: str) -> None:
 
 
 def test_listing_of_our_xformers_build_shows_only_sm120() -> None:
-    # Captured from the _C.so of `python -m gpufleet.ci_build` (TORCH_CUDA_ARCH_LIST=12.0, nvcc 13.0): 11 cubins.
+    # Captured from the _C.so of `python -m gpufleet_lab.ci_build` (TORCH_CUDA_ARCH_LIST=12.0, nvcc 13.0): 11 cubins.
     text = (DATA / "xformers-0.0.35-sm120-C.so.cuobjdump.txt").read_text()
     assert parse_cuobjdump_listing(text) == DeviceCode(cubins=("sm_120",))
     assert text.count(".sm_120.cubin") == 11

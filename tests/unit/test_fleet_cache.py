@@ -145,7 +145,7 @@ def test_stats_output_is_split_per_server():
 
 
 def test_lab_mirror_access_log_gives_client_path_status_and_served_bytes(tmp_path):
-    from gpufleet.lab import mirrors
+    from gpufleet_lab import mirrors
 
     (tmp_path / "packages").mkdir()
     (tmp_path / "packages" / "a.whl").write_bytes(b"x" * 10)
