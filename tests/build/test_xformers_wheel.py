@@ -22,7 +22,9 @@ from gpufleet_lab.ci_build import (
     nvcc_version,
     sdist_path,
 )
-from gpufleet.cubins import parse_cuobjdump_listing, read_elf_device_code
+from tests.host_scripts import cubins
+
+parse_cuobjdump_listing, read_elf_device_code = cubins.parse_cuobjdump_listing, cubins.read_elf_device_code
 
 pytestmark = pytest.mark.build
 

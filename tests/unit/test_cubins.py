@@ -6,16 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.cubins import (
-    DeviceCode,
-    FatbinError,
-    main,
-    missing_cubins,
-    parse_cuobjdump_listing,
-    read_elf_device_code,
-    requested_cubins,
-)
 from tests.conftest import cannot_run
+from tests.host_scripts import cubins
+
+DeviceCode, FatbinError, main = cubins.DeviceCode, cubins.FatbinError, cubins.main
+missing_cubins, requested_cubins = cubins.missing_cubins, cubins.requested_cubins
+parse_cuobjdump_listing, read_elf_device_code = cubins.parse_cuobjdump_listing, cubins.read_elf_device_code
 
 DATA = Path(__file__).parent / "data" / "cuda"
 # Fixture -> (cubins, ptx) as cuobjdump 13.5 names them; the libraries come from nvcc 13.0 (make_fixtures.sh).
