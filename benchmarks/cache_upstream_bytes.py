@@ -18,8 +18,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpufleet.lab import Lab, mirrors, prepare
-from gpufleet.lab.runner import REPO_ROOT, run_pyinfra
+from gpufleet_lab import Lab, mirrors, prepare
+from gpufleet_lab.runner import REPO_ROOT, run_pyinfra
 
 DEPLOY = REPO_ROOT / "tests/lab/deploys/cache_clients.py"
 

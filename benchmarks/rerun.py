@@ -1,7 +1,7 @@
 """Re-run speed of the real stages, preflight..xformers, on 3, 6, 12 and 24 lab build-env hosts.
 
 A benchmark, not a test: it prints figures. Needs root and the prepared lab cache. Each host is a real Debian 12
-system over SSH on this machine with this machine's CUDA 13.0 toolkit and a real torch venv (gpufleet/lab/buildenv.py);
+system over SSH on this machine with this machine's CUDA 13.0 toolkit and a real torch venv (gpufleet_lab/buildenv.py);
 the GPU and its driver are stand-ins. The xformers wheel comes from a copy of the CI build cache
 (/var/cache/gpufleet-build/xformers) when its fingerprint matches, so the first run installs it instead of
 compiling for minutes; the table says when a run built it.
@@ -38,8 +38,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpufleet.lab import Lab, prepare
-from gpufleet.lab.runner import REPO_ROOT, PyinfraRun, parse
+from gpufleet_lab import Lab, prepare
+from gpufleet_lab.runner import REPO_ROOT, PyinfraRun, parse
 
 DEPLOY = REPO_ROOT / "tests" / "lab" / "deploys" / "stages_to_xformers.py"
 COUNTED = REPO_ROOT / "benchmarks" / "pyinfra_counted.py"

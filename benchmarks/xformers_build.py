@@ -25,7 +25,7 @@ from typing import IO, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from gpufleet.buildplan import BUILD_SCRIPT, CUBIN_READER, WheelBuild, build_command  # noqa: E402
-from gpufleet.ci_build import (  # noqa: E402
+from gpufleet_lab.ci_build import (  # noqa: E402
     ARCH_LIST, CUDA_HOME, PATCH_DIR, REPO, SDIST_SHA256, ensure_sdist, ensure_venv, find_cuobjdump,
 )
 

@@ -12,7 +12,7 @@ GIB = 1024**3
 # The largest single nvcc process (sparse24_gemm_sm90.cu) peaks at about 2.6 GB; 3 leaves room for the rest.
 DEFAULT_PER_JOB_GB = 3.0
 BUILD_SCRIPT = "files/xformers/build_wheel.sh"
-CUBIN_READER = "gpufleet/cubins.py"
+CUBIN_READER = "files/xformers/cubins.py"
 
 _ARCH = re.compile(r"^(\d+)\.(\d)([af]?)(\+PTX)?$")
 

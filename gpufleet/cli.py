@@ -130,6 +130,28 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         return 130
 
 
+def cmd_run_summary(args: argparse.Namespace) -> int:
+    """Per host the changed, unchanged and failed operations of a `pyinfra --json` run; exit 2 on bad input."""
+    from gpufleet.runsummary import RunSummaryError, read_output, summary_lines
+
+    where = "stdin" if args.file == "-" else args.file
+    try:
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
+        summary = read_output(text)
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"gpufleet run-summary: cannot read {where}: {error}", file=sys.stderr)
+        return 2
+    except RunSummaryError as error:
+        print(f"gpufleet run-summary: {where} is not the output of `pyinfra --json`: {error}", file=sys.stderr)
+        return 2
+    if summary is None:
+        print(f"gpufleet run-summary: {where} is empty (pyinfra stopped before printing its results; see its log)",
+              file=sys.stderr)
+        return 1
+    print("\n".join(summary_lines(summary)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpufleet", description="Provision and check a fleet of GPU workstations.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -176,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deploy file (default: deploys/full.py)")
     r.add_argument("-v", "--verbose", action="store_true", help="pass -v to pyinfra")
     r.set_defaults(handler=cmd_rollout)
+    m = sub.add_parser("run-summary", help="per-host changes and errors of a `pyinfra --json` run",
+                       description="Read what `pyinfra -y --json` printed on stdout and list per host how many "
+                                   "operations changed something, changed nothing and failed, with the names of the "
+                                   "changed and failed ones. Exit 0, 1 when the output is empty (pyinfra stopped "
+                                   "early), 2 when it is not pyinfra's JSON.")
+    m.add_argument("file", nargs="?", default="-", help="the saved JSON output (default: read stdin)")
+    m.set_defaults(handler=cmd_run_summary)
     return parser
 
 

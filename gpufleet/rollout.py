@@ -10,7 +10,6 @@ already converged have nothing to do and pass their gate again.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 import subprocess
@@ -25,6 +24,7 @@ from rich.table import Table
 
 from gpufleet.inventory import Inventory
 from gpufleet.report import read_host
+from gpufleet.runsummary import RunSummary, RunSummaryError, read_output
 from gpufleet.settings import REPO_ROOT, load_settings
 
 DEFAULT_DEPLOY = REPO_ROOT / "deploys" / "full.py"
@@ -51,15 +51,12 @@ class Outcome:
     detail: str = ""
 
 
-@dataclass
-class BatchRun:
-    """What one pyinfra run of a batch reported: per host its operations' statuses and gpufleet's refusals."""
+@dataclass(kw_only=True)
+class BatchRun(RunSummary):
+    """What one pyinfra run of a batch reported: (from RunSummary) per host its operations' results, and gpufleet's
+    refusals from the log."""
 
     returncode: int
-    changed: dict[str, list[str]] = field(default_factory=dict)
-    errors: dict[str, list[str]] = field(default_factory=dict)
-    ran: set[str] = field(default_factory=set)
-    failed_hosts: set[str] = field(default_factory=set)
     refusals: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -102,19 +99,11 @@ def batch_labels(batches: list[list[str]], canary: int) -> list[str]:
 
 def parse_run(returncode: int, stdout: str, stderr: str) -> BatchRun:
     """pyinfra's --json results (stdout) and its log (stderr): per-host changes, errors and refusals."""
-    run = BatchRun(returncode)
     try:
-        payload = json.loads(stdout) if stdout.strip() else {}
-    except json.JSONDecodeError:
-        payload = {}
-    results = (payload or {}).get("results") or {}
-    for op in results.get("operations", []):
-        for key, target in (("success", run.changed), ("error", run.errors)):
-            for host in op.get(key, []):
-                target.setdefault(host, []).append(op["name"])
-        for key in ("success", "no_change", "error"):
-            run.ran.update(op.get(key, []))
-    run.failed_hosts = set(results.get("failed_hosts", []))
+        summary = read_output(stdout) or RunSummary()
+    except RunSummaryError:
+        summary = RunSummary()  # no results to read: every host is judged by its refusals or as not converged
+    run = BatchRun(hosts=summary.hosts, failed_hosts=summary.failed_hosts, returncode=returncode)
     for line in stderr.splitlines():
         match = _REFUSAL.match(_ANSI.sub("", line).strip())
         if match:
@@ -129,14 +118,14 @@ def judge(run: BatchRun, hosts: list[str], report_dir: Path) -> list[Outcome]:
     for host in hosts:
         refusals = run.refusals.get(host, [])
         pending = [r for r in refusals if REBOOT_PENDING in r]
-        errors = run.errors.get(host, [])
+        errors = run.errors(host)
         if pending:
             outcomes.append(Outcome(host, PENDING, pending[0]))
         elif refusals:
             outcomes.append(Outcome(host, FAILED, refusals[0]))
-        elif _only_smoke_check(errors) or (not errors and host in run.ran and host not in run.failed_hosts):
+        elif _only_smoke_check(errors) or (not errors and host in run.hosts and host not in run.failed_hosts):
             # The smoke result was fetched in this run, so the local copy is the host's current one.
-            outcomes.append(_gate(host, report_dir, changed=bool(run.changed.get(host))))
+            outcomes.append(_gate(host, report_dir, changed=bool(run.changes(host))))
         elif errors:
             outcomes.append(Outcome(host, FAILED, f"error in: {errors[0]}"))
         else:

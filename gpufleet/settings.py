@@ -96,7 +96,7 @@ def load_settings(path: Path = ALL_SETTINGS_FILE) -> dict[str, Setting]:
             continue
         name = node.target.id
         comment = lines[node.lineno - 2].strip() if node.lineno >= 2 else ""
-        if not comment.startswith("#"):
+        if not comment.startswith("#") or not comment.lstrip("#").strip():
             raise ValueError(f"{path}:{node.lineno}: setting {name} needs a one-line comment above it")
         settings[name] = Setting(
             name=name,

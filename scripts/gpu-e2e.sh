@@ -20,7 +20,7 @@ for run in 1 2; do
     rc=$?
     set -e
     echo "run $run: exit $rc in $(( $(date +%s) - start ))s"
-    python3 -m gpufleet.runsummary "$out/run$run.json" | tee "$out/run$run.summary"
+    python3 -m gpufleet.cli run-summary "$out/run$run.json" | tee "$out/run$run.summary"
     [ "$rc" = 0 ] || { tail -n 40 "$out/run$run.log"; exit "$rc"; }
 done
 python3 -m gpufleet.cli report "$(python3 -c 'from gpufleet.settings import load_settings; print(load_settings()["report_dir"].default)')/latest"

@@ -69,7 +69,7 @@ def timed(label: str, note: str = "") -> Iterator[None]:
 @pytest.fixture(scope="session")
 def lab_tools() -> None:
     """The lab's Debian tools (pciutils, kmod, mmdebstrap, ...) on this machine, installed with apt when missing."""
-    from gpufleet.lab.system import LabError, ensure_tools, missing_tools
+    from gpufleet_lab.system import LabError, ensure_tools, missing_tools
 
     missing = missing_tools()
     if not missing:
@@ -86,13 +86,13 @@ def lab_tools() -> None:
 @pytest.fixture(scope="session")
 def xformers_sdist() -> Path:
     """The real xformers sdist, checked against its pinned sha256 (CI's build cache, else fetched from PyPI)."""
-    from gpufleet.ci_build import SDIST_SHA256, sdist_path
+    from gpufleet_lab.ci_build import SDIST_SHA256, sdist_path
     from gpufleet.fingerprint import file_sha256
 
     if sdist_path().exists() and file_sha256(sdist_path()) == SDIST_SHA256:
         return sdist_path()
-    from gpufleet.lab import downloads
-    from gpufleet.lab.system import LabError
+    from gpufleet_lab import downloads
+    from gpufleet_lab.system import LabError
     try:
         with timed("xformers sdist (PyPI)"):
             return downloads.xformers_sdist()
@@ -103,7 +103,7 @@ def xformers_sdist() -> Path:
 @pytest.fixture(scope="session")
 def ci_wheel():
     """The real sm_120 xformers wheel, built with this machine's nvcc the way a host builds it (cached by fingerprint)."""
-    from gpufleet import ci_build
+    from gpufleet_lab import ci_build
 
     nvcc = Path(ci_build.CUDA_HOME, "bin/nvcc")
     if not nvcc.exists():

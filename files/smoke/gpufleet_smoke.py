@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -604,18 +605,30 @@ def sp24_probe(device_index: int) -> dict:
     return {"ok": ok, "message": message, "details": details}
 
 
+def load_cubin_reader() -> Optional[Any]:
+    """The build's own reader of device code, ../xformers/cubins.py from this script: on a host the xformers stage
+    ships it to <work_dir>/xformers/, in the repository it is files/xformers/. None where it is missing."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "xformers", "cubins.py")
+    if not os.path.isfile(path):
+        return None
+    spec = importlib.util.spec_from_file_location("gpufleet_cubins", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
 def list_cubins(nvcc: Optional[str], library: str) -> Optional[list[str]]:
-    """sm_N cubins in a shared library, read with cuobjdump beside nvcc; None when cuobjdump is missing."""
+    """sm_N cubins in a shared library, read with cuobjdump beside nvcc by cubins.py; None when either is missing."""
     cuobjdump = os.path.join(os.path.dirname(nvcc), "cuobjdump") if nvcc else shutil.which("cuobjdump")
-    if not cuobjdump or not os.access(cuobjdump, os.X_OK):
+    reader = load_cubin_reader()
+    if not cuobjdump or not os.access(cuobjdump, os.X_OK) or reader is None:
         return None
     try:
-        proc = run_command([cuobjdump, "--list-elf", library])
-    except (OSError, subprocess.TimeoutExpired):
+        code, _tool = reader.read_device_code(library, cuobjdump)
+    except (OSError, subprocess.SubprocessError, reader.FatbinError):
         return None
-    if proc.returncode != 0:
-        return None
-    return sorted(set(re.findall(r"\.(sm_\d+[af]?)\.cubin", proc.stdout)))
+    return list(code.cubins)
 
 
 def rung_sp24_sass(doc: dict, args: argparse.Namespace) -> str:

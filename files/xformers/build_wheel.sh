@@ -70,11 +70,8 @@ if [ "$UNPACK_ONLY" = 0 ]; then
     NVCC="$CUDA_HOME_ARG/bin/nvcc"
     [ -x "$NVCC" ] || die 2 "no nvcc at $NVCC (set --cuda-home to the CUDA toolkit, e.g. /usr/local/cuda-12.8)"
     VENV_BIN=$(dirname "$PYTHON")
-    if [ -z "$CUBINS" ]; then
-        here=$(cd "$(dirname "$0")" && pwd)
-        # On a host cubins.py is shipped beside this script; in the repository it lives in the package.
-        for c in "$here/cubins.py" "$here/../../gpufleet/cubins.py"; do [ -f "$c" ] && { CUBINS=$c; break; }; done
-    fi
+    # cubins.py lies beside this script, in the repository (files/xformers/) and on a host alike.
+    [ -n "$CUBINS" ] || CUBINS="$(cd "$(dirname "$0")" && pwd)/cubins.py"
     [ -f "$CUBINS" ] || die 2 "cubin reader cubins.py not found (pass --cubins PATH)"
     CUBINS=$(abspath "$CUBINS")
     [ -z "$CUOBJDUMP" ] || [ -x "$CUOBJDUMP" ] || die 2 "--cuobjdump $CUOBJDUMP is not executable"

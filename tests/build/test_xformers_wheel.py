@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.buildplan import BUILD_SCRIPT, WheelBuild, build_command
-from gpufleet.ci_build import (
+from gpufleet_lab.ci_build import (
     CUDA_HOME,
     PATCH_DIR,
     SDIST_SHA256,
@@ -22,7 +22,9 @@ from gpufleet.ci_build import (
     nvcc_version,
     sdist_path,
 )
-from gpufleet.cubins import parse_cuobjdump_listing, read_elf_device_code
+from tests.host_scripts import cubins
+
+parse_cuobjdump_listing, read_elf_device_code = cubins.parse_cuobjdump_listing, cubins.read_elf_device_code
 
 pytestmark = pytest.mark.build
 
@@ -88,7 +90,7 @@ def test_installed_wheel_records_the_arch_list_it_was_built_for(ci_wheel: CiWhee
 def test_unchanged_rerun_builds_nothing(ci_wheel: CiWheel) -> None:
     manifest = ci_wheel.out_dir / "manifest.json"
     before = manifest.stat().st_mtime_ns
-    rerun = subprocess.run([sys.executable, "-m", "gpufleet.ci_build"], cwd=REPO, capture_output=True, text=True)
+    rerun = subprocess.run([sys.executable, "-m", "gpufleet_lab.ci_build"], cwd=REPO, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert f"up to date: {ci_wheel.wheel.name} (fingerprint {ci_wheel.out_dir.name})" in rerun.stdout
     assert manifest.stat().st_mtime_ns == before

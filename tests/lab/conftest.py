@@ -1,8 +1,8 @@
-"""Fixtures for lab tests: real Debian 12 hosts over SSH on this machine (see gpufleet/lab).
+"""Fixtures for lab tests: real Debian 12 hosts over SSH on this machine (see gpufleet_lab).
 
 The hosts' GPUs, NVIDIA packages and torch are STAND-INS (no GPU exists here); apt, dpkg, sshd, pip,
 lspci, modinfo and pyinfra are real. Hosts made with `lab.add_hosts(n, build_env=True)` also get the real CUDA 13.0
-toolkit and a real torch venv to compile xformers (gpufleet/lab/buildenv.py; tests/lab/test_xformers_stage.py).
+toolkit and a real torch venv to compile xformers (gpufleet_lab/buildenv.py; tests/lab/test_xformers_stage.py).
   lab          session-scoped running Lab (3 shared hosts), torn down at the end
   lab_hosts    the 3 shared hosts (other tests may have changed them)
   fresh_hosts  3 new hosts from the cached base, removed after the test
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.lab import Lab, prepare, rootfs
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.runner import PyinfraRun
-from gpufleet.lab.runner import run_pyinfra as _run_pyinfra
-from gpufleet.lab.system import LabError
+from gpufleet_lab import Lab, prepare, rootfs
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.runner import PyinfraRun
+from gpufleet_lab.runner import run_pyinfra as _run_pyinfra
+from gpufleet_lab.system import LabError
 from tests.conftest import cannot_run, timed
 
 DEPLOYS = Path(__file__).parent / "deploys"

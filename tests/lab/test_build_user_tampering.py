@@ -13,9 +13,9 @@ import pytest
 
 from gpufleet.buildplan import ROOT_STATE_DIR, normalise_arch_list
 from gpufleet.inventory import load_inventory
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.runner import PyinfraRun
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.runner import PyinfraRun
 from gpufleet.settings import load_settings
 from gpufleet.xformers_fleet import wheel_fingerprint
 from tests.lab.test_xformers_stage import (  # noqa: F401 (build_hosts is a fixture)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.lab import Lab, mirrors
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.paths import BRIDGE_IP
+from gpufleet_lab import Lab, mirrors
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.paths import BRIDGE_IP
 
 pytestmark = pytest.mark.lab
 

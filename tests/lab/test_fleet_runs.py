@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.paths import SUBNET_PREFIX, mirror_base_url
-from gpufleet.lab.rootfs import SUDO_USER
-from gpufleet.lab.runner import PyinfraRun
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.paths import SUBNET_PREFIX, mirror_base_url
+from gpufleet_lab.rootfs import SUDO_USER
+from gpufleet_lab.runner import PyinfraRun
 
 MIRROR = mirror_base_url()
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from gpufleet import hostlock
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.runner import PyinfraRun, parse, start_pyinfra
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.runner import PyinfraRun, parse, start_pyinfra
 from tests.lab.test_system_stack import STACK, converge, inventory_with, refused
 
 pytestmark = pytest.mark.lab

@@ -1,6 +1,6 @@
 """The lab's hosts behave like the machines the deploys target, through real tools.
 
-GPU, NVIDIA packages and torch on these hosts are STAND-INS (see gpufleet/lab/standins.py and hardware.py);
+GPU, NVIDIA packages and torch on these hosts are STAND-INS (see gpufleet_lab/standins.py and hardware.py);
 lspci, modinfo, dpkg, apt, pip and sshd are the real programs.
 """
 
@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.paths import BRIDGE_IP, MIRROR_PORT, mirror_base_url
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.paths import BRIDGE_IP, MIRROR_PORT, mirror_base_url
 
 MIRROR = mirror_base_url()
 
@@ -110,7 +110,7 @@ def test_pip_index_serves_stand_in_torch_and_the_real_xformers_sdist(lab: Lab, l
 
 
 def test_build_env_hosts_compile_with_the_real_toolkit_and_keep_their_venv_changes_to_themselves(lab: Lab) -> None:
-    from gpufleet.lab import buildenv
+    from gpufleet_lab import buildenv
 
     first, second = lab.add_hosts(2, build_env=True)
     try:

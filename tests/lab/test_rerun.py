@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.runner import REPO_ROOT, PyinfraRun
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.runner import REPO_ROOT, PyinfraRun
 from tests.lab.test_xformers_stage import build_hosts  # noqa: F401  (the fixture, shared)
 
 pytestmark = [pytest.mark.lab, pytest.mark.build]

@@ -2,7 +2,7 @@
 
 What is real: the `gpufleet rollout` command, which runs the real pyinfra CLI per batch over SSH; apt, dpkg and
 apt-mark on Debian 12 hosts; the branch change itself, which goes through apt because the STAND-IN driver packages
-carry Conflicts/Replaces/Provides as NVIDIA's do (gpufleet/lab/standins.py: 580's versioned names, 595's unversioned
+carry Conflicts/Replaces/Provides as NVIDIA's do (gpufleet_lab/standins.py: 580's versioned names, 595's unversioned
 nvidia-open beside nvidia-driver-pinning-595, published to the lab's NVIDIA mirror after the hosts converged on 580).
 What is a stand-in, and why:
 - the health gate: the lab cannot run CUDA, so tests/lab/deploys/rollout_stack.py runs a STAND-IN health check in the
@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.runner import REPO_ROOT, PyinfraRun
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.runner import REPO_ROOT, PyinfraRun
 
 pytestmark = pytest.mark.lab
 

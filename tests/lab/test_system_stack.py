@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.paths import BRIDGE_IP
-from gpufleet.lab.runner import PyinfraRun
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.paths import BRIDGE_IP
+from gpufleet_lab.runner import PyinfraRun
 
 pytestmark = pytest.mark.lab
 

@@ -1,6 +1,6 @@
 """WSL2 hosts next to a bare-metal host through preflight, driver, CUDA and Python: the real pyinfra CLI over SSH.
 
-A lab WSL host (Lab.add_host(platform="wsl"), gpufleet/lab/hardware.py) is a Debian 12 host that shows the deploys
+A lab WSL host (Lab.add_host(platform="wsl"), gpufleet_lab/hardware.py) is a Debian 12 host that shows the deploys
 what WSL2 shows: the WSL2 kernel release, Microsoft's render device and no NVIDIA PCI device, no /proc/driver/nvidia,
 Ubuntu 24.04's os-release, and a STAND-IN for Windows' nvidia-smi at /usr/lib/wsl/lib (off PATH) whose reported
 driver version the test sets (Lab.set_windows_driver). NVIDIA's packages are STAND-INS from the lab's signed
@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host, wait_ready
-from gpufleet.lab.paths import mirror_base_url
-from gpufleet.lab.runner import PyinfraRun
-from gpufleet.lab.runner import run_pyinfra as _run_pyinfra
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host, wait_ready
+from gpufleet_lab.paths import mirror_base_url
+from gpufleet_lab.runner import PyinfraRun
+from gpufleet_lab.runner import run_pyinfra as _run_pyinfra
 
 pytestmark = pytest.mark.lab
 

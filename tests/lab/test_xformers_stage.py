@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gpufleet.lab import Lab
-from gpufleet.lab.hosts import Host, kill_pids
-from gpufleet.lab.runner import REPO_ROOT, PyinfraRun
+from gpufleet_lab import Lab
+from gpufleet_lab.hosts import Host, kill_pids
+from gpufleet_lab.runner import REPO_ROOT, PyinfraRun
 
 pytestmark = [pytest.mark.lab, pytest.mark.build]
 

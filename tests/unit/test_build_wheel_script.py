@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.ci_build import SDIST_SHA256
+from gpufleet_lab.ci_build import SDIST_SHA256
 from tests.conftest import cannot_run
 
 REPO = Path(__file__).resolve().parents[2]

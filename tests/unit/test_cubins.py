@@ -6,16 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.cubins import (
-    DeviceCode,
-    FatbinError,
-    main,
-    missing_cubins,
-    parse_cuobjdump_listing,
-    read_elf_device_code,
-    requested_cubins,
-)
 from tests.conftest import cannot_run
+from tests.host_scripts import cubins
+
+DeviceCode, FatbinError, main = cubins.DeviceCode, cubins.FatbinError, cubins.main
+missing_cubins, requested_cubins = cubins.missing_cubins, cubins.requested_cubins
+parse_cuobjdump_listing, read_elf_device_code = cubins.parse_cuobjdump_listing, cubins.read_elf_device_code
 
 DATA = Path(__file__).parent / "data" / "cuda"
 # Fixture -> (cubins, ptx) as cuobjdump 13.5 names them; the libraries come from nvcc 13.0 (make_fixtures.sh).
@@ -40,7 +36,7 @@ def test_elf_reader_agrees_with_cuobjdump(name: str) -> None:
 
 
 def test_listing_of_our_xformers_build_shows_only_sm120() -> None:
-    # Captured from the _C.so of `python -m gpufleet.ci_build` (TORCH_CUDA_ARCH_LIST=12.0, nvcc 13.0): 11 cubins.
+    # Captured from the _C.so of `python -m gpufleet_lab.ci_build` (TORCH_CUDA_ARCH_LIST=12.0, nvcc 13.0): 11 cubins.
     text = (DATA / "xformers-0.0.35-sm120-C.so.cuobjdump.txt").read_text()
     assert parse_cuobjdump_listing(text) == DeviceCode(cubins=("sm_120",))
     assert text.count(".sm_120.cubin") == 11

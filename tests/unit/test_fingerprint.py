@@ -1,6 +1,10 @@
 """The wheel fingerprint changes with every input that changes the wheel, and only with those."""
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,9 +52,15 @@ def test_patch_releases_of_python_and_cuda_do_not_change_it() -> None:
     assert fingerprint(dataclasses.replace(BASE, python_version="3.12.3", cuda_version="12.8.93")) == fingerprint(BASE)
 
 
-def test_fingerprint_is_stable_hex() -> None:
-    fp = fingerprint(BASE)
-    assert fp == fingerprint(dataclasses.replace(BASE)) and len(fp) == 16 and int(fp, 16) >= 0
+def test_fingerprint_is_the_same_in_every_process_and_safe_in_a_path() -> None:
+    """It names the wheel's folders on this machine and on hosts, compared across runs: another interpreter, with
+    another hash seed, computes the same 16 lowercase hex digits."""
+    code = "from tests.unit.test_fingerprint import BASE; from gpufleet.fingerprint import fingerprint; print(fingerprint(BASE))"
+    for seed in ("0", "4242"):
+        other = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONHASHSEED": seed},
+                               capture_output=True, text=True, check=True)
+        assert other.stdout.strip() == fingerprint(BASE)
+    assert re.fullmatch(r"[0-9a-f]{16}", fingerprint(BASE))
 
 
 def test_series_is_read_in_order_with_contents(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.lab import hardware, standins
-from gpufleet.lab.kmod_elf import modinfo_object
-from gpufleet.lab.runner import parse
+from gpufleet_lab import hardware, standins
+from gpufleet_lab.kmod_elf import modinfo_object
+from gpufleet_lab.runner import parse
 
 # lspci, depmod, modinfo and dpkg-deb: installed by the lab_tools fixture where missing.
 pytestmark = pytest.mark.usefixtures("lab_tools")

@@ -46,22 +46,54 @@ def test_pip_installs_from_the_simple_index_over_file_url(tmp_path):
     assert (target / "gpufleet_probe" / "__init__.py").read_text() == "__version__ = '1.2.3'\n"
 
 
+RUN = {
+    "plan": [],
+    "results": {
+        "operations": [
+            {"name": "Install torch", "success": ["ws01"], "no_change": ["ws02"], "error": []},
+            {"name": "Run the smoke test", "success": [], "no_change": [], "error": ["ws02"]},
+        ],
+        "totals": {},
+        "failed_hosts": ["ws02"],
+    },
+}
+
+
 def test_summary_counts_changes_per_host():
-    document = {
-        "plan": [],
-        "results": {
-            "operations": [
-                {"name": "Install torch", "success": ["ws01"], "no_change": ["ws02"], "error": []},
-                {"name": "Run the smoke test", "success": [], "no_change": [], "error": ["ws02"]},
-            ],
-            "totals": {},
-            "failed_hosts": ["ws02"],
-        },
-    }
-    summary = summarise(document)
-    assert summary["ws01"] == {"changed": ["Install torch"], "no_change": [], "error": []}
-    assert summary["ws02"] == {"changed": [], "no_change": ["Install torch"], "error": ["Run the smoke test"]}
+    summary = summarise(RUN)
+    assert (summary.changes("ws01"), summary.unchanged("ws01"), summary.errors("ws01")) == (["Install torch"], [], [])
+    assert (summary.changes("ws02"), summary.unchanged("ws02"), summary.errors("ws02")) == (
+        [], ["Install torch"], ["Run the smoke test"])
+    assert summary.failed_hosts == ["ws02"]
 
 
 def test_summary_of_a_dry_run_is_empty():
-    assert summarise(json.loads('{"plan": [], "results": null}')) == {}
+    summary = summarise(json.loads('{"plan": [], "results": null}'))
+    assert summary.hosts == {} and summary.failed_hosts == []
+
+
+def run_summary(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpufleet.cli", "run-summary", *args], input=stdin,
+                          capture_output=True, text=True, check=False)
+
+
+def test_run_summary_command_reads_a_file_or_stdin(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(RUN))
+    expected = ("ws01: 1 changed, 0 unchanged, 0 failed\n    changed: Install torch\n"
+                "ws02: 0 changed, 1 unchanged, 1 failed\n    error: Run the smoke test\nfailed hosts: ws02\n")
+    for result in (run_summary(str(path)), run_summary(stdin=json.dumps(RUN)), run_summary("-", stdin=json.dumps(RUN))):
+        assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
+
+
+def test_run_summary_command_says_what_is_wrong_with_bad_input(tmp_path):
+    for text, why in (("pyinfra: error: no inventory", "not JSON"), ("[1, 2]", "a JSON list"),
+                      ('{"results": {"operations": [{"name": "x", "success": "ws01"}]}}', "'success' is not a list")):
+        result = run_summary(stdin=text)
+        assert result.returncode == 2 and result.stdout == "", result
+        assert "stdin is not the output of `pyinfra --json`" in result.stderr and why in result.stderr
+        assert "Traceback" not in result.stderr
+    empty = run_summary(stdin="\n")
+    assert empty.returncode == 1 and "stdin is empty" in empty.stderr
+    missing = run_summary(str(tmp_path / "absent.json"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr

@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from gpufleet.settings import REPO_ROOT, load_settings, markdown_table
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -18,10 +20,12 @@ def test_settings_table_matches_group_data_all():
     assert table == markdown_table(), "regenerate it: python -m gpufleet.settings"
 
 
-def test_every_setting_has_a_comment_and_a_readme_row():
-    for setting in load_settings().values():
-        assert setting.comment
-        assert f"| `{setting.name}` |" in README
+@pytest.mark.parametrize("above", ["", "\n", "#\n"], ids=["another setting", "blank line", "empty comment"])
+def test_a_setting_without_a_comment_for_its_readme_row_is_refused(tmp_path, above):
+    path = tmp_path / "all.py"
+    path.write_text(f"# the first setting\nfirst: int = 1\n{above}second: str = 'a'\n")
+    with pytest.raises(ValueError, match=r"all.py:\d: setting second needs a one-line comment above it"):
+        load_settings(path)
 
 
 def test_quick_start_has_exactly_two_commands_and_ci_runs_the_second():

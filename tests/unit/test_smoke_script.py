@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cannot_run
+from tests.host_scripts import cubins
 from tests.smoke_standins import SCRIPT, STANDIN_NVCC, STANDIN_NVIDIA_SMI, load_script, system_bin_without
 
 VENV = Path("/tmp/gpufleet-smoke-cpu-torch-venv")
@@ -240,3 +241,23 @@ def test_long_xformers_errors_keep_their_last_reason() -> None:
     assert len(short) <= 605
     assert short.startswith("No operator found")
     assert short.endswith("but your GPU has (12, 0)")
+
+
+
+@pytest.mark.parametrize("fixture", ["sm90_sm120", "sm120a_sm120f_sm100f", "xformers-0.0.35-sm120-C.so"])
+def test_cubins_of_xformers_are_read_by_the_builds_own_reader(tmp_path: Path, fixture: str) -> None:
+    """The smoke test lists _C.so's cubins with files/xformers/cubins.py, the reader the build proves its wheel with:
+    both give the same archs, in the same order."""
+    listing = tmp_path / "listing.txt"
+    listing.write_text((Path(__file__).parent / "data" / "cuda" / f"{fixture}.cuobjdump.txt").read_text())
+    cuda_bin = tmp_path / "cuda" / "bin"
+    cuda_bin.mkdir(parents=True)
+    cuobjdump = cuda_bin / "cuobjdump"
+    cuobjdump.write_text(f'#!/bin/sh\n[ "$1" = --list-elf ] && cat {listing}\nexit 0\n')
+    cuobjdump.chmod(0o755)
+    library = tmp_path / "_C.so"
+    library.write_bytes(b"")
+    found = smoke.list_cubins(str(cuda_bin / "nvcc"), str(library))
+    assert found == list(cubins.parse_cuobjdump_listing(listing.read_text()).cubins) and found
+    cuobjdump.unlink()
+    assert smoke.list_cubins(str(cuda_bin / "nvcc"), str(library)) is None, "no cuobjdump: nothing is claimed"

@@ -1,6 +1,6 @@
 """gpufleet's test lab: real hosts over SSH on this machine, with local mirrors and simulated GPUs.
 
-`python -m gpufleet.lab prepare|up|down|status` (root only). What a test host is:
+`python -m gpufleet_lab prepare|up|down|status` (root only). What a test host is:
 
 - a Debian 12 root filesystem built once with mmdebstrap (rootfs.py), cached under /var/cache/gpufleet-lab
   keyed by a hash of its recipe; each host is an overlayfs mount over it, so creating one takes a moment;
@@ -24,6 +24,6 @@ Teardown (`Lab.down`) kills processes by the PIDs found in the lab's namespaces 
 deletes namespaces and the bridge; `Lab.up` runs it first, so a crashed run needs no manual cleanup.
 """
 
-from gpufleet.lab.lab import Lab, prepare
+from gpufleet_lab.lab import Lab, prepare
 
 __all__ = ["Lab", "prepare"]

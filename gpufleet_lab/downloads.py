@@ -12,14 +12,14 @@ import ssl
 import urllib.request
 from pathlib import Path
 
-from gpufleet.lab.os_packages import OS_PACKAGES
-from gpufleet.lab.paths import (
+from gpufleet_lab.os_packages import OS_PACKAGES
+from gpufleet_lab.paths import (
     CACHE_DIR,
     DEBIAN_MIRROR,
     DEBIAN_SECURITY_MIRROR,
     DEBIAN_SUITE,
 )
-from gpufleet.lab.system import LabError, run
+from gpufleet_lab.system import LabError, run
 
 PIP_PACKAGES: tuple[str, ...] = ("pip", "setuptools", "wheel", "ninja")
 # The fleet cache's Python index server (deploys/cache.py), for the lab hosts' Python 3.11.

@@ -1,8 +1,10 @@
 """Which GPU architectures a compiled CUDA library really carries code for.
 
 Two readers that must agree: the text of `cuobjdump --list-elf` / `--list-ptx`, and a pure-Python reader of the
-ELF's `.nv_fatbin` section for hosts without cuobjdump. Standard library only: this file is also shipped to
-build hosts beside `files/xformers/build_wheel.sh` and run there as a script with the build venv's Python.
+ELF's `.nv_fatbin` section for hosts without cuobjdump. A host-side script, standard library only: the xformers
+stage ships it beside `build_wheel.sh` (<work_dir>/xformers/), which runs it with the build venv's Python, and the
+smoke test (<work_dir>/smoke/gpufleet_smoke.py) imports it from there; the repository keeps the same layout
+(files/xformers/, files/smoke/).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ FATBIN_KIND_ELF = 2
 FLAG_ARCH_SPECIFIC = 0x100000
 FLAG_FAMILY_SPECIFIC = 0x200000
 FATBIN_SECTIONS = (".nv_fatbin", "__nv_relfatbin")
+# cuobjdump lists a 200 MB _C.so in seconds; a hung one must not hold a build or a smoke test forever.
+CUOBJDUMP_TIMEOUT_S = 120
 
 _LIST_LINE = re.compile(r"^(ELF|PTX) file\s+\d+:\s+\S*?\.(sm_\d+[a-z]?)\.(?:cubin|ptx)\s*$")
 _ARCH = re.compile(r"^(\d+)\.(\d)([af]?)$")
@@ -155,7 +159,8 @@ def read_device_code(path: str, cuobjdump: Optional[str]) -> tuple[DeviceCode, s
     if cuobjdump:
         text = ""
         for flag in ("--list-elf", "--list-ptx"):
-            run = subprocess.run([cuobjdump, flag, path], capture_output=True, text=True, check=False)
+            run = subprocess.run([cuobjdump, flag, path], capture_output=True, text=True, check=False,
+                                 timeout=CUOBJDUMP_TIMEOUT_S)
             # cuobjdump exits non-zero for a list that is empty ("No PTX file found", "does not contain device code").
             if run.returncode != 0 and flag == "--list-elf" and "does not contain device code" not in run.stderr:
                 raise FatbinError(f"{cuobjdump} {flag} {path} failed: {run.stderr.strip()}")
@@ -175,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     tool = None if args.no_cuobjdump else (args.cuobjdump or find_cuobjdump(os.environ.get("CUDA_HOME")))
     try:
         code, reader = read_device_code(args.library, tool)
-    except (OSError, FatbinError) as error:
+    except (OSError, FatbinError, subprocess.TimeoutExpired) as error:
         print(f"cubins: cannot read {args.library}: {error}", file=sys.stderr)
         return 2
     required = [a for a in re.split(r"[;,\s]+", args.require) if a]

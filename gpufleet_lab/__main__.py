@@ -1,4 +1,4 @@
-"""`python -m gpufleet.lab prepare|up|down|status`: build the cache, start, stop or show the test lab."""
+"""`python -m gpufleet_lab prepare|up|down|status`: build the cache, start, stop or show the test lab."""
 
 import argparse
 import json
@@ -7,13 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from gpufleet.lab.hardware import GPUS
-from gpufleet.lab.lab import DEFAULT_DRIVER_VERSION, Lab, prepare
-from gpufleet.lab.system import LabError
+from gpufleet_lab.hardware import GPUS
+from gpufleet_lab.lab import DEFAULT_DRIVER_VERSION, Lab, prepare
+from gpufleet_lab.system import LabError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpufleet.lab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gpufleet_lab", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("prepare", help="install the lab's Debian tools and fill /var/cache/gpufleet-lab")
     up = sub.add_parser("up", help="tear down leftovers, then start mirrors and N hosts")
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--wsl", type=int, default=0, metavar="N", help="also start N WSL2-like hosts (group wsl)")
     up.add_argument("--inventory", type=Path, help="write the gpufleet YAML inventory here too")
     up.add_argument("--build-env", action="store_true",
-                    help="give the hosts the real CUDA 13.0 toolkit and torch venv to build xformers (gpufleet/lab/buildenv.py)")
+                    help="give the hosts the real CUDA 13.0 toolkit and torch venv to build xformers (gpufleet_lab/buildenv.py)")
     sub.add_parser("down", help="remove every lab process, mount, namespace and the bridge")
     sub.add_parser("status", help="print the lab's state as JSON")
     args = parser.parse_args(argv)

@@ -16,9 +16,9 @@ import json
 import shutil
 from pathlib import Path
 
-from gpufleet.lab import rootfs
-from gpufleet.lab.paths import CACHE_DIR
-from gpufleet.lab.system import LabError, run
+from gpufleet_lab import rootfs
+from gpufleet_lab.paths import CACHE_DIR
+from gpufleet_lab.system import LabError, run
 
 CUDA_HOME = "/usr/local/cuda-13.0"
 CUDA_VERSION = "13.0"

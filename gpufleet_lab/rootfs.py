@@ -5,13 +5,13 @@ import json
 import shutil
 from pathlib import Path
 
-from gpufleet.lab.paths import (
+from gpufleet_lab.paths import (
     CACHE_DIR,
     DEBIAN_MIRROR,
     DEBIAN_SECURITY_MIRROR,
     DEBIAN_SUITE,
 )
-from gpufleet.lab.system import run
+from gpufleet_lab.system import run
 
 # What a fresh workstation has before gpufleet touches it, plus what pyinfra and the facts need to run.
 BASE_PACKAGES: tuple[str, ...] = (

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from gpufleet.lab import (
+from gpufleet_lab import (
     buildenv,
     downloads,
     hardware,
@@ -18,10 +18,10 @@ from gpufleet.lab import (
     rootfs,
     standins,
 )
-from gpufleet.lab.hosts import Host
-from gpufleet.lab.hardware import COMPUTE_APPS, REBOOT_LOG
-from gpufleet.lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
-from gpufleet.lab.system import LabError, ensure_tools, run
+from gpufleet_lab.hosts import Host
+from gpufleet_lab.hardware import COMPUTE_APPS, REBOOT_LOG
+from gpufleet_lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
+from gpufleet_lab.system import LabError, ensure_tools, run
 
 DEFAULT_DRIVER_VERSION = "580.95.05-1"
 LAB_PYTHON = "3.11"  # Debian 12's python3, what every lab host has
@@ -87,7 +87,7 @@ class Lab:
         overlay of the cached real torch venv (at buildenv.VENV_PATH) into the host, so it can compile CUDA
         extensions for real; the GPU and the driver stay stand-ins. See `build_settings` for matching settings."""
         if not network.bridge_exists() or not self.control_key.exists():
-            raise LabError("the lab is not up (no bridge or control key); start it with `python -m gpufleet.lab up`")
+            raise LabError("the lab is not up (no bridge or control key); start it with `python -m gpufleet_lab up`")
         if gpu not in hardware.GPUS:
             raise LabError(f"unknown lab GPU {gpu!r}; choose one of {sorted(hardware.GPUS)}")
         if platform not in ("metal", "wsl") or (platform == "wsl" and loaded_driver):
@@ -290,7 +290,7 @@ class Lab:
                 entries.update(extra_hosts or {})
             groups[group] = {"settings": {"python_version": LAB_PYTHON}, "hosts": entries}
         document = {"settings": {**self.mirror_settings(), **(settings or {})}, "groups": groups}
-        path.write_text("# written by `python -m gpufleet.lab`; lab hosts are stand-ins, see gpufleet/lab\n"
+        path.write_text("# written by `python -m gpufleet_lab`; lab hosts are stand-ins, see gpufleet_lab\n"
                         + yaml.safe_dump(document, sort_keys=False))
         return path
 
@@ -309,7 +309,7 @@ class Lab:
         metal = [(h.name, {"ssh_hostname": h.ip, **common}) for h in chosen if h.platform == "metal"]
         metal += [(name, {"ssh_hostname": address, **common}) for name, address in (extra_hosts or {}).items()]
         wsl = [(h.name, {"ssh_hostname": h.ip, **common}) for h in chosen if h.platform == "wsl"]
-        path.write_text("# written by gpufleet.lab; lab hosts are stand-ins, see gpufleet/lab\n"
+        path.write_text("# written by gpufleet_lab; lab hosts are stand-ins, see gpufleet_lab\n"
                         f"workstations = {pprint.pformat(metal, width=110)}\n"
                         f"wsl = {pprint.pformat(wsl, width=110)}\n")
         return path

@@ -19,9 +19,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from gpufleet.lab import standins
-from gpufleet.lab.paths import BRIDGE_IP, MIRROR_PORT
-from gpufleet.lab.system import LabError, run
+from gpufleet_lab import standins
+from gpufleet_lab.paths import BRIDGE_IP, MIRROR_PORT
+from gpufleet_lab.system import LabError, run
 
 CUDA_REPO_DIRS: tuple[str, ...] = ("debian12", "ubuntu2404", "wsl-ubuntu")
 KEY_UID = "gpufleet lab test archive key <lab@gpufleet.invalid>"

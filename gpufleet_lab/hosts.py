@@ -18,10 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpufleet.lab import buildenv, hardware, network, standins
-from gpufleet.lab.paths import mirror_base_url
-from gpufleet.lab.rootfs import SUDO_USER
-from gpufleet.lab.system import LabError, run
+from gpufleet_lab import buildenv, hardware, network, standins
+from gpufleet_lab.paths import mirror_base_url
+from gpufleet_lab.rootfs import SUDO_USER
+from gpufleet_lab.system import LabError, run
 
 OS_KEYRING = "/usr/share/keyrings/gpufleet-lab-archive.gpg"
 

@@ -1,36 +1,25 @@
 """Run the real `pyinfra -y --json` CLI against lab hosts and read its per-host, per-operation results."""
 
-import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from gpufleet.runsummary import RunSummary, RunSummaryError, load_output, summarise
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@dataclass
-class OpResult:
-    name: str
-    status: str  # "changed", "no_change" or "error"
+@dataclass(kw_only=True)
+class PyinfraRun(RunSummary):
+    """One pyinfra run: its command and output, and (from RunSummary) each host's operation results."""
 
-
-@dataclass
-class PyinfraRun:
     command: list[str]
     returncode: int
     stdout: str
     stderr: str
     payload: dict | None
-    hosts: dict[str, list[OpResult]] = field(default_factory=dict)
-    failed_hosts: list[str] = field(default_factory=list)
-
-    def changes(self, host: str) -> list[str]:
-        return [op.name for op in self.hosts.get(host, []) if op.status == "changed"]
-
-    def errors(self, host: str) -> list[str]:
-        return [op.name for op in self.hosts.get(host, []) if op.status == "error"]
 
     def explain(self) -> str:
         return f"$ {' '.join(self.command)}\nexit {self.returncode}\n--- stderr (tail) ---\n{self.stderr[-4000:]}"
@@ -54,17 +43,13 @@ class PyinfraRun:
 
 def parse(command: list[str], proc: subprocess.CompletedProcess[str]) -> PyinfraRun:
     try:
-        payload = json.loads(proc.stdout) if proc.stdout.strip() else None
-    except json.JSONDecodeError:
-        payload = None  # something printed to stdout besides pyinfra's JSON; stderr/stdout stay for the message
-    run = PyinfraRun(command, proc.returncode, proc.stdout, proc.stderr, payload)
-    results = (payload or {}).get("results") or {}
-    for op in results.get("operations", []):
-        for status, key in (("changed", "success"), ("no_change", "no_change"), ("error", "error")):
-            for host in op.get(key, []):
-                run.hosts.setdefault(host, []).append(OpResult(op["name"], status))
-    run.failed_hosts = list(results.get("failed_hosts", []))
-    return run
+        payload = load_output(proc.stdout)
+        summary = summarise(payload) if payload is not None else RunSummary()
+    except RunSummaryError:
+        # Something besides pyinfra's JSON on stdout: no results; stdout and stderr stay for the message.
+        payload, summary = None, RunSummary()
+    return PyinfraRun(hosts=summary.hosts, failed_hosts=summary.failed_hosts, command=command,
+                      returncode=proc.returncode, stdout=proc.stdout, stderr=proc.stderr, payload=payload)
 
 
 def pyinfra_command(inventory: Path, deploy: str | Path, *extra: str) -> tuple[list[str], dict[str, str]]:

@@ -1,6 +1,6 @@
 """CI's real xformers build: the same host-side script a deploy runs, on this machine's CUDA, cached by fingerprint.
 
-`python -m gpufleet.ci_build` makes the build venv (torch from pip), fetches and checks the sdist with pip,
+`python -m gpufleet_lab.ci_build` makes the build venv (torch from pip), fetches and checks the sdist with pip,
 computes the fingerprint and runs `files/xformers/build_wheel.sh` into `<cache>/xformers/<fingerprint>/`;
 an unchanged rerun finds the finished manifest there and builds nothing.
 """

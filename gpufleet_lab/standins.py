@@ -37,8 +37,8 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from gpufleet.lab.hardware import COMPUTE_APPS, GPUS
-from gpufleet.lab.kmod_elf import modinfo_object
+from gpufleet_lab.hardware import COMPUTE_APPS, GPUS
+from gpufleet_lab.kmod_elf import modinfo_object
 
 # A file in a package: content and mode; a str content starting with "->" is a symlink target.
 Files = Mapping[str, tuple[bytes | str, int]]

@@ -7,14 +7,14 @@ Hosts get an address and nothing else: no default route, so anything outside the
 import ipaddress
 import json
 
-from gpufleet.lab.paths import (
+from gpufleet_lab.paths import (
     BRIDGE_IP,
     BRIDGE_NAME,
     INSTANCE,
     NETNS_PREFIX,
     SUBNET_PREFIX,
 )
-from gpufleet.lab.system import LabError, run
+from gpufleet_lab.system import LabError, run
 
 SUBNET = ipaddress.ip_network(f"{SUBNET_PREFIX}.0/24")
 
@@ -26,7 +26,7 @@ def check_subnet_free() -> None:
             network = ipaddress.ip_interface(f"{addr['local']}/{addr['prefixlen']}").network
             if link["ifname"] != BRIDGE_NAME and network.overlaps(SUBNET):
                 raise LabError(f"{link['ifname']} already uses {addr['local']}/{addr['prefixlen']}, which overlaps "
-                               f"the lab network {SUBNET}; change SUBNET_PREFIX in gpufleet/lab/paths.py")
+                               f"the lab network {SUBNET}; change SUBNET_PREFIX in gpufleet_lab/paths.py")
 
 
 def bridge_exists() -> bool:
