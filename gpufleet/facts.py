@@ -4,6 +4,7 @@ into a FactProcessError, which fails that host alone, never the whole run."""
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
 from typing import Any, Callable, NamedTuple
@@ -846,3 +847,53 @@ class VenvState(FactBase):
         if value not in ("missing", "no-pip", "ok"):
             raise FactProcessError(f"VenvState: unexpected output {value!r}")
         return value
+
+
+class ListeningPorts(FactBase):
+    """TCP ports something listens on (ss -ltn), as a set of ints."""
+
+    default = set
+
+    def command(self) -> str:
+        return "ss -Hltn 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> set[int]:
+        ports = set()
+        for line in output:
+            fields = line.split()
+            if len(fields) >= 4 and ":" in fields[3]:
+                port = fields[3].rsplit(":", 1)[1]
+                if port.isdigit():
+                    ports.add(int(port))
+        return ports
+
+
+class HasSystemd(FactBase):
+    """Whether systemd is PID 1 (the test lab's hosts run without it)."""
+
+    def command(self) -> str:
+        return "test -d /run/systemd/system && echo yes || echo no"
+
+    def process(self, output: list[str]) -> bool:
+        return bool(output) and output[0].strip() == "yes"
+
+
+class DevpiMirrors(FactBase):
+    """devpi index -> its mirror_url, read from a running devpi-server; {} when it does not answer."""
+
+    def command(self, base: str, indexes: list[str]) -> str:
+        reads = " ; ".join(
+            f"printf '%s ' {shlex.quote(i)}; curl -fsS -H 'Accept: application/json' {shlex.quote(f'{base}/{i}')} "
+            "| tr -d '\\n'; echo"
+            for i in indexes)
+        return f"( {reads} ) 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        found = {}
+        for line in output:
+            index, _, body = line.partition(" ")
+            try:
+                found[index] = json.loads(body)["result"].get("mirror_url", "")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+        return found

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet import cache, facts
+from gpufleet import cache, cache_stats, facts
 from gpufleet.buildplan import (
     ManifestError,
     build_paths,
@@ -207,7 +207,7 @@ def test_fact_commands_quote_what_they_are_given(tmp_path, fact, kwargs):
 
 
 def test_cache_stats_command_quotes_the_cache_dir(tmp_path):
-    bash(cache.stats_command(f"{tmp_path}/c; touch {tmp_path}/pwned"))
+    bash(cache_stats.stats_command(f"{tmp_path}/c; touch {tmp_path}/pwned"))
     assert not (tmp_path / "pwned").exists()
 
 
