@@ -477,11 +477,11 @@ FACT_CALLS: dict[str, list[dict]] = {
 
 
 def gpufleet_facts() -> list[type[FactBase]]:
-    """Every pyinfra fact gpufleet/facts.py defines (parsed or not)."""
+    """Every pyinfra fact gpufleet/facts.py defines (parsed or not; its private base classes are no facts)."""
     return [
         cls for cls in vars(facts).values()
         if isinstance(cls, type) and issubclass(cls, FactBase) and cls.__module__ == facts.__name__
-        and cls is not facts._ParsedFact
+        and not cls.__name__.startswith("_")
     ]
 
 
