@@ -10,6 +10,7 @@ import re
 import shlex
 from typing import Any, Callable, NamedTuple
 
+from packaging.utils import canonicalize_name
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
@@ -657,7 +658,7 @@ def parse_pip_freeze(text: str) -> dict[str, str] | None:
         line = line.strip()
         name, sep, version = line.partition("==")
         if sep:
-            packages[re.sub(r"[-_.]+", "-", name).lower()] = version
+            packages[canonicalize_name(name)] = version
         # pip freeze's other lines: "name @ url" (a direct reference), "-e ..." (editable) and comments.
         elif line and not (_DIRECT_REFERENCE.match(line) or line.startswith(("-e ", "#"))):
             raise ParseError(f"unexpected pip freeze line: {line!r}")

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
 from pyinfra import host
 from pyinfra.api import FunctionCommand, operation
 
@@ -129,7 +129,7 @@ def push_built_wheel(local_dir: str, staging: str, fingerprint: str):
 
 def _requirement(spec: str) -> tuple[str, str | None]:
     name, _, version = spec.partition("==")
-    return re.sub(r"[-_.]+", "-", name).lower(), version or None
+    return canonicalize_name(name), version or None
 
 
 @operation()
