@@ -19,6 +19,7 @@ from pyinfra.facts.server import KernelVersion
 from pyinfra.operations import apt, files, server, systemd
 
 from gpufleet import cache, facts
+from gpufleet.cache_stats import DEVPI_LOG, DEVPI_LOG_DIR
 from gpufleet.decide import STAGE_DISK_GB, VENV_TOOLS, DiskNeed, cuda_repo_dir, disk_problems
 from gpufleet.nvidia_repo import apt_settings
 from gpufleet.operations import pip_packages
@@ -31,8 +32,6 @@ SECRETS_DIR = "/etc/gpufleet-cache"
 DEVPI_PASSWORD = f"{SECRETS_DIR}/devpi-root-password"
 DEVPI_ARGS = f"{SECRETS_DIR}/devpi-command"
 RUN_DIR = "/run/gpufleet-cache"
-LOG_DIR = "/var/log/gpufleet-cache"
-DEVPI_LOG = f"{LOG_DIR}/devpi.log"
 DEVPI_PID = f"{RUN_DIR}/devpi.pid"
 WARM_STAMP = f"{SECRETS_DIR}/warmed"
 APT_WARM_STAMP = f"{SECRETS_DIR}/warmed-apt"
@@ -100,7 +99,7 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
     server.user(name=f"Create the cache user {CACHE_USER}", user=CACHE_USER, system=True, create_home=False,
                 home=f"{config['cache_dir']}/pypi", shell="/usr/sbin/nologin")
     for path, owner, mode in ((DEVPI_VENV, "root", "755"), (SECRETS_DIR, "root", "700"),
-                              (LOG_DIR, CACHE_USER, "755"), (config["cache_dir"], "root", "755")):
+                              (DEVPI_LOG_DIR, CACHE_USER, "755"), (config["cache_dir"], "root", "755")):
         files.directory(name=f"Create {path}", path=path, user=owner, group=owner, mode=mode)
     venv_python = f"{DEVPI_VENV}/bin/python"
     has_venv = host.get_fact(File, path=venv_python) is not None
@@ -147,7 +146,7 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
     files.put(name="Upload the devpi mirror-index helper", src=str(MIRRORS_SOURCE), dest=MIRRORS_SCRIPT, mode="755")
     wanted = cache.mirror_urls(config)
     base = f"http://127.0.0.1:{config['cache_pip_port']}"
-    found = host.get_fact(cache.DevpiMirrors, base=base, indexes=sorted(wanted))
+    found = host.get_fact(facts.DevpiMirrors, base=base, indexes=sorted(wanted))
     if found != wanted:
         pairs = " ".join(shlex.quote(f"{index}={url}") for index, url in sorted(wanted.items()))
         server.shell(name=f"Point devpi's mirror indexes at {', '.join(sorted(set(wanted.values())))}",
@@ -175,8 +174,8 @@ def _serve() -> None:
             return
     address = str(host.data.get("ssh_hostname", host.name))
     listen = cache.listen_addresses(config, address)
-    systemd_host = host.get_fact(cache.HasSystemd)
-    listening = host.get_fact(cache.ListeningPorts)
+    systemd_host = host.get_fact(facts.HasSystemd)
+    listening = host.get_fact(facts.ListeningPorts)
     _apt_cacher(config, listen, systemd_host, listening)
     _devpi(config, listen, systemd_host, listening)
     _warm_apt(config)

@@ -9,7 +9,6 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.server import Command
 from pyinfra.operations import apt, files, server, systemd
 
 from deploys.preflight import preflight
@@ -123,7 +122,7 @@ def driver() -> None:
     )
     # After the reboot (or the stop): the daemon cannot start against a stale or missing module.
     _handle_mismatch(me, config, installed=install)
-    if host.get_fact(Command, command="test -d /run/systemd/system && echo yes || echo no") == "yes":
+    if host.get_fact(facts.HasSystemd):
         systemd.service(
             name="Enable the NVIDIA persistence daemon",
             service="nvidia-persistenced",

@@ -64,7 +64,7 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
     import shlex
     import subprocess
 
-    from gpufleet import cache
+    from gpufleet import cache_stats
     from gpufleet.inventory import InventoryError, load_inventory
     from gpufleet.settings import load_settings
 
@@ -78,7 +78,7 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
         print(f"gpufleet cache-stats: {inventory.path} has no host in group 'cache'; nothing to ask", file=sys.stderr)
         return 2
     cache_dir = spec.settings.get("cache_dir", load_settings()["cache_dir"].default)
-    command = cache.stats_command(cache_dir)
+    command = cache_stats.stats_command(cache_dir)
     conn = spec.connection
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ConnectTimeout=10"]
     for key, option in (("ssh_key", "-i"), ("ssh_port", "-p")):
@@ -93,7 +93,7 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
         print(f"gpufleet cache-stats: could not read the logs on {spec.name} ({spec.address}): "
               f"{proc.stderr.strip() or f'ssh exit {proc.returncode}'}", file=sys.stderr)
         return 1
-    stats = cache.parse_stats_output(proc.stdout)
+    stats = cache_stats.parse_stats_output(proc.stdout)
     print(f"{'server':<15} {'hits':>7} {'misses':>7} {'served MB':>10} {'fetched MB':>11} {'saved MB':>9}")
     for s in stats:
         print(f"{s.server:<15} {s.hits:>7} {s.misses:>7} {s.bytes_served / 1e6:>10.1f} "

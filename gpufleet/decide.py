@@ -29,10 +29,11 @@ class GpuModel:
 
 
 # PCI device IDs (vendor 10de) -> model. Source: open-gpu-kernel-modules g_nv_name_released.h (shared FACTS.md).
+RTX_5090, RTX_5090_D, RTX_5090_D_V2 = "2b85", "2b87", "2b8c"
 GPU_MODELS: dict[str, GpuModel] = {
-    "2b85": GpuModel("NVIDIA GeForce RTX 5090", "12.0", True, "570.86.16"),
-    "2b87": GpuModel("NVIDIA GeForce RTX 5090 D", "12.0", True, "570.86.16"),
-    "2b8c": GpuModel("NVIDIA GeForce RTX 5090 D v2", "12.0", True, "570.190", ("575",)),
+    RTX_5090: GpuModel("NVIDIA GeForce RTX 5090", "12.0", True, "570.86.16"),
+    RTX_5090_D: GpuModel("NVIDIA GeForce RTX 5090 D", "12.0", True, "570.86.16"),
+    RTX_5090_D_V2: GpuModel("NVIDIA GeForce RTX 5090 D v2", "12.0", True, "570.190", ("575",)),
     # H100: the first driver is recalled, not checked here; gpufleet only accepts existing drivers on it so far.
     "2330": GpuModel("NVIDIA H100 80GB HBM3", "9.0", False, "525.60.13"),
 }

@@ -1,13 +1,16 @@
-"""Host-side facts. Each parser is a plain function (unit-tested on captured output); each fact turns bad output
-into a FactProcessError, which fails that host alone, never the whole run."""
+"""Host-side facts. Each parser is a plain function (unit-tested on captured output); every fact turns output it
+cannot read into a FactProcessError naming the fact and the output, which fails that host alone, never the whole
+run (pyinfra aborts the run for every host on any other exception in a fact)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
 from typing import Any, Callable, NamedTuple
 
+from packaging.utils import canonicalize_name
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
@@ -20,6 +23,9 @@ BASE_TOOLS = ("apt-get", "dpkg-query", "tar", "sha256sum", "su", "curl/wget")
 
 class ParseError(ValueError):
     """Output that does not look like what the command prints."""
+
+
+_OS_RELEASE_LINE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
 
 class OsRelease(NamedTuple):
@@ -73,6 +79,10 @@ def parse_os_release(text: str) -> OsRelease:
             values[key.strip()] = value.strip().strip('"').strip("'")
     if "ID" not in values:
         raise ParseError("no ID= line in /etc/os-release")
+    # os-release(5): blank lines, comments and KEY=value assignments only.
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#") and not _OS_RELEASE_LINE.match(line):
+            raise ParseError(f"unexpected /etc/os-release line: {line!r}")
     return OsRelease(
         id=values["ID"],
         version_id=values.get("VERSION_ID", ""),
@@ -167,7 +177,7 @@ def parse_dpkg_versions(text: str) -> dict[str, str]:
 
 def parse_driver_state(text: str) -> DriverState:
     """Sections written by DriverStateFact's command, each after a `== name` line."""
-    sections = _sections(text)
+    sections = _sections(text, ("proc", "modinfo", "dpkg", "runfile"))
     on_disk = sections.get("modinfo", "").strip() or None
     if on_disk and not re.match(r"^\d+\.\d+(\.\d+)?$", on_disk):
         on_disk = None
@@ -224,28 +234,60 @@ def parse_kernel_headers(text: str) -> dict[str, Any]:
     return {"release": lines[0], "present": lines[1] == "yes"}
 
 
-def _sections(text: str) -> dict[str, str]:
+def _sections(text: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The text after each `== name` line; a command prints every one of `names`, so one missing is a cut output."""
     sections: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
         if line.startswith("== "):
             current = line[3:].strip()
+            if current not in names or current in sections:
+                raise ParseError(f"unexpected section {line!r}")
             sections[current] = []
         elif current is not None:
             sections[current].append(line)
+        elif line.strip():
+            raise ParseError(f"output before the first section: {line!r}")
+    missing = [name for name in names if name not in sections]
+    if missing:
+        raise ParseError(f"no '== {missing[0]}' section")
     return {k: "\n".join(v) for k, v in sections.items()}
 
 
-class _ParsedFact(FactBase):
-    """A fact whose output goes through a parser; a parse failure fails this host only."""
+def _one_of(text: str, *answers: str) -> str:
+    """A command's one-word answer; any other output is not what it prints."""
+    value = text.strip()
+    if value not in answers:
+        raise ParseError(f"unexpected output {value!r}, expected {' or '.join(answers)}")
+    return value
+
+
+def _excerpt(output: list[str], limit: int = 600) -> str:
+    text = "\n".join(output)
+    return repr(text if len(text) <= limit else f"{text[:limit // 2]} [...] {text[-limit // 2:]}")
+
+
+class _HostFact(FactBase):
+    """A gpufleet fact: subclasses read their output in parse(). Any error there (a parser's ParseError, or an
+    AttributeError on JSON of the wrong shape alike) becomes a FactProcessError that fails this host alone."""
+
+    def process(self, output: list[str]) -> Any:
+        try:
+            return self.parse(output)
+        except Exception as error:
+            raise FactProcessError(f"{type(self).__name__}: {error}; output: {_excerpt(output)}") from error
+
+    def parse(self, output: list[str]) -> Any:
+        raise NotImplementedError
+
+
+class _ParsedFact(_HostFact):
+    """A fact whose output, as one text, goes through a parser function."""
 
     parser: Callable[[str], Any]
 
-    def process(self, output):
-        try:
-            return type(self).parser("\n".join(output))
-        except (ParseError, ValueError, IndexError) as error:
-            raise FactProcessError(f"{type(self).__name__}: {error}") from error
+    def parse(self, output: list[str]) -> Any:
+        return type(self).parser("\n".join(output))
 
 
 class OsInfo(_ParsedFact):
@@ -350,8 +392,16 @@ class KernelHeaders(_ParsedFact):
         return 'r=$(uname -r); echo "$r"; if [ -d "/lib/modules/$r/build" ]; then echo yes; else echo no; fi'
 
 
-def parse_lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if line.strip()]
+def parse_names(text: str) -> list[str]:
+    """One name a line (a package, `pkg:arch`, or a tool as `a/b`): anything else is not what the command prints."""
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    for name in names:
+        if not _NAME.fullmatch(name):
+            raise ParseError(f"unexpected line {name!r}, expected one name")
+    return names
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_:/-]*")
 
 
 def parse_nvcc_version(text: str) -> str | None:
@@ -377,7 +427,7 @@ def parse_python_version(text: str) -> str | None:
 class HeldPackages(_ParsedFact):
     """Packages apt-mark holds."""
 
-    parser = staticmethod(parse_lines)
+    parser = staticmethod(parse_names)
 
     def default(self) -> list[str]:
         return []
@@ -389,7 +439,7 @@ class HeldPackages(_ParsedFact):
 class MissingTools(_ParsedFact):
     """Which of the commands gpufleet relies on are not installed."""
 
-    parser = staticmethod(parse_lines)
+    parser = staticmethod(parse_names)
 
     def default(self) -> list[str]:
         return []
@@ -403,11 +453,11 @@ class MissingTools(_ParsedFact):
         )
 
 
-class HostProbe(FactBase):
+class HostProbe(_HostFact):
     """Preflight's probes in one round trip: each part is the command of one fact above, in its own section, read
     by that fact's parser, so a host is described by one command instead of ten."""
 
-    PARTS: dict[str, type[FactBase]] = {
+    PARTS: dict[str, type[_HostFact]] = {
         "os": OsInfo,
         "wsl": WslInfo,
         "pci": NvidiaPciGpus,
@@ -423,7 +473,7 @@ class HostProbe(FactBase):
         parts += [(f"disk{i}", FreeDisk().command(path)) for i, path in enumerate(disk_paths)]
         return " ".join(f"echo '=== {name}'; ( {command} ); echo \"=== rc $?\";" for name, command in parts)
 
-    def process(self, output: list[str]) -> dict[str, Any]:
+    def parse(self, output: list[str]) -> dict[str, Any]:
         """name -> that fact's answer (its default for no output); "disks" lists FreeDisk's answers in order."""
         sections: dict[str, list[str]] = {}
         answers: dict[str, Any] = {"disks": []}
@@ -431,10 +481,13 @@ class HostProbe(FactBase):
         for line in output:
             if line.startswith("=== rc "):
                 if current is None or line[7:].strip() != "0":
-                    raise FactProcessError(f"HostProbe: the {current} probe failed ({line[4:].strip()})")
+                    raise ParseError(f"the {current} probe failed ({line[4:].strip()})")
                 cls = FreeDisk if current.startswith("disk") else self.PARTS[current]
                 lines = sections[current]
-                answer = cls().process(lines) if any(line.strip() for line in lines) else cls().default()
+                try:
+                    answer = cls().parse(lines) if any(line.strip() for line in lines) else cls().default()
+                except Exception as error:
+                    raise ParseError(f"the {current} section ({cls.__name__}): {error}") from error
                 if current.startswith("disk"):
                     answers["disks"].append(answer)
                 else:
@@ -443,15 +496,15 @@ class HostProbe(FactBase):
             elif line.startswith("=== ") and current is None:
                 current = line[4:].strip()
                 if current not in self.PARTS and not re.fullmatch(r"disk\d+", current):
-                    raise FactProcessError(f"HostProbe: unexpected section {current!r}")
+                    raise ParseError(f"unexpected section {current!r}")
                 sections[current] = []
             elif current is not None:
                 sections[current].append(line)
             elif line.strip():
-                raise FactProcessError(f"HostProbe: output outside a section: {line!r}")
+                raise ParseError(f"output outside a section: {line!r}")
         missing = [name for name in self.PARTS if name not in answers]
         if current is not None or missing:
-            raise FactProcessError(f"HostProbe: output ends early (missing {current or missing[0]})")
+            raise ParseError(f"output ends early (missing {current or missing[0]})")
         return answers
 
 
@@ -481,14 +534,15 @@ class PythonVersion(_ParsedFact):
 def parse_torch_info(text: str) -> dict[str, Any] | None:
     """JSON about the venv's torch, after `== stamp` (read from the validated-state stamp) or `== probed` (torch
     imported just now); None when torch is not installed. `stamped` says which."""
-    import json
-
     if NO_TOOL in text:
         return None
     lines = text.strip().splitlines()
+    if not lines:
+        raise ParseError("no torch probe output")
     last = lines[-1]
     info = json.loads(last)
-    if not isinstance(info, dict) or not {"version", "cuda", "arch_list"} <= info.keys():
+    if not (isinstance(info, dict) and isinstance(info.get("version"), str)
+            and isinstance(info.get("cuda"), (str, type(None))) and isinstance(info.get("arch_list"), list)):
         raise ParseError(f"unexpected torch probe output: {last!r}")
     return {**info, "stamped": "== stamp" in lines[:-1]}
 
@@ -567,7 +621,7 @@ def record_torch_state_command(python: str, context: str) -> str:
 class PythonHeaders(_ParsedFact):
     """Whether an interpreter's Python.h is installed (needed to compile extensions)."""
 
-    parser = staticmethod(lambda text: text.strip() == "yes")
+    parser = staticmethod(lambda text: _one_of(text, "yes", "no") == "yes")
 
     def command(self, python: str) -> str:
         python = shlex.quote(python)
@@ -583,10 +637,17 @@ def parse_pip_freeze(text: str) -> dict[str, str] | None:
         return None
     packages = {}
     for line in text.splitlines():
-        name, sep, version = line.strip().partition("==")
+        line = line.strip()
+        name, sep, version = line.partition("==")
         if sep:
-            packages[re.sub(r"[-_.]+", "-", name).lower()] = version
+            packages[canonicalize_name(name)] = version
+        # pip freeze's other lines: "name @ url" (a direct reference), "-e ..." (editable) and comments.
+        elif line and not (_DIRECT_REFERENCE.match(line) or line.startswith(("-e ", "#"))):
+            raise ParseError(f"unexpected pip freeze line: {line!r}")
     return packages
+
+
+_DIRECT_REFERENCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]* @ \S+")
 
 
 class PipFreeze(_ParsedFact):
@@ -620,13 +681,14 @@ class InstalledDistributions(_ParsedFact):
         return f"if [ -x {python} ]; then {python} -I -c {shlex.quote(_DISTRIBUTIONS)}; else echo {NO_TOOL}; fi"
 
 
-class InterruptedPackageInstall(FactBase):
+class InterruptedPackageInstall(_HostFact):
     """True when dpkg left work unfinished (a dropped connection mid-install): pending journal or half-installed."""
 
     def command(self) -> str:
         return "find /var/lib/dpkg/updates -type f | head -n 1; dpkg --audit 2>/dev/null || true"
 
-    def process(self, output: list[str]) -> bool:
+    def parse(self, output: list[str]) -> bool:
+        # Any output at all (a journal file, dpkg's free-text report) is unfinished work.
         return any(line.strip() for line in output)
 
     def default(self) -> bool:
@@ -655,7 +717,7 @@ class Account(_ParsedFact):
         return f"getent passwd {user} && id -Gn {user} || echo {NO_TOOL}"
 
 
-class PlantedLinks(FactBase):
+class PlantedLinks(_HostFact):
     """Symbolic links among paths root writes to or reads in the build user's tree ("path -> target" each).
 
     gpufleet makes no links there: one found was planted, and root must not follow it.
@@ -668,8 +730,13 @@ class PlantedLinks(FactBase):
         return (f'for p in {checks}; do [ -L "$p" ] && printf \'%s -> %s\\n\' "$p" "$(readlink -- "$p")"; done; '
                 f"{finds}true")
 
-    def process(self, output: list[str]) -> list[str]:
-        return [line.strip() for line in output if " -> " in line]
+    def parse(self, output: list[str]) -> list[str]:
+        links = [line.strip() for line in output if line.strip()]
+        for link in links:
+            # A name with a newline in it breaks a line in two: refused like any other unreadable output.
+            if " -> " not in link:
+                raise ParseError(f"unexpected line {link!r}, expected 'path -> target'")
+        return links
 
     def default(self) -> list[str]:
         return []
@@ -690,7 +757,7 @@ class BusyState(NamedTuple):
 def parse_busy(text: str) -> BusyState:
     """Sections of GpuBusy's command: `== apps` (nvidia-smi's "pid, process_name" CSV), `== uvm` ("pid comm" of
     processes holding /dev/nvidia-uvm, which every CUDA process opens), `== who` (who's output)."""
-    sections = _sections(text)
+    sections = _sections(text, ("apps", "uvm", "who"))
     compute: dict[str, GpuUser] = {}
     for line in sections.get("apps", "").splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -739,7 +806,7 @@ class KernelState(NamedTuple):
 def parse_kernels(text: str) -> KernelState:
     """Sections of InstalledKernels' command: `== running` (uname -r), `== kernels` ("<release> headers=yes|no
     nvidia=<version>|-" per kernel), `== meta` (installed linux-image-*/linux-headers-* metapackages)."""
-    sections = _sections(text)
+    sections = _sections(text, ("running", "kernels", "meta"))
     running = sections.get("running", "").strip()
     if not _KERNEL_RELEASE.match(running):
         raise ParseError(f"unexpected kernel release {running!r}")
@@ -776,7 +843,7 @@ class InstalledKernels(_ParsedFact):
         )
 
 
-class AptListsPresent(FactBase):
+class AptListsPresent(_HostFact):
     """Whether apt holds a Packages list for a repository URI (what `apt update` writes once it read the repo).
 
     A list's mtime is the server's Last-Modified, not when it was fetched, so it cannot be compared with the
@@ -790,14 +857,14 @@ class AptListsPresent(FactBase):
             'if [ -n "$f" ] && ls "$f"* >/dev/null 2>&1; then echo present; else echo missing; fi'
         )
 
-    def process(self, output: list[str]) -> bool:
-        return "present" in output
+    def parse(self, output: list[str]) -> bool:
+        return _one_of("\n".join(output), "present", "missing") == "present"
 
     def default(self) -> bool:
         return False
 
 
-class InitramfsStale(FactBase):
+class InitramfsStale(_HostFact):
     """True when the running kernel's initramfs is older than a modprobe.d file that must be inside it."""
 
     def command(self, conf: str) -> str:
@@ -807,14 +874,14 @@ class InitramfsStale(FactBase):
             "then echo stale; else echo ok; fi"
         )
 
-    def process(self, output: list[str]) -> bool:
-        return "stale" in output
+    def parse(self, output: list[str]) -> bool:
+        return _one_of("\n".join(output), "stale", "ok") == "stale"
 
     def default(self) -> bool:
         return False
 
 
-class VenvState(FactBase):
+class VenvState(_HostFact):
     """A venv's health: "missing" (no interpreter), "no-pip" (a creation killed before ensurepip finished), or "ok"."""
 
     def command(self, python: str) -> str:
@@ -824,8 +891,66 @@ class VenvState(FactBase):
             f"elif ! {quoted} -m pip --version >/dev/null 2>&1; then echo no-pip; else echo ok; fi"
         )
 
-    def process(self, output: list[str]) -> str:
-        value = "\n".join(output).strip()
-        if value not in ("missing", "no-pip", "ok"):
-            raise FactProcessError(f"VenvState: unexpected output {value!r}")
-        return value
+    def parse(self, output: list[str]) -> str:
+        return _one_of("\n".join(output), "missing", "no-pip", "ok")
+
+
+class ListeningPorts(_HostFact):
+    """TCP ports something listens on (ss -ltn), as a set of ints."""
+
+    default = set
+
+    def command(self) -> str:
+        return "ss -Hltn 2>/dev/null || true"
+
+    def parse(self, output: list[str]) -> set[int]:
+        ports = set()
+        for line in output:
+            fields = line.split()
+            if not fields:
+                continue
+            # State, Recv-Q, Send-Q, then the local address:port (also "[::]:22", "127.0.0.53%lo:53").
+            port = fields[3].rsplit(":", 1)[-1] if len(fields) >= 4 and ":" in fields[3] else ""
+            if not port.isdigit():
+                raise ParseError(f"unexpected ss line {line!r}")
+            ports.add(int(port))
+        return ports
+
+
+class HasSystemd(_HostFact):
+    """Whether systemd is PID 1 (the test lab's hosts run without it)."""
+
+    def command(self) -> str:
+        return "test -d /run/systemd/system && echo yes || echo no"
+
+    def parse(self, output: list[str]) -> bool:
+        return _one_of("\n".join(output), "yes", "no") == "yes"
+
+
+_DEVPI_INDEX = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")
+
+
+class DevpiMirrors(_HostFact):
+    """devpi index -> its mirror_url, read from a running devpi-server; {} when it does not answer."""
+
+    def command(self, base: str, indexes: list[str]) -> str:
+        reads = " ; ".join(
+            f"printf '%s ' {shlex.quote(i)}; curl -fsS -H 'Accept: application/json' {shlex.quote(f'{base}/{i}')} "
+            "| tr -d '\\n'; echo"
+            for i in indexes)
+        return f"( {reads} ) 2>/dev/null || true"
+
+    def parse(self, output: list[str]) -> dict[str, str]:
+        found = {}
+        for line in output:
+            if not line.strip():
+                continue
+            index, _, body = line.partition(" ")
+            if not _DEVPI_INDEX.fullmatch(index):
+                raise ParseError(f"unexpected line {line!r}, expected '<user>/<index> <devpi's JSON>'")
+            try:
+                found[index] = json.loads(body)["result"].get("mirror_url", "")
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # No answer, or a cut one (a server starting or stopping): the index is set up again.
+                continue
+        return found

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
+
+from packaging.utils import canonicalize_name
 
 from gpufleet.fingerprint import file_sha256
 
 
 def project_name(wheel: str) -> str:
     """The normalised project name of a wheel file (PEP 503)."""
-    return re.sub(r"[-_.]+", "-", wheel.split("-", 1)[0]).lower()
+    return canonicalize_name(wheel.split("-", 1)[0])
 
 
 def build_simple_index(source: Path, dest: Path) -> list[str]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
@@ -160,7 +160,7 @@ def check_torch(python: str, cuda_version: str, archs: list[str], context: str):
 
 def _requirement(spec: str) -> tuple[str, str | None]:
     name, _, version = spec.partition("==")
-    return re.sub(r"[-_.]+", "-", name).lower(), version or None
+    return canonicalize_name(name), version or None
 
 
 @operation()

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from gpufleet.decide import RTX_5090_D, RTX_5090_D_V2
+
 SUPPORTED_SCHEMA = 1
 OUTLIER_FRACTION = 0.15
 MARKDOWN_NAME = "fleet-report.md"
@@ -33,8 +35,8 @@ SEED_REFERENCE_TOK_S: dict[str, float] = {
     "1x8192x64": 61.1e6,
     "1x16384x64": 42.0e6,
 }
-# PCI device IDs of the GPUs the seed figures apply to: RTX 5090 D and 5090 D v2.
-SEED_REFERENCE_PCI_IDS = {"2B87", "2B8C"}
+# PCI device IDs of the GPUs the seed figures apply to.
+SEED_REFERENCE_PCI_IDS = {RTX_5090_D, RTX_5090_D_V2}
 
 
 @dataclass
@@ -123,7 +125,7 @@ def shape_figures(figures: dict, seed_gpu: bool) -> list[dict]:
 
 def matches_seed_gpu(pci_device_id: Optional[str], name: Optional[str]) -> bool:
     if pci_device_id:
-        return pci_device_id.upper() in SEED_REFERENCE_PCI_IDS
+        return pci_device_id.lower() in SEED_REFERENCE_PCI_IDS
     # Names differ in case between drivers ("D v2" / "D V2"), hence lower().
     return bool(name) and "rtx 5090 d" in name.lower()
 

@@ -19,6 +19,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 from gpufleet_lab import standins
 from gpufleet_lab.paths import BRIDGE_IP, MIRROR_PORT
 from gpufleet_lab.system import LabError, run
@@ -105,8 +107,7 @@ def build_os_repo(www: Path, keys_dir: Path, pool: Path) -> None:
 
 
 def _project(filename: str) -> str:
-    name = filename.split("-")[0]
-    return re.sub(r"[-_.]+", "-", name).lower()
+    return canonicalize_name(filename.split("-")[0])
 
 
 def build_simple_index(www: Path, files: list[Path]) -> None:

@@ -468,15 +468,18 @@ FACT_CALLS: dict[str, list[dict]] = {
     "AptListsPresent": [{"uri": "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64/"}],
     "InitramfsStale": [{"conf": "/etc/modprobe.d/gpufleet-blacklist-nouveau.conf"}],
     "VenvState": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
+    "ListeningPorts": [{}],
+    "HasSystemd": [{}],
+    "DevpiMirrors": [{"base": "http://127.0.0.1:3141", "indexes": ["root/pypi", "root/pytorch"]}],
 }
 
 
 def gpufleet_facts() -> list[type[FactBase]]:
-    """Every pyinfra fact gpufleet/facts.py defines (parsed or not)."""
+    """Every pyinfra fact gpufleet/facts.py defines (parsed or not; its private base classes are no facts)."""
     return [
         cls for cls in vars(facts).values()
         if isinstance(cls, type) and issubclass(cls, FactBase) and cls.__module__ == facts.__name__
-        and cls is not facts._ParsedFact
+        and not cls.__name__.startswith("_")
     ]
 
 

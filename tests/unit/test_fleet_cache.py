@@ -3,7 +3,7 @@ hit/miss statistics read from the servers' own logs."""
 
 from __future__ import annotations
 
-from gpufleet import cache
+from gpufleet import cache, cache_stats
 from gpufleet.settings import load_settings
 
 DEFAULTS = {name: s.default for name, s in load_settings().items()}
@@ -92,7 +92,7 @@ ACNG_LOG = """\
 
 
 def test_acng_counts_a_fetched_file_as_one_miss_and_the_rest_as_hits():
-    stats = cache.acng_stats(ACNG_LOG + "not a transfer line\n")
+    stats = cache_stats.acng_stats(ACNG_LOG + "not a transfer line\n")
     assert (stats.hits, stats.misses, stats.bytes_served, stats.bytes_fetched) == (2, 1, 13860, 4500)
     assert stats.bytes_saved == 9360
 
@@ -100,7 +100,7 @@ def test_acng_counts_a_fetched_file_as_one_miss_and_the_rest_as_hits():
 def test_acng_counts_an_index_file_fetched_again_for_each_client_as_misses():
     log = ("1795829418|I|367893|10.0.0.11|m/debian/Packages\n1795829418|O|367735|10.0.0.11|m/debian/Packages\n"
            "1795829418|I|367893|10.0.0.12|m/debian/Packages\n1795829418|O|367735|10.0.0.12|m/debian/Packages\n")
-    stats = cache.acng_stats(log)
+    stats = cache_stats.acng_stats(log)
     assert (stats.hits, stats.misses, stats.bytes_saved) == (0, 2, 0)
 
 
@@ -114,14 +114,14 @@ DEVPI_LOG = """\
 
 def test_devpi_counts_a_file_read_from_remote_as_a_miss_and_later_requests_as_hits():
     sizes = {"root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl": 1000}
-    stats = cache.devpi_stats(DEVPI_LOG, sizes)
+    stats = cache_stats.devpi_stats(DEVPI_LOG, sizes)
     assert (stats.hits, stats.misses, stats.bytes_served, stats.bytes_fetched) == (1, 1, 2000, 1000)
 
 
 def test_stats_output_is_split_per_server():
     text = ("=== gpufleet-cache-stats acng ===\n" + ACNG_LOG + "=== gpufleet-cache-stats devpi ===\n" + DEVPI_LOG
             + "=== gpufleet-cache-stats files ===\n1000 root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl\n")
-    apt_stats, pip_stats = cache.parse_stats_output(text)
+    apt_stats, pip_stats = cache_stats.parse_stats_output(text)
     assert (apt_stats.server, apt_stats.hits, pip_stats.server, pip_stats.bytes_saved) == (
         "apt-cacher-ng", 2, "devpi-server", 1000)
 

@@ -33,7 +33,8 @@ def sections(**parts: str) -> list[str]:
 
 def test_a_part_with_no_output_gets_that_fact_s_default() -> None:
     lines = sections(os="ID=debian", wsl="6.1.0\nsmi=no", pci="", smi="__GPUFLEET_NO_TOOL__",
-                     mem="MemTotal: 1024 kB\nMemAvailable: 512 kB\ncpus=2", driver="== proc\n== modinfo",
+                     mem="MemTotal: 1024 kB\nMemAvailable: 512 kB\ncpus=2",
+                     driver="== proc\n== modinfo\n== dpkg\n== runfile\nno",
                      secure_boot="__GPUFLEET_NO_TOOL__", tools="", disk0="h\n/dev/x 1 2 3 4% /")
     answers = HostProbe().process(lines)
     assert answers["pci"] == [] and answers["tools"] == [] and answers["secure_boot"] is None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pyinfra.facts.files import Directory, FileContents
 
-from gpufleet import cache, facts
+from gpufleet import cache, cache_stats, facts
 from gpufleet.buildplan import (
     ManifestError,
     build_paths,
@@ -194,11 +194,13 @@ HOSTILE_PATH = "{tmp}/a b; touch {tmp}/pwned; echo $(touch {tmp}/pwned2)"
     (facts.PythonVersion, {"python": HOSTILE_PATH}),
     (facts.PythonHeaders, {"python": HOSTILE_PATH}),
     (facts.PipFreeze, {"python": HOSTILE_PATH}),
+    (facts.InstalledDistributions, {"python": HOSTILE_PATH}),
     (facts.TorchInfo, {"python": HOSTILE_PATH}),
     (facts.NvccVersion, {"cuda_home": HOSTILE_PATH}),
     (facts.FreeDisk, {"path": HOSTILE_PATH}),
     (facts.Account, {"user": "x; touch {tmp}/pwned"}),
     (facts.PlantedLinks, {"paths": [HOSTILE_PATH], "trees": [HOSTILE_PATH]}),
+    (facts.DevpiMirrors, {"base": HOSTILE_PATH, "indexes": [HOSTILE_PATH]}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "")
 def test_fact_commands_quote_what_they_are_given(tmp_path, fact, kwargs):
     filled = {k: ([x.format(tmp=tmp_path) for x in v] if isinstance(v, list) else v.format(tmp=tmp_path))
@@ -208,7 +210,7 @@ def test_fact_commands_quote_what_they_are_given(tmp_path, fact, kwargs):
 
 
 def test_cache_stats_command_quotes_the_cache_dir(tmp_path):
-    bash(cache.stats_command(f"{tmp_path}/c; touch {tmp_path}/pwned"))
+    bash(cache_stats.stats_command(f"{tmp_path}/c; touch {tmp_path}/pwned"))
     assert not (tmp_path / "pwned").exists()
 
 
