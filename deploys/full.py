@@ -13,7 +13,7 @@ from deploys.smoke import smoke
 from deploys.torch import torch
 from deploys.xformers import xformers
 from gpufleet.nvidia_repo import repair_interrupted_packages
-from gpufleet.stage import cache_only, refused, skip_remaining_stages, take_host_lock
+from gpufleet.stage import cache_only, refused, skip_remaining_stages, stopped, take_host_lock
 
 # This run alone touches the host from here to its end; taken before any fact is read.
 take_host_lock()
@@ -29,15 +29,15 @@ if not refused():
     fleet_cache()
 if cache_only():
     skip_remaining_stages()
-if not refused():
+if not stopped():
     driver()
-if not refused():
+if not stopped():
     cuda()
-if not refused():
+if not stopped():
     python()
-if not refused():
+if not stopped():
     torch()
-if not refused():
+if not stopped():
     xformers()
-if not refused():
+if not stopped():
     smoke()

@@ -8,26 +8,25 @@ callable, a FunctionCommand) a read goes to the host again, since the operations
 from __future__ import annotations
 
 from typing import Any, TypeVar
-from weakref import WeakKeyDictionary
 
 from gevent.event import AsyncResult
 from pyinfra import state
 from pyinfra.api import FactBase
 from pyinfra.api.host import Host
 from pyinfra.api.state import StateStage
-from pyinfra.context import ctx_state
+
+from gpufleet.runstate import this_run
 
 T = TypeVar("T")
-# Per pyinfra State (tests build several in one process): (host, fact, arguments) -> answer. Hosts are prepared
-# in parallel greenlets and read each other's facts (xformers_fleet), so a second reader waits for the first.
-_answers: WeakKeyDictionary[Any, dict[tuple[str, type, str], AsyncResult]] = WeakKeyDictionary()
 
 
 def fact(target: Host, cls: type[FactBase[T]], **kwargs: Any) -> T:
     """target.get_fact(cls, **kwargs), fetched once per host, fact and arguments while the run is prepared."""
     if state.current_stage != StateStage.Prepare:
         return target.get_fact(cls, **kwargs)
-    answers = _answers.setdefault(ctx_state.get(), {})
+    # Per run (gpufleet.runstate). Hosts are prepared in parallel greenlets and read each other's facts
+    # (xformers_fleet), so a second reader waits for the first.
+    answers = this_run().fact_answers
     key = (target.name, cls, repr(sorted(kwargs.items())))
     if key in answers:
         return answers[key].get()
