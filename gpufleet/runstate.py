@@ -46,12 +46,17 @@ class RunState:
 _runs: WeakKeyDictionary[State, RunState] = WeakKeyDictionary()
 
 
+def run_of(state: State) -> RunState:
+    """The RunState of this pyinfra State, made on first use."""
+    run = _runs.get(state)
+    if run is None:
+        run = _runs[state] = RunState()
+    return run
+
+
 def this_run() -> RunState:
-    """The RunState of the pyinfra State in context (the run being prepared), made on first use."""
+    """The RunState of the pyinfra State in context (the run being prepared)."""
     current = ctx_state.get()
     if current is None:
         raise RuntimeError("gpufleet's run state is asked for outside a pyinfra run (no pyinfra State in context)")
-    run = _runs.get(current)
-    if run is None:
-        run = _runs[current] = RunState()
-    return run
+    return run_of(current)

@@ -5,6 +5,7 @@ once-per-run warning) never reaches the next (gpufleet.runstate)."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra_cli.util import load_deploy_file
 
 from deploys.torch import FROZEN_CU128_NOTICE
+from gpufleet import hostlock
 from gpufleet.fleet_report import _ReportAtEnd
-from gpufleet.stage import refused, skip_remaining_stages, stopped
+from gpufleet.stage import refused, skip_remaining_stages, stopped, take_host_lock
 from tests.conftest import REPO_ROOT
 from tests.plan import fake_inventory
 
@@ -88,6 +90,29 @@ def test_a_cache_only_host_is_stopped_without_being_refused(tmp_path):
     next_run = fake_state(tmp_path)
     with ctx_state.use(next_run), ctx_host.use(next_run.inventory.get_host(HOST)):
         assert not stopped()
+
+
+def test_each_run_releases_its_own_host_locks_after_its_last_operation(tmp_path, monkeypatch):
+    log = tmp_path / "lock.log"
+    # This machine's lock, owner record and log stay untouched: the lock lives in tmp_path.
+    monkeypatch.setattr(hostlock, "HOLD", hostlock.HOLD.replace(hostlock.LOG, str(log)))
+    monkeypatch.setattr(hostlock, "LOCK", str(tmp_path / "gpufleet.lock"))
+    monkeypatch.setattr(hostlock, "OWNER", str(tmp_path / "gpufleet.owner"))
+    monkeypatch.setattr(hostlock, "LOG", str(log))
+    for run in (1, 2):
+        state = State(Inventory((["@local"], {})), Config())
+        with ctx_state.use(state), ctx_host.use(state.inventory.get_host("@local")):
+            connect_all(state)
+            state.set_stage(StateStage.Prepare)
+            take_host_lock()
+            assert not refused()
+        releases = [h for h in state.callback_handlers if isinstance(h, hostlock._ReleaseAfterTheLastOperation)]
+        assert len(releases) == 1, f"run {run} would keep its locks past its last operation"
+        hostlock.release_all()
+        deadline = time.monotonic() + 10
+        while log.read_text().count("released") < run and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert log.read_text().count("taken") == 2 and log.read_text().count("released") == 2, log.read_text()
 
 
 def test_run_state_outside_a_pyinfra_run_is_an_error_naming_why():
