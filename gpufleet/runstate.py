@@ -25,7 +25,7 @@ class RunState:
     stopped: dict[str, str] = field(default_factory=dict)
     # Host name -> the operations whose change means the GPU stack is new and must be tested again.
     stack_changes: dict[str, list[Any]] = field(default_factory=dict)
-    # (step, host name) already planned: stages share steps (NVIDIA's repository, apt settings, dpkg repair).
+    # (step, host name) done once: steps stages share (NVIDIA's repository), run-wide ones under host "" (a warning).
     planned: set[tuple[str, str]] = field(default_factory=set)
     # The fleet report's callback is registered once per run.
     report_registered: bool = False
