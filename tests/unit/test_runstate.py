@@ -13,7 +13,7 @@ import pytest
 from pyinfra.api import Config, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.state import StateStage
-from pyinfra.context import ctx_host, ctx_state
+from pyinfra.context import ctx_config, ctx_host, ctx_inventory, ctx_state
 from pyinfra_cli.util import load_deploy_file
 
 from deploys.torch import FROZEN_CU128_NOTICE
@@ -30,17 +30,17 @@ NVIDIA_REPOSITORY = "NVIDIA driver | Add NVIDIA's CUDA repository"
 REFUSED_AS_PROPRIETARY = "Preflight | Refuse @fake/ws01: setting driver_flavour is 'proprietary'"
 
 
-def fake_state(tmp_path: Path, **settings: Any) -> State:
-    """A pyinfra State holding the profile's host with these settings over the profile's, connected."""
+def fake_state(tmp_path: Path, **data: Any) -> State:
+    """A pyinfra State holding the profile's host, with this host data (settings, group) over the profile's, connected."""
     data = {
         **PROFILE["settings"],
-        **settings,
         "gpufleet_group": PROFILE["group"],
         "fake_responses": fake_inventory.fact_outputs(PROFILE),
         "fake_delay": 0,
         "fake_delay_jitter": 0,
         "wheel_cache_dir": str(tmp_path / "wheels"),
         "report_dir": str(tmp_path / "reports"),
+        **data,
     }
     state = State(Inventory(([(HOST, data)], {})), Config())
     with ctx_state.use(state):
@@ -51,7 +51,7 @@ def fake_state(tmp_path: Path, **settings: Any) -> State:
 
 def planned(state: State) -> list[str]:
     """deploys/full.py prepared as `pyinfra` prepares it: the host's operations in order ("<deploy> | <name>")."""
-    with ctx_state.use(state):
+    with ctx_state.use(state), ctx_inventory.use(state.inventory), ctx_config.use(state.config):
         state.set_stage(StateStage.Prepare)
         load_deploy_file(state, FULL)
     host = state.inventory.get_host(HOST)
@@ -77,6 +77,14 @@ def test_a_host_refused_in_one_run_is_planned_again_in_the_next_run_of_the_same_
     assert planned(again) == first_plan
     assert fleet_reports(again) == 1
     assert [r.getMessage() for r in caplog.records].count(FROZEN_CU128_NOTICE) == 2
+
+
+def test_a_cache_only_host_gets_the_fleet_cache_alone_and_the_next_run_plans_the_host_in_full(tmp_path):
+    cache_host = {"gpufleet_group": "cache", "gpufleet_cache_server": True, "gpufleet_cache_address": "10.0.0.9",
+                  "ssh_hostname": "10.0.0.9"}
+    cache_plan = planned(fake_state(tmp_path, **cache_host))
+    assert cache_plan and {name.split(" | ")[0] for name in cache_plan} == {"Fleet cache"}
+    assert NVIDIA_REPOSITORY in planned(fake_state(tmp_path))
 
 
 def test_a_cache_only_host_is_stopped_without_being_refused(tmp_path):
