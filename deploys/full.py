@@ -27,6 +27,7 @@ if not refused():
 # host's servers start before any client downloads through them); every later apt and pip use goes through it.
 if not refused():
     fleet_cache()
+# A host that only serves the cache stops here, not refused: the stages below skip any stopped host.
 if cache_only():
     skip_remaining_stages()
 if not stopped():
