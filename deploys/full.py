@@ -12,7 +12,7 @@ from deploys.smoke import smoke
 from deploys.torch import torch
 from deploys.xformers import xformers
 from gpufleet.nvidia_repo import repair_interrupted_packages
-from gpufleet.stage import cache_only, refused, skip_remaining_stages, take_host_lock
+from gpufleet.stage import cache_only, refused, skip_remaining_stages, stopped, take_host_lock
 
 take_host_lock()
 # A host that only serves the fleet cache needs no GPU to pass preflight.
@@ -24,17 +24,18 @@ if not refused():
 # On one line for every host: every later apt and pip use goes through the cache.
 if not refused():
     fleet_cache()
+# A host that only serves the cache stops here, not refused: the stages below skip any stopped host.
 if cache_only():
     skip_remaining_stages()
-if not refused():
+if not stopped():
     driver()
-if not refused():
+if not stopped():
     cuda()
-if not refused():
+if not stopped():
     python()
-if not refused():
+if not stopped():
     torch()
-if not refused():
+if not stopped():
     xformers()
-if not refused():
+if not stopped():
     smoke()

@@ -3,7 +3,7 @@
 Runs alone (after preflight): pyinfra inventory.py deploys/torch.py
 """
 
-from pyinfra import host, logger
+from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import server
 
@@ -19,23 +19,21 @@ from gpufleet.stage import (
     run_alone,
     settings,
     venv_owner,
+    warn_once,
 )
 
 FROZEN_CU128_NOTICE = (
     "torch: PyTorch stopped publishing CUDA 12.8 nightlies in April 2026; gpufleet pins the last one "
     "(torch_version). To move on, use a cu130 build with cuda_version 13.0 and a 580+ driver (README)."
 )
-_noticed = False
 
 
 @deploy("PyTorch")
 def torch() -> None:
-    global _noticed
     config = settings()
     me = profile()
-    if config["torch_version"].endswith("+cu128") and config["torch_channel"] == "nightly" and not _noticed:
-        _noticed = True
-        logger.warning(FROZEN_CU128_NOTICE)
+    if config["torch_version"].endswith("+cu128") and config["torch_channel"] == "nightly":
+        warn_once(FROZEN_CU128_NOTICE)
     python = f"{config['venv_path']}/bin/python"
     archs = config["xformers_arch_list"] or arch_list(me.gpus)
     context = torch_state_context(me)

@@ -6,7 +6,7 @@ import hashlib
 import re
 import shlex
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
 from packaging.version import Version
@@ -189,123 +189,258 @@ class HostProfile:
     disk_needs: tuple[DiskNeed, ...] = ()
 
 
-def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
-    """Why this host cannot be provisioned with these settings; empty when it can. Each names the fix."""
-    problems: list[str] = []
-    os_key = (host.os.id, host.os.version_id)
-    if os_key not in SUPPORTED_OS:
-        problems.append(
-            f"{host.os.pretty_name} is not supported; gpufleet runs on Ubuntu 24.04 (bare metal or WSL2) "
-            "and Debian 12. Reinstall the host or remove it from the inventory."
-        )
+def _unsupported_os(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if (host.os.id, host.os.version_id) in SUPPORTED_OS:
+        return []
+    return [
+        f"{host.os.pretty_name} is not supported; gpufleet runs on Ubuntu 24.04 (bare metal or WSL2) "
+        "and Debian 12. Reinstall the host or remove it from the inventory."
+    ]
+
+
+def _wsl_without_ubuntu(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     if host.is_wsl and host.os.id != "ubuntu":
-        problems.append("WSL2 is supported with Ubuntu 24.04 only; install the Ubuntu-24.04 WSL distribution.")
+        return ["WSL2 is supported with Ubuntu 24.04 only; install the Ubuntu-24.04 WSL distribution."]
+    return []
+
+
+def _wsl_group_without_wsl(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     if host.group == "wsl" and not host.is_wsl:
-        problems.append("is in the inventory's wsl group but is not WSL2; move it to the workstations group.")
-    for tool in host.missing_tools:
-        package = TOOL_PACKAGES.get(tool, tool)
-        problems.append(f"needs the command {tool.replace('/', ' or ')}; install it: apt-get install {package}")
+        return ["is in the inventory's wsl group but is not WSL2; move it to the workstations group."]
+    return []
+
+
+def _missing_tools(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    return [
+        f"needs the command {tool.replace('/', ' or ')}; install it: apt-get install {TOOL_PACKAGES.get(tool, tool)}"
+        for tool in host.missing_tools
+    ]
+
+
+def _gpus_unidentifiable(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     if host.lspci_missing and not host.is_wsl:
-        problems.append("neither lspci nor /sys/bus/pci is available, so the GPUs cannot be identified; install pciutils (apt-get install pciutils)")
+        return ["neither lspci nor /sys/bus/pci is available, so the GPUs cannot be identified; install pciutils "
+                "(apt-get install pciutils)"]
+    return []
+
+
+def _wsl_without_windows_driver(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     if host.is_wsl and not host.smi.available:
-        problems.append(
+        return [
             "is WSL2 but /usr/lib/wsl/lib/nvidia-smi is missing: install the NVIDIA driver on Windows "
             "(Game Ready or Studio, 570 or newer) and restart WSL (wsl --shutdown)."
-        )
-    if not host.gpus and not (host.lspci_missing and not host.is_wsl):
-        problems.append(
-            "has no NVIDIA GPU (" + ("nvidia-smi shows none" if host.is_wsl else "the PCI bus shows none")
-            + "); if the card is installed, check that it is seated and "
-            "enabled in the firmware, or remove the host from the inventory."
-        )
-    for gpu in host.gpus:
-        if gpu.compute_cap is None and not settings["xformers_arch_list"]:
-            problems.append(
-                f"GPU {gpu.name} [10de:{gpu.device_id}] is unknown to gpufleet and no driver reports its compute "
-                "capability; set xformers_arch_list for this host or report the PCI ID."
-            )
-    blackwell = any(g.blackwell for g in host.gpus)
-    branch = settings["driver_branch"]
-    if blackwell and settings["driver_flavour"] != "open":
-        problems.append(
+        ]
+    return []
+
+
+def _no_gpu(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    # Without lspci on bare metal the GPUs cannot be listed at all: _gpus_unidentifiable says so.
+    if host.gpus or (host.lspci_missing and not host.is_wsl):
+        return []
+    return [
+        "has no NVIDIA GPU (" + ("nvidia-smi shows none" if host.is_wsl else "the PCI bus shows none")
+        + "); if the card is installed, check that it is seated and "
+        "enabled in the firmware, or remove the host from the inventory."
+    ]
+
+
+def _unknown_gpus(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if settings["xformers_arch_list"]:
+        return []
+    return [
+        f"GPU {gpu.name} [10de:{gpu.device_id}] is unknown to gpufleet and no driver reports its compute "
+        "capability; set xformers_arch_list for this host or report the PCI ID."
+        for gpu in host.gpus if gpu.compute_cap is None
+    ]
+
+
+def _proprietary_flavour_on_blackwell(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if any(g.blackwell for g in host.gpus) and settings["driver_flavour"] != "open":
+        return [
             "setting driver_flavour is 'proprietary' but Blackwell GPUs (RTX 50xx) work only with the open "
             "kernel modules; set driver_flavour: open."
-        )
+        ]
+    return []
+
+
+def _proprietary_module_on_blackwell(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     loaded = host.driver.loaded
-    if blackwell and loaded is not None and not loaded.open and not host.is_wsl:
-        problems.append(
+    if any(g.blackwell for g in host.gpus) and loaded is not None and not loaded.open and not host.is_wsl:
+        return [
             f"the proprietary NVIDIA kernel module {loaded.version} is loaded, and Blackwell GPUs need the open "
             "modules (nvidia-smi says 'No devices were found'). Purge the proprietary driver packages "
             "(apt-get purge 'nvidia-*' 'libnvidia-*' 'cuda-drivers*'), reboot, then run gpufleet again."
-        )
-    if not host.is_wsl and not settings["driver_accept_existing"]:
-        for gpu in host.gpus:
-            model = GPU_MODELS.get(gpu.device_id)
-            if model is None:
-                continue
-            if branch in model.unsupported_branches or Version(branch) < Version(model.min_driver.split(".")[0]):
-                problems.append(
-                    f"setting driver_branch '{branch}' does not know the {model.name} [10de:{gpu.device_id}] "
-                    f"(first supported: {model.min_driver}); set driver_branch: \"580\"."
-                )
-        if host.driver.runfile:
+        ]
+    return []
+
+
+def _installs_driver(host: HostProfile, settings: dict[str, Any]) -> bool:
+    """gpufleet installs the driver itself: bare metal, and no existing driver accepted."""
+    return not host.is_wsl and not settings["driver_accept_existing"]
+
+
+def _branch_without_the_gpus(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if not _installs_driver(host, settings):
+        return []
+    branch = settings["driver_branch"]
+    problems = []
+    for gpu in host.gpus:
+        model = GPU_MODELS.get(gpu.device_id)
+        if model is None:
+            continue
+        if branch in model.unsupported_branches or Version(branch) < Version(model.min_driver.split(".")[0]):
             problems.append(
-                "has a driver installed by NVIDIA's .run installer (/usr/bin/nvidia-uninstall); packages must not be "
-                "stacked on it. Run nvidia-uninstall, or set driver_accept_existing: true to keep it."
+                f"setting driver_branch '{branch}' does not know the {model.name} [10de:{gpu.device_id}] "
+                f"(first supported: {model.min_driver}); set driver_branch: \"580\"."
             )
-        if settings["driver_source"] == "ubuntu" and host.os.id != "ubuntu":
-            problems.append(
-                "setting driver_source is 'ubuntu' but the host runs "
-                f"{host.os.pretty_name}; Ubuntu's archive exists on Ubuntu only: set driver_source: nvidia."
-            )
-        if host.secure_boot and settings["driver_source"] == "nvidia":
-            problems.append(
-                "Secure Boot is on, and NVIDIA's repository builds unsigned DKMS modules that will not load. Either "
-                "set driver_source: ubuntu (Ubuntu's signed precompiled modules), or enrol a MOK key "
-                "(mokutil --import) so DKMS can sign them, then run again."
-            )
-    if settings["driver_accept_existing"] and not host.is_wsl:
-        problems.extend(_existing_driver_problems(host, settings))
-    too_old = _driver_too_old_for_cuda(host, settings)
-    if too_old:
-        problems.append(too_old)
+    return problems
+
+
+def _runfile_driver(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if _installs_driver(host, settings) and host.driver.runfile:
+        return [
+            "has a driver installed by NVIDIA's .run installer (/usr/bin/nvidia-uninstall); packages must not be "
+            "stacked on it. Run nvidia-uninstall, or set driver_accept_existing: true to keep it."
+        ]
+    return []
+
+
+def _ubuntu_driver_source_off_ubuntu(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if _installs_driver(host, settings) and settings["driver_source"] == "ubuntu" and host.os.id != "ubuntu":
+        return [
+            "setting driver_source is 'ubuntu' but the host runs "
+            f"{host.os.pretty_name}; Ubuntu's archive exists on Ubuntu only: set driver_source: nvidia."
+        ]
+    return []
+
+
+def _secure_boot_with_unsigned_modules(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if _installs_driver(host, settings) and host.secure_boot and settings["driver_source"] == "nvidia":
+        return [
+            "Secure Boot is on, and NVIDIA's repository builds unsigned DKMS modules that will not load. Either "
+            "set driver_source: ubuntu (Ubuntu's signed precompiled modules), or enrol a MOK key "
+            "(mokutil --import) so DKMS can sign them, then run again."
+        ]
+    return []
+
+
+def _accepted_driver_unusable(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    """An existing driver gpufleet was told to keep (driver_accept_existing) must be loaded and new enough."""
+    if not settings["driver_accept_existing"] or host.is_wsl:
+        return []
+    loaded = host.driver.loaded
+    if loaded is None:
+        return [
+            "setting driver_accept_existing is true but no NVIDIA kernel module is loaded; install the driver "
+            "first or set driver_accept_existing: false to let gpufleet install it."
+        ]
+    if not loaded.open and any(g.blackwell for g in host.gpus):
+        return []  # already reported: proprietary module on Blackwell
+    if Version(loaded.version).major < int(settings["driver_branch"]):
+        return [
+            f"the existing driver {loaded.version} is older than driver_branch {settings['driver_branch']}; "
+            "upgrade it, or set driver_accept_existing: false."
+        ]
+    return []
+
+
+def _kept_driver_too_old_for_cuda(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    """A driver gpufleet will not replace (Windows' on WSL, an accepted existing one) that cannot run the toolkit."""
+    if host.is_wsl:
+        # A version nvidia-smi did not print as digits ("[N/A]") is not judged here.
+        versions = sorted({g.driver_version for g in host.smi.gpus if _DRIVER_VERSION.match(g.driver_version)},
+                          key=Version)
+        problem = cuda_driver_problem(settings["cuda_version"], versions[0] if versions else None, windows=True)
+    elif settings["driver_accept_existing"] and host.driver.loaded is not None:
+        problem = cuda_driver_problem(settings["cuda_version"], host.driver.loaded.version)
+    else:
+        problem = None
+    return [problem] if problem else []
+
+
+def _debian_python_version(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     if (
         host.os.id == "debian"
         and settings["python_version"] != "3.11"
         and settings["python_interpreter"] is None
         and not settings["venv_adopt"]
     ):
-        problems.append(
+        return [
             f"setting python_version is '{settings['python_version']}' but Debian 12's Python is 3.11; set "
             "python_version: \"3.11\", or python_interpreter to a Python "
             f"{settings['python_version']} you installed (e.g. /usr/local/bin/python{settings['python_version']})."
-        )
+        ]
+    return []
+
+
+def _keyring_checksum_missing(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     repo_dir = cuda_repo_dir(host.os, host.is_wsl)
     uses_repo = settings["cuda_existing_home"] is None or (
         not host.is_wsl and not settings["driver_accept_existing"] and settings["driver_source"] == "nvidia"
     )
-    if uses_repo and os_key in SUPPORTED_OS and repo_dir not in settings["cuda_keyring_sha256"]:
-        problems.append(
+    supported = (host.os.id, host.os.version_id) in SUPPORTED_OS
+    if uses_repo and supported and repo_dir not in settings["cuda_keyring_sha256"]:
+        return [
             f"setting cuda_keyring_sha256 has no checksum for NVIDIA's '{repo_dir}' repository; download "
             f"{settings['cuda_repo_url'].rstrip('/')}/{repo_dir}/x86_64/cuda-keyring_1.1-1_all.deb, verify it, "
             f"and add it to the inventory: cuda_keyring_sha256: {{{repo_dir}: <sha256>, ...}} (keep the others)."
-        )
-    problems.extend(build_account_problems(host.build_account, settings))
-    need_disk = settings["min_free_disk_gb"] * GB
+        ]
+    return []
+
+
+def _build_account(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    return build_account_problems(host.build_account, settings)
+
+
+def _too_little_disk(host: HostProfile, settings: dict[str, Any]) -> list[str]:
     if host.disk_needs:
-        problems.extend(disk_problems(host.disk_needs, settings["min_free_disk_gb"]))
-    elif host.free_disk < need_disk:
-        problems.append(
+        return disk_problems(host.disk_needs, settings["min_free_disk_gb"])
+    if host.free_disk < settings["min_free_disk_gb"] * GB:
+        return [
             f"has {host.free_disk / GB:.1f} GB free on {host.disk_mount} and needs {settings['min_free_disk_gb']} GB "
             "(setting min_free_disk_gb) for the toolkit, torch and the build; free some space."
-        )
-    need_mem = settings["min_memory_gb"] * GB
-    if host.mem_available < need_mem:
-        problems.append(
+        ]
+    return []
+
+
+def _too_little_memory(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    if host.mem_available < settings["min_memory_gb"] * GB:
+        return [
             f"has {host.mem_available / GB:.1f} GB of memory available and the xformers build needs "
             f"{settings['min_memory_gb']} GB (setting min_memory_gb); on WSL raise memory= in .wslconfig."
-        )
-    return problems
+        ]
+    return []
+
+
+# Preflight's rules, each a function of the host and its settings, in the order their problems are reported.
+PREFLIGHT_CHECKS: tuple[Callable[[HostProfile, dict[str, Any]], list[str]], ...] = (
+    _unsupported_os,
+    _wsl_without_ubuntu,
+    _wsl_group_without_wsl,
+    _missing_tools,
+    _gpus_unidentifiable,
+    _wsl_without_windows_driver,
+    _no_gpu,
+    _unknown_gpus,
+    _proprietary_flavour_on_blackwell,
+    _proprietary_module_on_blackwell,
+    _branch_without_the_gpus,
+    _runfile_driver,
+    _ubuntu_driver_source_off_ubuntu,
+    _secure_boot_with_unsigned_modules,
+    _accepted_driver_unusable,
+    _kept_driver_too_old_for_cuda,
+    _debian_python_version,
+    _keyring_checksum_missing,
+    _build_account,
+    _too_little_disk,
+    _too_little_memory,
+)
+
+
+def preflight_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
+    """Why this host cannot be provisioned with these settings; empty when it can. Each names the fix."""
+    return [problem for check in PREFLIGHT_CHECKS for problem in check(host, settings)]
 
 
 # Groups whose members may become root (sudo on Debian/Ubuntu, admin on old Ubuntu, wheel elsewhere).
@@ -331,36 +466,6 @@ def build_account_problems(account: dict[str, Any] | None, settings: dict[str, A
         return [f"setting build_user '{user}' is an existing account with its own home {account['home']} "
                 f"(gpufleet's build user lives in work_dir {work_dir}); {fix}."]
     return []
-
-
-def _existing_driver_problems(host: HostProfile, settings: dict[str, Any]) -> list[str]:
-    loaded = host.driver.loaded
-    if loaded is None:
-        return [
-            "setting driver_accept_existing is true but no NVIDIA kernel module is loaded; install the driver "
-            "first or set driver_accept_existing: false to let gpufleet install it."
-        ]
-    problems = []
-    if not loaded.open and any(g.blackwell for g in host.gpus):
-        return problems  # already reported: proprietary module on Blackwell
-    if Version(loaded.version).major < int(settings["driver_branch"]):
-        problems.append(
-            f"the existing driver {loaded.version} is older than driver_branch {settings['driver_branch']}; "
-            "upgrade it, or set driver_accept_existing: false."
-        )
-    return problems
-
-
-def _driver_too_old_for_cuda(host: HostProfile, settings: dict[str, Any]) -> str | None:
-    """A driver gpufleet will not replace (Windows' on WSL, an accepted existing one) that cannot run the toolkit."""
-    if host.is_wsl:
-        # A version nvidia-smi did not print as digits ("[N/A]") is not judged here.
-        versions = sorted({g.driver_version for g in host.smi.gpus if _DRIVER_VERSION.match(g.driver_version)},
-                          key=Version)
-        return cuda_driver_problem(settings["cuda_version"], versions[0] if versions else None, windows=True)
-    if settings["driver_accept_existing"] and host.driver.loaded is not None:
-        return cuda_driver_problem(settings["cuda_version"], host.driver.loaded.version)
-    return None
 
 
 def may_reboot(host: HostProfile, settings: dict[str, Any]) -> bool:

@@ -1,7 +1,7 @@
 """Each fact read once per host per run: pyinfra 3 keeps no fact cache, so every host.get_fact is a round trip.
 
-pyinfra 3 runs each operation's body twice: while it prepares the run (to see whether the operation would change
-anything) and again when it executes it. Both times the body reads its facts. An answer stays true until something
+pyinfra 3 runs an operation's body when it executes it and, unless run with -y, once before, while it prepares the
+run, to show what would change; each time the body reads its facts. An answer stays true until something
 changes the host, so it is kept while nothing has: through the preparation (no operation has run yet), and while
 executing until an operation on that host runs a command. The operation being executed counts as changing when its
 preparation planned commands or did not look (`pyinfra -y` skips that look), since a read inside it may follow one
@@ -11,7 +11,6 @@ of its commands; a caller that reads before its operation yields anything says s
 from __future__ import annotations
 
 from typing import Any, TypeVar
-from weakref import WeakKeyDictionary
 
 from gevent.event import AsyncResult
 from pyinfra.api import FactBase
@@ -19,10 +18,9 @@ from pyinfra.api.host import Host
 from pyinfra.api.state import State, StateStage
 from pyinfra.context import ctx_state
 
+from gpufleet.runstate import run_of
+
 T = TypeVar("T")
-# Per pyinfra State (tests build several in one process): (host, fact, arguments) -> answer. Hosts are prepared
-# in parallel greenlets and read each other's facts (xformers_fleet), so a second reader waits for the first.
-_answers: WeakKeyDictionary[Any, dict[tuple[str, type, str], AsyncResult]] = WeakKeyDictionary()
 
 
 def unchanged_since_prepare(run: State, target: Host, before_commands: bool = False) -> bool:
@@ -50,7 +48,9 @@ def fact(target: Host, cls: type[FactBase[T]], before_commands: bool = False, **
     run = ctx_state.get()
     if run is None or not unchanged_since_prepare(run, target, before_commands):
         return target.get_fact(cls, **kwargs)
-    answers = _answers.setdefault(run, {})
+    # Per run (gpufleet.runstate). Hosts are prepared in parallel greenlets and read each other's facts
+    # (xformers_fleet), so a second reader waits for the first.
+    answers = run_of(run).fact_answers
     key = (target.name, cls, repr(sorted(kwargs.items())))
     if key in answers:
         return answers[key].get()

@@ -7,13 +7,13 @@ from pathlib import Path
 from pyinfra import state as current_state
 from pyinfra.api.state import BaseStateCallback, StateStage
 
-_registered: set[int] = set()
-_run_names: dict[int, str] = {}
+from gpufleet.runstate import RunState, this_run
 
 
 class _ReportAtEnd(BaseStateCallback):
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, run: RunState):
         self.directory = directory
+        self.run = run
         self.disconnected = 0
 
     def host_disconnect(self, state, host) -> None:  # type: ignore[override]
@@ -32,9 +32,9 @@ class _ReportAtEnd(BaseStateCallback):
             Console(stderr=True, highlight=False).print(
                 f"Fleet report with charts: {self.directory / report.HTML_NAME}", overflow="fold")
         # A run that tested hosts says what changed since the run before it (a new driver that made one slower).
-        if id(current_state) in _run_names:
+        if self.run.history_run_name is not None:
             since = report_history.since_previous_run(report_history.history_for(self.directory),
-                                                      _run_names[id(current_state)])
+                                                      self.run.history_run_name)
             if since:
                 previous, changes = since
                 report_history.print_compare(changes, previous, report.OUTLIER_FRACTION, stderr=True)
@@ -42,14 +42,18 @@ class _ReportAtEnd(BaseStateCallback):
 
 def print_report_when_run_ends(directory: Path) -> None:
     """Register (once per run) the callback that prints the fleet table when the last host disconnects."""
-    if id(current_state) in _registered:
+    run = this_run()
+    if run.report_registered:
         return
-    _registered.add(id(current_state))
-    current_state.add_callback_handler(_ReportAtEnd(directory))
+    run.report_registered = True
+    current_state.add_callback_handler(_ReportAtEnd(directory, run))
 
 
 def history_run_name() -> str:
     """This pyinfra run's folder under <report_dir>/history: its start time, the same for every host."""
     from gpufleet.report_history import run_name
 
-    return _run_names.setdefault(id(current_state), run_name())
+    run = this_run()
+    if run.history_run_name is None:
+        run.history_run_name = run_name()
+    return run.history_run_name

@@ -33,6 +33,8 @@ from pyinfra.connectors.local import LocalConnector
 from pyinfra.connectors.ssh import SSHConnector
 from pyinfra.connectors.util import make_unix_command_for_host
 
+from gpufleet.runstate import run_of
+
 LOCK = "/run/gpufleet.lock"
 OWNER = "/run/gpufleet.owner"
 LOG = "/var/log/gpufleet-lock.log"
@@ -42,8 +44,8 @@ HOLDER_NAME = "gpufleet-lock-holder"
 _OWNER_LINE = re.compile(r"^(?P<who>\S+)@(?P<machine>\S+) pid (?P<pid>\d+) since (?P<since>\S+) holder (?P<holder>\d+)$")
 _SAFE = re.compile(r"[^A-Za-z0-9_.:-]")
 
-# Per host name: the open channel (SSH) or process (@local) holding that host's lock in this run.
-_holders: dict[str, Any] = {}
+# Per pyinfra Host (one object per host and run): the open channel (SSH) or process (@local) holding its lock.
+_holders: dict[Any, Any] = {}
 _heartbeat: threading.Thread | None = None
 # Per control-machine folder: the open, flock-ed lock file.
 _control_locks: dict[Path, Any] = {}
@@ -197,7 +199,7 @@ class _ReleaseAfterTheLastOperation(BaseStateCallback):
 
 def release_all() -> None:
     """Release every host lock of this run, telling each holder the run ended normally."""
-    for name, handle in list(_holders.items()):
+    for held, handle in list(_holders.items()):
         try:
             if isinstance(handle, subprocess.Popen):
                 handle.stdin.write("bye\n")
@@ -207,14 +209,16 @@ def release_all() -> None:
                 handle.shutdown_write()
         except (OSError, EOFError, ValueError):
             pass
-        del _holders[name]
+        del _holders[held]
 
 
 def lock_host(state, host, wait_s: int) -> str | None:
     """Take the host's lock for the rest of this run; None when taken (or the connector cannot be locked), else why
     not, naming the run that holds it."""
     global _heartbeat
-    if host.name in _holders:
+    # The Host itself, not pyinfra's context proxy for the current host: a key that stays this host of this run.
+    host = host.connector.host
+    if host in _holders:
         return None
     if not isinstance(host.connector, (SSHConnector, LocalConnector)):
         return None
@@ -226,10 +230,12 @@ def lock_host(state, host, wait_s: int) -> str | None:
         handle, lines = _start(state, host, script)
         first = lines.readline().strip()
         if first == "taken":
-            _holders[host.name] = handle
+            _holders[host] = handle
             if _heartbeat is None:
                 _heartbeat = threading.Thread(target=_beat, name="gpufleet-lock-heartbeat", daemon=True)
                 _heartbeat.start()
+            # Once per run: a second run in this process releases its locks at its own end too.
+            if run_of(host.state).first_time("release host locks after the last operation"):
                 state.add_callback_handler(_ReleaseAfterTheLastOperation())
             return None
         _close(handle)

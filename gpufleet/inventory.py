@@ -303,6 +303,26 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
     checker = _Checker(path, load_settings())
     if root is None:
         raise InventoryError(path, [f"{path}: the file is empty; see inventory/hosts.yaml for the format"])
+    fleet_settings, groups_node = _top_level(checker, root)
+    listing = _Listing(checker, fleet_settings)
+    for group, group_key, group_node in checker.mapping(groups_node, "groups"):
+        listing.add_group(group, group_key, group_node)
+    hosts = listing.hosts
+    _merge_cache_entries(checker, listing)
+    _check_one_cache_host(checker, hosts)
+    _point_hosts_at_the_cache(hosts)
+    _check_host_settings(checker, hosts)
+    _warn_of_a_cache_open_to_every_network(checker, hosts)
+    _check_builders(checker, hosts)
+    if not hosts and not checker.problems:
+        checker.problems.append(f"{path}: no hosts; add some under groups: workstations: hosts:")
+    if checker.problems:
+        raise InventoryError(path, checker.problems)
+    return Inventory(path=path, hosts=hosts)
+
+
+def _top_level(checker: _Checker, root: yaml.Node) -> tuple[dict[str, Any], yaml.Node | None]:
+    """The fleet's settings and the groups node."""
     fleet_settings: dict[str, Any] = {}
     groups_node = None
     for key, key_node, value_node in checker.mapping(root, "top level"):
@@ -312,20 +332,34 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
             groups_node = value_node
         else:
             checker.unknown(key_node, "top level", key, TOP_KEYS)
+    return fleet_settings, groups_node
 
-    hosts: list[HostSpec] = []
-    first_seen: dict[str, HostSpec] = {}
-    # Per host listed under cache: its name node, whether its entry there is empty, the cache group's settings.
-    cache_entries: dict[str, tuple[yaml.Node, bool, dict[str, Any]]] = {}
-    own_settings: dict[str, dict[str, Any]] = {}
-    for group, group_key, group_node in checker.mapping(groups_node, "groups"):
+
+class _Listing:
+    """The hosts as the groups list them, in file order, each with its settings over its group's and the fleet's.
+
+    A host under `cache` and under workstations or wsl is one host: its workstation entry.
+    """
+
+    def __init__(self, checker: _Checker, fleet_settings: dict[str, Any]):
+        self.checker = checker
+        self.fleet_settings = fleet_settings
+        self.hosts: list[HostSpec] = []
+        self.first_seen: dict[str, HostSpec] = {}
+        # Per host listed under cache: its name node, whether its entry there is empty, the cache group's settings.
+        self.cache_entries: dict[str, tuple[yaml.Node, bool, dict[str, Any]]] = {}
+        # Per host: the settings its own entry gives.
+        self.own_settings: dict[str, dict[str, Any]] = {}
+
+    def add_group(self, group: str, group_key: yaml.Node, group_node: yaml.Node) -> None:
+        checker = self.checker
         if group not in GROUPS:
             checker.problem(
                 group_key,
                 "groups",
                 f"unknown group '{group}'.{suggest(group, GROUPS)} Groups are: {', '.join(GROUPS)}",
             )
-            continue
+            return
         group_settings: dict[str, Any] = {}
         hosts_node = None
         for key, key_node, value_node in checker.mapping(group_node, f"group '{group}'"):
@@ -336,33 +370,41 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
             else:
                 checker.unknown(key_node, f"group '{group}'", key, GROUP_KEYS)
         for name, name_node, host_node in checker.mapping(hosts_node, f"group '{group}' hosts"):
-            spec = checker.host(name, name_node, host_node, group)
-            if group == CACHE_GROUP:
-                cache_entries[name] = (name_node, not spec.connection and not spec.settings, group_settings)
-            if name in first_seen:
-                first = first_seen[name]
-                if CACHE_GROUP in (group, first.group) and group != first.group:
-                    # A workstation that also serves the cache: its workstation entry is the host, merged below.
-                    if first.group == CACHE_GROUP:
-                        hosts[hosts.index(first)] = spec
-                        first_seen[name] = spec
-                        own_settings[name] = spec.settings
-                        spec.settings = {**fleet_settings, **group_settings, **spec.settings}
-                    continue
-                checker.problem(
-                    name_node,
-                    f"host '{name}'",
-                    f"listed twice (first in group '{first.group}' on line {first.line}); "
-                    "a host belongs to one group (besides 'cache')",
-                )
-                continue
-            first_seen[name] = spec
-            own_settings[name] = spec.settings
-            spec.settings = {**fleet_settings, **group_settings, **spec.settings}
-            hosts.append(spec)
+            self.add_host(checker.host(name, name_node, host_node, group), name_node, group_settings)
 
-    by_name = {h.name: h for h in hosts}
-    for name, (name_node, empty, cache_settings) in cache_entries.items():
+    def add_host(self, spec: HostSpec, name_node: yaml.Node, group_settings: dict[str, Any]) -> None:
+        name, group = spec.name, spec.group
+        if group == CACHE_GROUP:
+            self.cache_entries[name] = (name_node, not spec.connection and not spec.settings, group_settings)
+        first = self.first_seen.get(name)
+        if first is None:
+            self._keep(spec, group_settings)
+            self.hosts.append(spec)
+            return
+        if CACHE_GROUP in (group, first.group) and group != first.group:
+            # A workstation that also serves the cache: its workstation entry is the host (_merge_cache_entries).
+            if first.group == CACHE_GROUP:
+                self.hosts[self.hosts.index(first)] = spec
+                self._keep(spec, group_settings)
+            return
+        self.checker.problem(
+            name_node,
+            f"host '{name}'",
+            f"listed twice (first in group '{first.group}' on line {first.line}); "
+            "a host belongs to one group (besides 'cache')",
+        )
+
+    def _keep(self, spec: HostSpec, group_settings: dict[str, Any]) -> None:
+        self.first_seen[spec.name] = spec
+        self.own_settings[spec.name] = spec.settings
+        spec.settings = {**self.fleet_settings, **group_settings, **spec.settings}
+
+
+def _merge_cache_entries(checker: _Checker, listing: _Listing) -> None:
+    """A host under `cache` serves the cache; one also under workstations or wsl is listed under cache as `{}`, and
+    the cache group's settings (cache_dir, ...) apply to it under its own host settings."""
+    by_name = {h.name: h for h in listing.hosts}
+    for name, (name_node, empty, cache_settings) in listing.cache_entries.items():
         spec = by_name.get(name)
         if spec is None:
             continue
@@ -376,47 +418,64 @@ def load_inventory(path: Path | str | None = None) -> Inventory:
                 f"is in group '{spec.group}' and in 'cache': give its address, connection and settings under "
                 f"'{spec.group}' only and list it under cache as `{name}: {{}}`",
             )
-        # The cache group's settings (cache_dir, ...) apply to it too, under its own host settings.
-        spec.settings = {**spec.settings, **cache_settings, **own_settings[name]}
+        spec.settings = {**spec.settings, **cache_settings, **listing.own_settings[name]}
+
+
+def _check_one_cache_host(checker: _Checker, hosts: list[HostSpec]) -> None:
+    """At most one cache host, reached by its network address."""
     servers = [h for h in hosts if h.cache_server]
     if len(servers) > 1:
         checker.problems.append(
-            f"{path}: group 'cache' lists {len(servers)} hosts ({', '.join(h.name for h in servers)}); "
+            f"{checker.path}: group 'cache' lists {len(servers)} hosts ({', '.join(h.name for h in servers)}); "
             "one cache host serves the fleet: keep one"
         )
     for spec in servers:
         if spec.name == "@local":
             checker.problems.append(
-                f"{path}: @local cannot be the cache host: the other hosts need its network address; "
+                f"{checker.path}: @local cannot be the cache host: the other hosts need its network address; "
                 "list it by name with address:"
             )
+
+
+def _point_hosts_at_the_cache(hosts: list[HostSpec]) -> None:
+    servers = [h for h in hosts if h.cache_server]
     if len(servers) == 1:
         for spec in hosts:
             spec.cache_address = servers[0].address
 
-    defaults = {name: s.default for name, s in checker.settings.items()}
+
+def _effective_settings(checker: _Checker, spec: HostSpec) -> dict[str, Any]:
+    """The host's settings over group_data/all.py's defaults."""
+    return {**{name: s.default for name, s in checker.settings.items()}, **spec.settings}
+
+
+def _check_host_settings(checker: _Checker, hosts: list[HostSpec]) -> None:
+    """Rules between settings (settings.combined_problems); the cache's settings matter on the cache host only."""
     for spec in hosts:
-        merged = {**defaults, **spec.settings}
-        for key, text in combined_problems(merged, spec.connection.get("ssh_user")):
+        for key, text in combined_problems(_effective_settings(checker, spec), spec.connection.get("ssh_user")):
             if key.startswith("cache_") and not spec.cache_server:
                 continue
-            checker.problems.append(f"{path}:{spec.line}: host '{spec.name}' setting '{key}': {text}")
+            checker.problems.append(f"{checker.path}:{spec.line}: host '{spec.name}' setting '{key}': {text}")
+
+
+def _warn_of_a_cache_open_to_every_network(checker: _Checker, hosts: list[HostSpec]) -> None:
+    for spec in hosts:
+        merged = _effective_settings(checker, spec)
         if spec.cache_server and any(a in ("0.0.0.0", "::") for a in merged["cache_listen"]) \
                 and merged["cache_listen_any"]:
             print(f"gpufleet: warning: {spec.name}'s cache listens on every network (cache_listen_any); "
                   "apt-cacher-ng and devpi-server have no access control", file=sys.stderr)
 
+
+def _check_builders(checker: _Checker, hosts: list[HostSpec]) -> None:
+    """Every xformers_builder names a host of this inventory."""
     names = {h.name for h in hosts}
     for node, where, builder in checker.builder_values:
         if builder not in names:
             checker.problem(
-                node, f"{where} setting 'xformers_builder'", f"'{builder}' is not a host of this inventory.{suggest(builder, names)}"
+                node, f"{where} setting 'xformers_builder'",
+                f"'{builder}' is not a host of this inventory.{suggest(builder, names)}"
             )
-    if not hosts and not checker.problems:
-        checker.problems.append(f"{path}: no hosts; add some under groups: workstations: hosts:")
-    if checker.problems:
-        raise InventoryError(path, checker.problems)
-    return Inventory(path=path, hosts=hosts)
 
 
 def load_inventory_or_exit(path: Path | str | None = None) -> Inventory:

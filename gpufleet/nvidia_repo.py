@@ -13,22 +13,18 @@ from pyinfra.operations import apt, files, server
 
 from gpufleet.buildplan import ROOT_STATE_DIR
 from gpufleet.facts import AptListsPresent, InterruptedPackageInstall
+from gpufleet.runstate import this_run
 
 KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
 KEYRING_DEB = "cuda-keyring_1.1-1_all.deb"
 SOURCE_NAME = "gpufleet-cuda"
 DOWNLOADS = f"{ROOT_STATE_DIR}/downloads"
-# What is already planned for which host in this run: the driver and CUDA stages share these steps.
-_planned: set[tuple[str, str]] = set()
 
 
 def _first_time(step: str) -> bool:
-    """True the first time a step is asked for on the current host in this run."""
-    key = (step, host.name)
-    if key in _planned:
-        return False
-    _planned.add(key)
-    return True
+    """True the first time a step is asked for on the current host in this run: the driver and CUDA stages
+    share these steps."""
+    return this_run().first_time(step, host.name)
 
 
 def keyring_command(deb: str, sha256: str) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from pyinfra import host, state
+from pyinfra import host, logger, state
 from pyinfra.api.host import Host
 from pyinfra.facts.files import Directory, File, FileContents, Link
 
@@ -29,15 +29,11 @@ from gpufleet.decide import STAGE_DISK_GB, DiskNeed, HostProfile, host_gpus
 from gpufleet.fact_memo import fact
 from gpufleet.nvidia_repo import repair_interrupted_packages
 from gpufleet.operations import refuse
+from gpufleet.runstate import CACHE_ONLY, REFUSED, this_run
 from gpufleet.settings import load_settings
 
 _SETTINGS = load_settings()
 _LOCAL_ADDRESSES = {"localhost", "127.0.0.1", "::1"}
-
-# Hosts refused in this run: later stages plan nothing for them.
-_refused: set[str] = set()
-# Per host, the operations whose change means the GPU stack is new and must be tested again.
-_stack_changes: dict[str, list[Any]] = {}
 
 
 def settings(target: Host | None = None, through_cache: bool = True) -> dict[str, Any]:
@@ -141,7 +137,7 @@ def lock_control_folder(folder: Path) -> None:
 
 def refuse_host(reasons: list[str]) -> None:
     """Stop this host with every reason, before anything on it changes; the other hosts go on."""
-    _refused.add(host.name)
+    this_run().stopped[host.name] = REFUSED
     refuse(reasons=reasons, name=f"Refuse {host.name}: {reasons[0]}")
 
 
@@ -156,7 +152,12 @@ def refuse_planted_links(paths: list[str], trees: list[str] = ()) -> bool:
 
 
 def refused() -> bool:
-    return host.name in _refused
+    return this_run().stopped.get(host.name) == REFUSED
+
+
+def stopped() -> bool:
+    """Later stages plan nothing for this host: it was refused, or it serves only the fleet cache."""
+    return host.name in this_run().stopped
 
 
 def cache_only() -> bool:
@@ -166,7 +167,7 @@ def cache_only() -> bool:
 
 def skip_remaining_stages() -> None:
     """Later stages plan nothing for this host, without an error (a cache-only host)."""
-    _refused.add(host.name)
+    this_run().stopped.setdefault(host.name, CACHE_ONLY)
 
 
 def not_implemented(stage: str, issue: int) -> None:
@@ -194,13 +195,19 @@ def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
 
 def record_stack_change(op: Any) -> None:
     """Remember an operation that changes what the smoke test proves (driver, reboot, torch, xformers)."""
-    _stack_changes.setdefault(host.name, []).append(op)
+    this_run().stack_changes.setdefault(host.name, []).append(op)
 
 
 def stack_changed() -> Callable[[], bool]:
     """For _if=: true at execution time when any recorded operation of this host changed something."""
-    ops = list(_stack_changes.get(host.name, []))
+    ops = list(this_run().stack_changes.get(host.name, []))
     return lambda: any(op.did_change() for op in ops)
+
+
+def warn_once(message: str) -> None:
+    """Log a warning once per run, however many hosts reach it."""
+    if this_run().first_time(f"warning: {message}"):
+        logger.warning(message)
 
 
 def as_user(user: str) -> dict[str, Any]:
