@@ -59,18 +59,27 @@ def note_lines_first(trace: str, seen: list):
     yield from ()
 
 
-def test_executing_operations_reuse_an_answer_until_one_runs_a_command(tmp_path: Path) -> None:
-    state = local_state()
+def run_reads(state: State, trace: Path, before: list, after: list, read_while_preparing: bool = False) -> list:
+    """Runs the read operations `before`, then `true`, then `after` on @local; what each read saw, in order."""
     host = state.inventory.get_host("@local")
-    trace, seen = tmp_path / "trace", []
+    seen: list = []
     state.set_stage(StateStage.Prepare)
-    with ctx_state.use(state):
-        add_op(state, note_lines, trace=str(trace), seen=seen)
-        add_op(state, note_lines, trace=str(trace), seen=seen)
+    with ctx_state.use(state), ctx_host.use(host):
+        if read_while_preparing:
+            seen.append(fact(host, LinesOf, trace=str(trace)))
+        for op in before:
+            add_op(state, op, trace=str(trace), seen=seen)
         add_op(state, server.shell, commands=["true"])
-        add_op(state, note_lines, trace=str(trace), seen=seen)
+        for op in after:
+            add_op(state, op, trace=str(trace), seen=seen)
     state.set_stage(StateStage.Execute)
     run_ops(state)
+    return seen
+
+
+def test_executing_operations_reuse_an_answer_until_one_runs_a_command(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    seen = run_reads(local_state(), trace, [note_lines, note_lines], [note_lines])
     # Prepared: one read shared by the three operations. Executed: the first two reuse it, since no command has
     # run; the third reads again after `true` ran, and its fresh answer is what it sees.
     assert seen == [1, 1, 1, 1, 1, 2]
@@ -91,17 +100,8 @@ def test_under_yes_an_operation_that_reads_before_its_commands_reuses_the_answer
     # `pyinfra -y` does not look for changes while preparing, so an operation's body runs only when executed.
     state = State(Inventory((["@local"], {})), Config(), check_for_changes=False)
     connect_all(state)
-    host = state.inventory.get_host("@local")
-    trace, seen = tmp_path / "trace", []
-    state.set_stage(StateStage.Prepare)
-    with ctx_state.use(state), ctx_host.use(host):
-        assert fact(host, LinesOf, trace=str(trace)) == 1
-        add_op(state, note_lines, trace=str(trace), seen=seen)
-        add_op(state, note_lines_first, trace=str(trace), seen=seen)
-        add_op(state, server.shell, commands=["true"])
-        add_op(state, note_lines_first, trace=str(trace), seen=seen)
-    state.set_stage(StateStage.Execute)
-    run_ops(state)
+    seen = run_reads(state, tmp_path / "trace", [note_lines, note_lines_first], [note_lines_first],
+                     read_while_preparing=True)
     # note_lines may read after a command of its own, so it reads again; note_lines_first reuses the answer until
     # `true` has run.
-    assert seen == [2, 1, 3]
+    assert seen == [1, 2, 1, 3]
