@@ -31,7 +31,7 @@ class RunState:
     report_registered: bool = False
     # This run's folder name under <report_dir>/history, the same for every host.
     history_run_name: str | None = None
-    # (host name, fact, arguments) -> answer, read once while the run prepares (gpufleet.fact_memo).
+    # (host name, fact, arguments) -> answer, kept while the host is unchanged in this run (gpufleet.fact_memo).
     fact_answers: dict[tuple[str, type, str], AsyncResult] = field(default_factory=dict)
 
     def first_time(self, step: str, host_name: str = "") -> bool:
