@@ -13,6 +13,7 @@ from pyinfra.operations import apt, files, server
 from deploys.preflight import preflight
 from gpufleet import facts
 from gpufleet.decide import cuda_repo_dir
+from gpufleet.fact_memo import fact
 from gpufleet.layout import cuda_home
 from gpufleet.nvidia_repo import ensure_repo, pin_driver_source
 from gpufleet.stage import profile, refuse_host, run_alone, settings
@@ -25,7 +26,7 @@ def cuda() -> None:
     version = config["cuda_version"]
     home = cuda_home(config)
     # A driver too old for the toolkit (Windows' on WSL, an accepted existing one) is refused by preflight.
-    found = host.get_fact(facts.NvccVersion, cuda_home=home)
+    found = fact(host, facts.NvccVersion, cuda_home=home)
     if config["cuda_existing_home"]:
         if found != version:
             refuse_host(

@@ -61,7 +61,8 @@ def profile(target: Host | None = None) -> HostProfile:
     host_ = host if target is None else target
     config = settings(host_)
     # One round trip for every probe below (a host that could not be probed has failed already).
-    probe = fact(host_, facts.HostProbe, disk_paths=(config["work_dir"], config["venv_path"])) or {"disks": []}
+    disk_paths = (config["work_dir"], config["venv_path"])
+    probe = fact(host_, facts.HostProbe, disk_paths=disk_paths) or {"disks": []}
     wsl = probe.get("wsl") or {"is_wsl": False, "nvidia_smi": False}
     pci = probe.get("pci")
     smi = probe.get("smi") or facts.SmiResult(available=False)
@@ -88,7 +89,7 @@ def profile(target: Host | None = None) -> HostProfile:
         is_control_machine=is_control_machine(host_),
         missing_tools=tuple(probe.get("tools") or ()),
         build_account=fact(host_, facts.Account, user=config["build_user"]),
-        disk_needs=disk_needs(host_, config),
+        disk_needs=disk_needs(host_, config, dict(zip(disk_paths, probe["disks"]))),
     )
 
 
@@ -96,8 +97,11 @@ def free_disk(target: Host, path: str) -> dict[str, Any]:
     return fact(target, facts.FreeDisk, path=path) or {"free": 0, "mount": "?"}
 
 
-def disk_needs(target: Host, config: dict[str, Any]) -> tuple[DiskNeed, ...]:
-    """Where each stage still to do writes, and how much it needs there (decided from what the host already has)."""
+def disk_needs(target: Host, config: dict[str, Any], probed: dict[str, Any]) -> tuple[DiskNeed, ...]:
+    """Where each stage still to do writes, and how much it needs there (decided from what the host already has).
+
+    probed: the free space HostProbe already read, by path; other paths cost a round trip each.
+    """
     python = f"{config['venv_path']}/bin/python"
     torch_done = (fact(target, facts.InstalledDistributions, python=python) or {}).get("torch") == config["torch_version"]
     xformers_done = file_text(INSTALLED_STAMP, target) is not None
@@ -117,7 +121,7 @@ def disk_needs(target: Host, config: dict[str, Any]) -> tuple[DiskNeed, ...]:
         wanted.append((config["cache_dir"], "the fleet cache", STAGE_DISK_GB["cache"]))
     needs = []
     for path, what, gb in wanted:
-        disk = free_disk(target, path)
+        disk = (probed[path] or {"free": 0, "mount": "?"}) if path in probed else free_disk(target, path)
         needs.append(DiskNeed(path=path, mount=disk["mount"], free=disk["free"], need_gb=gb, what=what))
     return tuple(needs)
 
