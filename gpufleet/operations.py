@@ -170,7 +170,7 @@ def pip_packages(python: str, packages: list[str], extra_args: str = "", reinsta
 
     pyinfra's pip.packages needs a pip script, which some venvs (e.g. images built with ensurepip only) lack.
     """
-    installed = fact(host, InstalledDistributions, before_commands=True, python=python) or {}
+    installed = fact(host, InstalledDistributions, python=python) or {}
     missing = [spec for spec in packages if reinstall or _requirement(spec)[0] not in installed
                or (_requirement(spec)[1] is not None and installed[_requirement(spec)[0]] != _requirement(spec)[1])]
     if not missing:
