@@ -30,7 +30,7 @@ from gpufleet.buildplan import (
 )
 from gpufleet.layout import cuda_home, local_cache
 from gpufleet.nvidia_repo import apt_settings
-from gpufleet.operations import fetch_built_wheel, push_built_wheel
+from gpufleet.operations import fetch_built_wheel, make_directory, push_built_wheel, put_file
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import (
     as_user,
@@ -68,7 +68,7 @@ def xformers() -> None:
     usable, finished = _finished(config, layout, fp) if is_builder else (True, None)
     if not usable:
         return
-    files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
+    make_directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
     _upload(CUBIN_READER, layout.cubins_reader, user)
 
     # Every installing host plans the build, the fetch and the upload, gated to the hosts each concerns, so the
@@ -116,7 +116,7 @@ def xformers() -> None:
 
 
 def _upload(local: str, remote: str, user: str) -> None:
-    files.put(name=f"Upload {Path(remote).name}", src=str(REPO_ROOT / local), dest=remote, user=user, group=user, mode="755")
+    put_file(name=f"Upload {Path(remote).name}", src=str(REPO_ROOT / local), dest=remote, user=user, group=user, mode="755")
 
 
 def _prepare_build(config: dict, layout, python: str) -> None:

@@ -142,3 +142,39 @@ def test_pyinfra_operations_read_their_path_facts_once_while_the_host_is_unchang
     run_ops(state)
     # One round trip for the File fact, shared by the read while preparing and the three operations' own reads.
     assert len([c for c in asked if str(target) in c]) == 1, asked
+
+
+def test_expected_questions_go_to_the_host_in_one_round_trip_with_the_answers_asked_alone_would_give(
+        tmp_path: Path) -> None:
+    from pyinfra.facts.files import Directory, File, Sha1File
+
+    from gpufleet.fact_memo import expect
+
+    (tmp_path / "a").write_text("alpha\n")
+    (tmp_path / "d").mkdir()
+    questions = [(File, str(tmp_path / "a")), (Sha1File, str(tmp_path / "a")), (Directory, str(tmp_path / "d")),
+                 (File, str(tmp_path / "missing")), (Directory, str(tmp_path / "a"))]
+    alone = local_state()
+    alone_host = alone.inventory.get_host("@local")
+    expected_answers = [alone_host.get_fact(cls, path=path) for cls, path in questions]
+
+    state = local_state()
+    host = state.inventory.get_host("@local")
+    asked: list[str] = []
+    original = host.run_shell_command
+
+    def counted(command, *args, **kwargs):
+        asked.append(str(command))
+        return original(command, *args, **kwargs)
+
+    host.run_shell_command = counted
+    with ctx_state.use(state), ctx_host.use(host):
+        state.set_stage(StateStage.Prepare)
+        for cls, path in questions[1:]:
+            expect(host, cls, path=path)
+        # Deploy code still adding operations asks alone; once executing, the questions go together.
+        state.set_stage(StateStage.Execute)
+        answers = [host.get_fact(cls, path=path) for cls, path in questions]
+    assert answers == expected_answers
+    assert expected_answers[1] is not None and expected_answers[3] is None
+    assert len(asked) == 1, asked
