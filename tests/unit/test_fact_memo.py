@@ -175,6 +175,10 @@ def test_expected_questions_go_to_the_host_in_one_round_trip_with_the_answers_as
         # Deploy code still adding operations asks alone; once executing, the questions go together.
         state.set_stage(StateStage.Execute)
         answers = [host.get_fact(cls, path=path) for cls, path in questions]
-    assert answers == expected_answers
+    # Reading a file's checksum may move its access time between the two runs.
+    def settled(answer):
+        return {k: v for k, v in answer.items() if k != "atime"} if isinstance(answer, dict) else answer
+
+    assert [settled(a) for a in answers] == [settled(a) for a in expected_answers]
     assert expected_answers[1] is not None and expected_answers[3] is None
     assert len(asked) == 1, asked
