@@ -46,7 +46,8 @@ def python() -> None:
     venv_python = f"{venv}/bin/python"
 
     if config["venv_adopt"]:
-        found = fact(host, facts.PythonVersion, python=venv_python)
+        # As the venv's owner: root runs nothing from a folder someone else can write.
+        found = fact(host, facts.PythonVersion, python=venv_python, **as_user(venv_owner(config)))
         if found != config["python_version"]:
             refuse_host(
                 [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 import shlex
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def put_file(**arguments) -> OperationMeta:
     (gpufleet.fact_memo.expect). A no-op when dest has src's content, owner and mode."""
     expect(host, File, path=arguments["dest"])
     expect(host, Sha1File, path=arguments["dest"])
+    if arguments.get("create_remote_dir", True):
+        expect(host, Directory, path=posixpath.dirname(arguments["dest"]))
     return files.put(**arguments)
 
 
