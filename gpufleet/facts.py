@@ -675,7 +675,8 @@ class InstalledDistributions(_ParsedFact):
 
     In a venv they are read from the names of its site-packages' dist-info folders: no Python starts, so root runs
     nothing from a venv the build user can write, and a no-op costs each host a few milliseconds. Elsewhere (a
-    root-owned interpreter) importlib.metadata lists them, a tenth of the time of starting pip.
+    root-owned interpreter, or a venv that also sees the system's packages) importlib.metadata lists them, a tenth
+    of the time of starting pip.
     """
 
     parser = staticmethod(parse_pip_freeze)
@@ -687,7 +688,8 @@ class InstalledDistributions(_ParsedFact):
                   'b=${d##*/}; b=${b%.dist-info}; echo "${b%%-*}==${b#*-}"; done')
         return (f"if [ ! -x {python} ]; then echo {NO_TOOL}; "
                 f'else v=$(dirname "$(dirname {python})"); '
-                f'if [ -f "$v/pyvenv.cfg" ]; then {listed}; '
+                f'if [ -f "$v/pyvenv.cfg" ] && ! grep -qiE "^include-system-site-packages *= *true" "$v/pyvenv.cfg"; '
+                f"then {listed}; "
                 f"else {python} -I -c {shlex.quote(_DISTRIBUTIONS)}; fi; fi")
 
 

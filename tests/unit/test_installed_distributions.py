@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from gpufleet.facts import InstalledDistributions, PipFreeze
+from gpufleet.facts import _DISTRIBUTIONS, InstalledDistributions, PipFreeze, parse_pip_freeze
 
 
 def read(fact: type, python: str):
@@ -13,12 +13,26 @@ def read(fact: type, python: str):
     return fact().process(out.stdout.splitlines())
 
 
-def test_installed_distributions_are_what_pip_freeze_lists_in_this_interpreter() -> None:
-    ours, frozen = read(InstalledDistributions, sys.executable), read(PipFreeze, sys.executable)
-    # pip prints an editable install as a comment and an -e line; every other entry must agree.
-    plain = {name: version for name, version in frozen.items() if not name.startswith("#")}
-    assert plain and {name: ours.get(name) for name in plain} == plain
-    assert "pip" in ours
+def test_installed_distributions_are_what_pip_freeze_lists_in_a_venv(tmp_path) -> None:
+    # A venv of its own (pip from ensurepip, no network), so the verdict is the same on every machine.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    ours, frozen = read(InstalledDistributions, python), read(PipFreeze, python)
+    assert "pip" in frozen and ours == frozen
+
+
+def test_a_venv_that_sees_the_system_packages_is_read_by_its_python(tmp_path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    site = next(venv.glob("lib/python*/site-packages"))
+    (site / "torch-2.11.0.dist-info").mkdir()
+    (site / "torch-2.11.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: torch\nVersion: 2.11.0\n")
+    python = str(venv / "bin" / "python")
+    listed = subprocess.run([python, "-I", "-c", _DISTRIBUTIONS], capture_output=True, text=True, check=True).stdout
+    # The system's packages as well as the venv's own: what the venv's Python itself lists.
+    assert read(InstalledDistributions, python) == parse_pip_freeze(listed)
+    assert parse_pip_freeze(listed)["torch"] == "2.11.0"
 
 
 def test_a_missing_interpreter_has_no_distributions_rather_than_none_installed() -> None:
