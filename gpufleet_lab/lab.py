@@ -177,9 +177,9 @@ class Lab:
         host.save()
 
     def install_standin_reboot(self, host: Host) -> None:
-        """Give `host` a STAND-IN `reboot` (/usr/local/sbin, first on root's PATH; the lab base has none) that does
-        what a reboot does to what gpufleet reads: the module on disk becomes the loaded one (or none when none is
-        installed), /proc/uptime drops, and the call is noted in REBOOT_LOG. The host keeps running, so
+        """Give `host` a STAND-IN `reboot` (/usr/local/sbin, first on root's PATH, before the base's systemd one)
+        that does what a reboot does to what gpufleet reads: the module on disk becomes the loaded one (or none when
+        none is installed), /proc/uptime drops, and the call is noted in REBOOT_LOG. The host keeps running, so
         reboot_policy: auto and pyinfra's server.reboot (which waits for a lower uptime) run for real."""
         line = hardware.module_version_line("$v").replace("\n", "\\n")
         script = (
@@ -232,7 +232,10 @@ class Lab:
         return found
 
     def cut_ssh_sessions(self, host: Host) -> list[int]:
-        """Kill, by PID, every process of the host's SSH sessions (all but its sshd listener): a dropped link."""
+        """Kill, by PID, every process of the host's SSH sessions (all but its sshd listener): a dropped link.
+        Only on a host whose PID 1 is sshd: on a systemd host it would kill its services too."""
+        if host.systemd:
+            raise LabError(f"lab host {host.name} boots systemd: cut_ssh_sessions would kill its services too")
         victims = []
         for pid in network.netns_pids(host.netns):
             try:
