@@ -51,7 +51,7 @@ def measure(lab: Lab, size: int, with_cache: bool, workdir: Path) -> tuple[tuple
         lab.write_inventory_yaml(path, clients)
         run_pyinfra(path, DEPLOY).assert_converged([h.name for h in clients])
         return upstream_bytes(lab, offset)[0], (0, 0)
-    cache_host = lab.add_host(gpu="none")
+    cache_host = lab.add_host(gpu="none", systemd=True)  # the cache runs only as systemd services
     lab.write_inventory_yaml(path, [cache_host, *clients])
     document = yaml.safe_load(path.read_text())
     entry = document["groups"]["workstations"]["hosts"].pop(cache_host.name)

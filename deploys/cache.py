@@ -4,8 +4,9 @@ pip.conf and the torch install use the cache's indexes; without a cache host not
 removing an earlier proxy drop-in.
 
 Runs alone: pyinfra inventory.py deploys/cache.py (in deploys/full.py it runs first, before any apt use).
-Where systemd is PID 1 both servers are systemd services; without it (containers, the test lab) they are started
-by apt-cacher-ng's init script and as a detached process, and started again by the next run when found down.
+Both servers are systemd services, enabled, restarted by systemd when they fail (Restart=on-failure: Debian's
+apt-cacher-ng unit has it, gpufleet's devpi unit too) and restarted by a run only when a file they read is newer
+than the running service. A cache host without systemd as PID 1 (WSL without systemd) is refused, naming the fix.
 """
 
 import shlex
@@ -30,16 +31,13 @@ DEVPI_VENV = "/opt/gpufleet/cache-venv"
 DEVPI_VERSION = "6.20.3"
 SECRETS_DIR = "/etc/gpufleet-cache"
 DEVPI_PASSWORD = f"{SECRETS_DIR}/devpi-root-password"
-DEVPI_ARGS = f"{SECRETS_DIR}/devpi-command"
-RUN_DIR = "/run/gpufleet-cache"
-DEVPI_PID = f"{RUN_DIR}/devpi.pid"
 WARM_STAMP = f"{SECRETS_DIR}/warmed"
 APT_WARM_STAMP = f"{SECRETS_DIR}/warmed-apt"
 MIRRORS_SCRIPT = "/usr/local/lib/gpufleet/devpi_mirrors.py"
 MIRRORS_SOURCE = Path(__file__).resolve().parents[1] / "files" / "cache" / "devpi_mirrors.py"
 
 
-def _apt_cacher(config: dict, listen: list[str], systemd_host: bool, listening: set[int]) -> None:
+def _apt_cacher(config: dict, listen: list[str]) -> None:
     apt_settings(config)
     # Only before the first install: later runs go through this host's own proxy, which may be the one down.
     if host.get_fact(File, path="/usr/sbin/apt-cacher-ng") is None:
@@ -54,19 +52,13 @@ def _apt_cacher(config: dict, listen: list[str], systemd_host: bool, listening: 
         dest=cache.ACNG_CONF,
         mode="644",
     )
-    if systemd_host:
-        systemd.service(name="Run apt-cacher-ng as a systemd service", service="apt-cacher-ng.service",
-                        running=True, enabled=True)
-        systemd.service(name="Restart apt-cacher-ng for its new settings", service="apt-cacher-ng.service",
-                        restarted=True, _if=conf.did_change)
-        return
-    # No systemd (a container, the test lab): the package's own init script starts the daemon.
-    if config["cache_apt_port"] not in listening:
-        server.shell(name="Start apt-cacher-ng (no systemd here: its init script)",
-                     commands=["/etc/init.d/apt-cacher-ng start"])
-    else:
-        server.shell(name="Restart apt-cacher-ng for its new settings (its init script)",
-                     commands=["/etc/init.d/apt-cacher-ng restart"], _if=conf.did_change)
+    # Read before this run changes anything: a settings file newer than the running daemon (a cut-off run).
+    state = host.get_fact(facts.SystemdServiceState, unit=cache.ACNG_SERVICE, paths=[cache.ACNG_CONF])
+    systemd.service(name="Run apt-cacher-ng as a systemd service", service=cache.ACNG_SERVICE,
+                    running=True, enabled=True)
+    # Also when apt started it with the package's own settings during this run.
+    systemd.service(name="Restart apt-cacher-ng for its new settings", service=cache.ACNG_SERVICE,
+                    restarted=True, _if=lambda: state.stale or conf.did_change())
 
 
 def _repo_dir(target: Host) -> str:
@@ -95,7 +87,7 @@ def _warm_apt(config: dict) -> None:
                   mode="644")
 
 
-def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[int]) -> None:
+def _devpi(config: dict, listen: list[str]) -> None:
     server.user(name=f"Create the cache user {CACHE_USER}", user=CACHE_USER, system=True, create_home=False,
                 home=f"{config['cache_dir']}/pypi", shell="/usr/sbin/nologin")
     for path, owner, mode in ((DEVPI_VENV, "root", "755"), (SECRETS_DIR, "root", "700"),
@@ -123,25 +115,15 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
         _if=lambda: not initialised,
     )
     command = cache.devpi_command(DEVPI_VENV, config, listen)
-    logged = f"exec {shlex.join(command)} >> {DEVPI_LOG} 2>&1"
-    if systemd_host:
-        unit = files.put(name="Install the devpi-server systemd unit", dest=cache.DEVPI_UNIT, mode="644",
-                         src=StringIO(cache.devpi_unit(["/bin/sh", "-c", shlex.quote(logged)], CACHE_USER)))
-        systemd.service(name="Run devpi-server as a systemd service", service="gpufleet-devpi.service",
-                        running=True, enabled=True, daemon_reload=unit.did_change)
-        systemd.service(name="Restart devpi-server for its new settings", service="gpufleet-devpi.service",
-                        restarted=True, _if=unit.did_change)
-    else:
-        args = files.put(name="Record devpi-server's command line", src=StringIO(shlex.join(command) + "\n"),
-                         dest=DEVPI_ARGS, mode="600")
-        start = (f"mkdir -p {RUN_DIR} && chown {CACHE_USER}: {RUN_DIR} && "
-                 f"setsid -f runuser -u {CACHE_USER} -- sh -c {shlex.quote(f'echo $$ > {DEVPI_PID}; {logged}')} "
-                 "< /dev/null > /dev/null 2>&1")
-        if config["cache_pip_port"] not in listening:
-            server.shell(name="Start devpi-server (no systemd here: a detached process)", commands=[start])
-        else:
-            server.shell(name="Restart devpi-server for its new settings",
-                         commands=[f"kill $(cat {DEVPI_PID}) && sleep 1", start], _if=args.did_change)
+    state = host.get_fact(facts.SystemdServiceState, unit=cache.DEVPI_SERVICE, paths=[cache.DEVPI_UNIT])
+    unit = files.put(name="Install the devpi-server systemd unit", dest=cache.DEVPI_UNIT, mode="644",
+                     src=StringIO(cache.devpi_unit(command, CACHE_USER, DEVPI_LOG)))
+    systemd.daemon_reload(name="Make systemd read the devpi-server unit",
+                          _if=lambda: state.reload or unit.did_change())
+    systemd.service(name="Run devpi-server as a systemd service", service=cache.DEVPI_SERVICE,
+                    running=True, enabled=True)
+    systemd.service(name="Restart devpi-server for its new settings", service=cache.DEVPI_SERVICE,
+                    restarted=True, _if=lambda: state.stale or unit.did_change())
 
     files.put(name="Upload the devpi mirror-index helper", src=str(MIRRORS_SOURCE), dest=MIRRORS_SCRIPT, mode="755")
     wanted = cache.mirror_urls(config)
@@ -164,6 +146,10 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
 def _serve() -> None:
     """The cache host: both servers installed, configured, listening (upstream settings, not the cache's own)."""
     config = settings(through_cache=False)
+    if not host.get_fact(facts.HasSystemd):  # both servers are systemd services; refused before any change
+        wsl = (host.get_fact(facts.WslInfo) or {"is_wsl": False})["is_wsl"]
+        refuse_host([cache.no_systemd_problem(host.name, wsl)])
+        return
     if cache_only():
         # No preflight runs on a host that only serves the cache; its space is checked here, before any change.
         disk = free_disk(host, config["cache_dir"])
@@ -174,10 +160,8 @@ def _serve() -> None:
             return
     address = str(host.data.get("ssh_hostname", host.name))
     listen = cache.listen_addresses(config, address)
-    systemd_host = host.get_fact(facts.HasSystemd)
-    listening = host.get_fact(facts.ListeningPorts)
-    _apt_cacher(config, listen, systemd_host, listening)
-    _devpi(config, listen, systemd_host, listening)
+    _apt_cacher(config, listen)
+    _devpi(config, listen)
     _warm_apt(config)
 
 

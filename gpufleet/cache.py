@@ -24,7 +24,9 @@ PYPI_SIMPLE = "https://pypi.org/simple/"
 CUDA_REMAP = "gpufleet-cuda"
 APT_DROPIN = "/etc/apt/apt.conf.d/01gpufleet-cache-proxy"
 ACNG_CONF = "/etc/apt-cacher-ng/zz_gpufleet.conf"
-DEVPI_UNIT = "/etc/systemd/system/gpufleet-devpi.service"
+DEVPI_SERVICE = "gpufleet-devpi.service"
+DEVPI_UNIT = f"/etc/systemd/system/{DEVPI_SERVICE}"
+ACNG_SERVICE = "apt-cacher-ng.service"
 # devpi's mirror index names: PyPI (or pip_index_url) and PyTorch's index (torch_index_url).
 PYPI_INDEX = "root/pypi"
 TORCH_INDEX = "root/pytorch"
@@ -213,7 +215,20 @@ def devpi_command(venv: str, config: dict[str, Any], listen: list[str]) -> list[
     return command
 
 
-def devpi_unit(command: list[str], user: str) -> str:
+def no_systemd_problem(host_name: str, wsl: bool) -> str:
+    """Why a host without systemd as PID 1 cannot serve the cache, and what makes it able to."""
+    why = (f"{host_name} is in the inventory group `cache`, but systemd is not its PID 1 (no /run/systemd/system), "
+           "and gpufleet runs apt-cacher-ng and devpi-server only as systemd services. ")
+    if wsl:
+        return why + ("Turn systemd on in this WSL distribution: put `[boot]` and `systemd=true` in /etc/wsl.conf, "
+                      "run `wsl --shutdown` on Windows, start the distribution again and rerun gpufleet; or list "
+                      "another host under `cache`.")
+    return why + "Boot it with systemd as init, or list another host under `cache`."
+
+
+def devpi_unit(command: list[str], user: str, log: str) -> str:
+    """The devpi-server service: `command` run as `user`, its output appended to `log` (gpufleet cache-stats
+    reads it), restarted by systemd whenever it fails. The arguments are validated settings (no spaces, no %)."""
     return "\n".join([
         "[Unit]",
         "Description=gpufleet fleet cache: devpi-server mirroring PyPI and the PyTorch index",
@@ -222,6 +237,8 @@ def devpi_unit(command: list[str], user: str) -> str:
         "[Service]",
         f"User={user}",
         f"ExecStart={' '.join(command)}",
+        f"StandardOutput=append:{log}",
+        "StandardError=inherit",
         "Restart=on-failure",
         "",
         "[Install]",

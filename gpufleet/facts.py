@@ -907,36 +907,44 @@ class VenvState(_HostFact):
         return _one_of("\n".join(output), "missing", "no-pip", "ok")
 
 
-class ListeningPorts(_HostFact):
-    """TCP ports something listens on (ss -ltn), as a set of ints."""
-
-    default = set
-
-    def command(self) -> str:
-        return "ss -Hltn 2>/dev/null || true"
-
-    def parse(self, output: list[str]) -> set[int]:
-        ports = set()
-        for line in output:
-            fields = line.split()
-            if not fields:
-                continue
-            # State, Recv-Q, Send-Q, then the local address:port (also "[::]:22", "127.0.0.53%lo:53").
-            port = fields[3].rsplit(":", 1)[-1] if len(fields) >= 4 and ":" in fields[3] else ""
-            if not port.isdigit():
-                raise ParseError(f"unexpected ss line {line!r}")
-            ports.add(int(port))
-        return ports
-
-
 class HasSystemd(_HostFact):
-    """Whether systemd is PID 1 (the test lab's hosts run without it)."""
+    """Whether systemd is PID 1 (sd_booted(3)'s test; false under WSL without `systemd=true` in /etc/wsl.conf)."""
 
     def command(self) -> str:
         return "test -d /run/systemd/system && echo yes || echo no"
 
     def parse(self, output: list[str]) -> bool:
         return _one_of("\n".join(output), "yes", "no") == "yes"
+
+
+class ServiceState(NamedTuple):
+    reload: bool  # the unit file changed since systemd last read it (a daemon-reload is due)
+    stale: bool  # the service runs, but started before one of the files it reads was last written
+
+
+class SystemdServiceState(_HostFact):
+    """Whether a systemd service runs older settings than the host has: its unit file changed without a
+    daemon-reload, or one of `paths` was written after the service last became active (seconds resolution).
+    A run cut off between writing a file and restarting the service leaves this state; the next run repairs it."""
+
+    def command(self, unit: str, paths: list[str]) -> str:
+        u = shlex.quote(unit)
+        files = " ".join(shlex.quote(p) for p in paths)
+        return (
+            f"systemctl show -P NeedDaemonReload {u}; "
+            f"since=$(systemctl show -P ActiveEnterTimestamp {u}); "
+            f'if [ "$(systemctl is-active {u})" != active ] || [ -z "$since" ]; then echo inactive; exit 0; fi; '
+            f'since=$(date -d "$since" +%s); '
+            f'for f in {files}; do if [ -e "$f" ] && [ "$(stat -c %Y "$f")" -gt "$since" ]; then '
+            "echo stale; exit 0; fi; done; echo current"
+        )
+
+    def parse(self, output: list[str]) -> ServiceState:
+        lines = [line.strip() for line in output if line.strip()]
+        if len(lines) != 2:
+            raise ParseError(f"expected NeedDaemonReload and a state, got {lines!r}")
+        reload = _one_of(lines[0], "yes", "no") == "yes"
+        return ServiceState(reload, _one_of(lines[1], "inactive", "current", "stale") == "stale")
 
 
 _DEVPI_INDEX = re.compile(r"[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+")

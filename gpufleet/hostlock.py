@@ -64,8 +64,7 @@ STAMP = "date -u +%Y-%m-%dT%H:%M:%SZ"
 # It holds fd 9 (the flock) until the run says `bye` after its last operation, or, when the run died, until stdin
 # ends, stays silent HOLDER_TIMEOUT_S seconds, or it is sent TERM. A dead run's lock is released only after the
 # holder stopped what that run left running (processes of the same SSH connection, which sshd does not end when
-# the link dies), so the next run never works beside a dead run's apt or pip. After `bye` nothing is stopped: a
-# server the run started on purpose (the fleet cache without systemd) carries the connection's environment too.
+# the link dies), so the next run never works beside a dead run's apt or pip. After `bye` nothing is stopped.
 HOLD = r"""
 owner="$1"; conn="$2"; unset SSH_CONNECTION
 finish() {

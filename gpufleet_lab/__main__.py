@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--inventory", type=Path, help="write the gpufleet YAML inventory here too")
     up.add_argument("--build-env", action="store_true",
                     help="give the hosts the real CUDA 13.0 toolkit and torch venv to build xformers (gpufleet_lab/buildenv.py)")
+    up.add_argument("--systemd", action="store_true",
+                    help="boot systemd as each host's PID 1 (it starts sshd), as on a real host")
     sub.add_parser("down", help="remove every lab process, mount, namespace and the bridge")
     sub.add_parser("status", help="print the lab's state as JSON")
     args = parser.parse_args(argv)
@@ -38,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "up":
             started = time.monotonic()
             prepare()
-            created = lab.up(args.hosts, [args.gpu] * args.hosts, build_env=args.build_env)
+            created = lab.up(args.hosts, [args.gpu] * args.hosts, build_env=args.build_env, systemd=args.systemd)
             created += [lab.add_host(gpu=args.gpu, platform="wsl") for _ in range(args.wsl)]
             extra = None
             if args.build_env:

@@ -1,12 +1,20 @@
-"""Test hosts: an overlay over the cached Debian base, its own network namespace, sshd as PID 1 of its own
-PID/mount/UTS/IPC namespaces, chrooted into the overlay.
+"""Test hosts: an overlay over the cached Debian base, its own network namespace, and a PID 1 of its own
+PID/mount/UTS/IPC namespaces, chrooted into the overlay: sshd, or (`systemd=True`) /lib/systemd/systemd, which
+then starts sshd and every other service as on a real host.
+
+A systemd host also gets a cgroup namespace rooted in a cgroup of its own on this machine's cgroup2 hierarchy
+(`<cgroup2>/gpufleet-lab<N>/<host>`), mounted writable at its /sys/fs/cgroup, so its systemd manages its services'
+cgroups (unified mode, no controllers needed) and nothing above them; `container=gpufleet-lab` in PID 1's
+environment tells systemd it runs in a container. `restart` is the lab's reboot: PID 1 is stopped (systemd
+powers off cleanly) and the host boots again on the same overlay, so what it wrote to disk survives.
 
 Inside a host: /proc is its own (its PIDs only) with /proc/sys read-only and sysrq-trigger/kcore masked; /sys
 is read-only with the lab's fake PCI tree over /sys/bus/pci; /proc/driver is the lab's writable tmpfs (see
 hardware.py); /dev is a small tmpfs with its own devpts. Root on a host cannot load kernel modules, set the
 clock or touch raw I/O (dropped from its capability bounding set), so nothing it runs reaches this machine's
-kernel state; `reboot -f` on a host only ends that host (reboot(2) in a PID namespace kills its PID 1). Everything a host runs lives in its network namespace, so
-`ip netns pids <ns>` finds every process to kill, also after the lab itself crashed.
+kernel state; `reboot -f` on a host only ends that host (reboot(2) in a PID namespace kills its PID 1).
+Everything a host runs lives in its network namespace, so `ip netns pids <ns>` finds every process to kill, also
+after the lab itself crashed.
 """
 
 import json
@@ -15,19 +23,21 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gpufleet_lab import buildenv, hardware, network, standins
-from gpufleet_lab.paths import mirror_base_url
+from gpufleet_lab.paths import CGROUP_NAME, mirror_base_url
 from gpufleet_lab.rootfs import SUDO_USER
 from gpufleet_lab.system import LabError, run
 
 OS_KEYRING = "/usr/share/keyrings/gpufleet-lab-archive.gpg"
 
-# Runs in the new namespaces before sshd: $1 root, $2 hostname, $3 /proc/driver source, $4 /sys/bus/pci source,
+# Runs in the new namespaces before PID 1: $1 root, $2 hostname, $3 /proc/driver source, $4 /sys/bus/pci source,
 # $5 a file to show as /proc/sys/kernel/osrelease, or "" for the real one; $6 a writable file shown as /proc/uptime
-# (the lab's stand-in reboot lowers it, as a real reboot would, so pyinfra's server.reboot sees the host come back).
+# (the lab's stand-in reboot lowers it, as a real reboot would, so pyinfra's server.reboot sees the host come back);
+# $7 "systemd" to boot systemd (in its own cgroup namespace already), anything else for sshd alone.
 NAMESPACE_SETUP = r"""
 set -e
 R="$1"
@@ -53,8 +63,17 @@ mkdir -p "$R/run/sshd" "$R/run/lock"
 for masked in sysrq-trigger kcore; do
   if [ -e "$R/proc/$masked" ]; then mount --bind /dev/null "$R/proc/$masked"; fi
 done
-exec setpriv --bounding-set -sys_module,-sys_time,-sys_rawio,-syslog chroot "$R" /usr/sbin/sshd -D -e
+DROP="-sys_module,-sys_time,-sys_rawio,-syslog"
+if [ "$7" = systemd ]; then
+  mount -t cgroup2 -o nosuid,nodev,noexec cgroup2 "$R/sys/fs/cgroup"
+  exec setpriv --bounding-set "$DROP" chroot "$R" /usr/bin/env -i container=gpufleet-lab /lib/systemd/systemd
+fi
+exec setpriv --bounding-set "$DROP" chroot "$R" /usr/sbin/sshd -D -e
 """
+
+# Units a lab host does without: apt's daily timers would take dpkg's lock in the middle of a test; the host has
+# no console to put a getty on.
+SYSTEMD_MASKED = ("apt-daily.timer", "apt-daily-upgrade.timer", "getty@tty1.service", "console-getty.service")
 
 SSHD_CONFIG = """# gpufleet lab: key-only root login, one host key per host
 HostKey /etc/ssh/ssh_host_ed25519_key
@@ -78,6 +97,8 @@ class Host:
     pid: int | None = None
     # A real CUDA toolkit and torch venv to compile against (buildenv.py).
     build_env: bool = False
+    # systemd as PID 1 (it starts sshd), instead of sshd alone.
+    systemd: bool = False
 
     @property
     def path(self) -> Path:
@@ -97,6 +118,50 @@ class Host:
     @classmethod
     def load(cls, host_dir: Path) -> "Host":
         return cls(**json.loads((host_dir / "host.json").read_text()))
+
+
+def cgroup2_root() -> Path | None:
+    """Where this machine's cgroup2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on a hybrid
+    cgroup v1 machine); None without one."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, fs = line.partition(" - ")
+        if fs.split()[:1] == ["cgroup2"]:
+            return Path(fields.split()[4])
+    return None
+
+
+def lab_cgroup() -> Path | None:
+    """The cgroup holding this lab instance's systemd hosts (it may not exist yet)."""
+    root = cgroup2_root()
+    return root / CGROUP_NAME if root else None
+
+
+def host_cgroup(host_name: str) -> Path:
+    parent = lab_cgroup()
+    if parent is None:
+        raise LabError(f"lab host {host_name}: systemd hosts need a cgroup2 hierarchy, and this machine has none "
+                       "mounted (see /proc/self/mountinfo); mount one at /sys/fs/cgroup/unified")
+    return parent / host_name
+
+
+def remove_cgroup(path: Path, timeout: float = 10.0) -> None:
+    """Remove a cgroup and every cgroup below it, deepest first; its processes must be ending already."""
+    if not path.is_dir():
+        return
+    below = sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True)
+    deadline = time.monotonic() + timeout
+    for group in [*below, path]:
+        while True:
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as error:  # EBUSY while a dying process still counts as a member
+                if time.monotonic() > deadline:
+                    raise LabError(f"cannot remove the lab cgroup {group}: {error}; its processes: "
+                                   f"{(group / 'cgroup.procs').read_text().split()}") from error
+                time.sleep(0.05)
 
 
 def mounts_under(prefix: Path) -> list[str]:
@@ -197,6 +262,17 @@ def set_windows_driver(host: Host, version: str) -> None:
     _write(host.root / "usr/lib/wsl/lib/nvidia-smi", standins.nvidia_smi_script(version, spec.device_id), 0o755)
 
 
+def make_systemd(host: Host) -> None:
+    """What a systemd host needs beyond the base: its own machine id, and the units it does without masked."""
+    _write(host.root / "etc/machine-id", uuid.uuid4().hex + "\n", 0o444)
+    units = host.root / "etc/systemd/system"
+    units.mkdir(parents=True, exist_ok=True)
+    for unit in SYSTEMD_MASKED:
+        link = units / unit
+        if not link.is_symlink():
+            link.symlink_to("/dev/null")
+
+
 def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_release: str) -> str:
     """Build and start one host; return its known_hosts line. Stops halfway only by raising."""
     path = host.path
@@ -216,6 +292,8 @@ def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_r
     known_host = personalise(host, control_pubkey, keyring, kernel_release)
     if host.platform == "wsl":
         make_wsl(host)
+    if host.systemd:
+        make_systemd(host)
     if host.build_env:
         buildenv.mount_into(host.root, path)
     start(host)
@@ -223,18 +301,56 @@ def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_r
 
 
 def start(host: Host) -> None:
+    """Boot the host's PID 1 (sshd, or systemd) in new namespaces over its overlay; returns at once."""
+    command = ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--mount", "--uts", "--ipc",
+               *(["--cgroup"] if host.systemd else []), "--fork", "--kill-child", "--propagation", "private",
+               "sh", "-c", NAMESPACE_SETUP, "gpufleet-lab-host",
+               str(host.root), host.name, str(host.path / "procdriver"), str(host.path / "pci"),
+               str(host.path / "osrelease") if host.platform == "wsl" else "", str(host.path / "uptime"),
+               "systemd" if host.systemd else "sshd"]
+    if host.systemd:
+        # Into the host's own cgroup first: `unshare --cgroup` makes the cgroup it starts in the host's root.
+        cgroup = host_cgroup(host.name)
+        cgroup.mkdir(parents=True, exist_ok=True)
+        command = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *command]
     with open(host.path / "sshd.log", "ab") as log:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--pid", "--mount", "--uts", "--ipc", "--fork",
-             "--kill-child", "--propagation", "private", "sh", "-c", NAMESPACE_SETUP, "gpufleet-lab-host",
-             str(host.root), host.name, str(host.path / "procdriver"), str(host.path / "pci"),
-             str(host.path / "osrelease") if host.platform == "wsl" else "", str(host.path / "uptime")],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     host.pid = proc.pid
     host.save()
 
 
-def wait_ready(host: Host, timeout: float = 20.0) -> None:
+def init_pid(host: Host) -> int | None:
+    """The host's PID 1, as this machine numbers it; None when it is not running."""
+    for pid in network.netns_pids(host.netns):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        nspids = next((line.split()[1:] for line in status.splitlines() if line.startswith("NSpid:")), [])
+        if len(nspids) > 1 and nspids[-1] == "1":
+            return pid
+    return None
+
+
+def halt(host: Host, timeout: float = 60.0) -> None:
+    """End everything the host runs, keeping its overlay and mounts: systemd is asked to power off (SIGRTMIN+4)
+    and given `timeout` seconds to stop its services; what is left then is killed, as is an sshd host at once."""
+    init = init_pid(host) if host.systemd else None
+    if init is not None:
+        os.kill(init, signal.SIGRTMIN + 4)
+        deadline = time.monotonic() + timeout
+        while _alive(init) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    kill_pids(network.netns_pids(host.netns))
+    if host.pid is not None:
+        _alive(host.pid)  # reap our own unshare, when this process started it
+    if host.systemd:
+        remove_cgroup(host_cgroup(host.name))
+
+
+def wait_ready(host: Host, timeout: float | None = None) -> None:
+    # systemd boots its units first (under load, tens of seconds on this 2-core machine).
+    timeout = timeout or (90.0 if host.systemd else 20.0)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -252,6 +368,8 @@ def stop(host_name: str, host_dir: Path) -> None:
     ns = network.netns_name(host_name)
     if ns in network.lab_namespaces():
         kill_pids(network.netns_pids(ns))
+    if lab_cgroup() is not None:
+        remove_cgroup(host_cgroup(host_name))
     unmount_all(host_dir)
     network.delete_netns(ns)
     run(["ip", "link", "del", network.veth_name(host_name)], check=False)  # gone with the namespace, unless pinned

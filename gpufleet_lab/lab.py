@@ -48,7 +48,8 @@ class Lab:
         self.server_pid = state_dir / "mirror.pid"
         self.kernel_release = os.uname().release
 
-    def up(self, count: int = 3, gpus: list[str] | None = None, build_env: bool = False) -> list[Host]:
+    def up(self, count: int = 3, gpus: list[str] | None = None, build_env: bool = False,
+           systemd: bool = False) -> list[Host]:
         """Tear down whatever is left, then build the network, mirrors and `count` hosts (see add_host)."""
         self.down()
         self.hosts_dir.mkdir(parents=True)
@@ -59,7 +60,7 @@ class Lab:
         network.create_bridge()
         self._build_mirrors(keyring)
         mirrors.start_server(self.www, self.server_pid, self.state_dir / "mirror.log")
-        return self.add_hosts(count, gpus, build_env)
+        return self.add_hosts(count, gpus, build_env, systemd)
 
     def _build_mirrors(self, keyring: bytes) -> None:
         mirrors.build_cuda_repos(self.www, self.keys, keyring, self.kernel_release, DEFAULT_DRIVER_VERSION)
@@ -70,18 +71,23 @@ class Lab:
         mirrors.build_simple_index(self.www, [*sorted(wheels.values()), torch, downloads.xformers_sdist()])
         mirrors.place_file(self.www, downloads.xformers_sdist())
 
-    def add_hosts(self, count: int, gpus: list[str] | None = None, build_env: bool = False) -> list[Host]:
-        """`count` new hosts; `build_env` gives each the real CUDA 13.0 toolkit and torch venv (buildenv.py)."""
-        created = [self.add_host(gpu=(gpus[i] if gpus else "5090d"), wait=False, build_env=build_env)
-                   for i in range(count)]
+    def add_hosts(self, count: int, gpus: list[str] | None = None, build_env: bool = False,
+                  systemd: bool = False) -> list[Host]:
+        """`count` new hosts; `build_env` gives each the real CUDA 13.0 toolkit and torch venv (buildenv.py),
+        `systemd` boots systemd as their PID 1 (hosts.py)."""
+        created = [self.add_host(gpu=(gpus[i] if gpus else "5090d"), wait=False, build_env=build_env,
+                                 systemd=systemd) for i in range(count)]
         for host in created:
             hosts.wait_ready(host)
         return created
 
     def add_host(self, gpu: str = "5090d", loaded_driver: str | None = None, wait: bool = True,
-                 platform: str = "metal", build_env: bool = False) -> Host:
+                 platform: str = "metal", build_env: bool = False, systemd: bool = False) -> Host:
         """Create and start one fresh host from the cached base; `gpu` is a key of hardware.GPUS,
         `platform` "metal" or "wsl" (WSL2 as the deploys see it; never a loaded Linux module).
+
+        `systemd` boots /lib/systemd/systemd as the host's PID 1, which starts sshd and whatever services are
+        installed later, as on a real host; otherwise sshd is PID 1 and nothing else runs unless started.
 
         `build_env` mounts this machine's real CUDA 13.0 toolkit (read-only, at buildenv.CUDA_HOME) and a host-own
         overlay of the cached real torch venv (at buildenv.VENV_PATH) into the host, so it can compile CUDA
@@ -97,7 +103,7 @@ class Lab:
         index = next(i for i in range(1, 241) if i not in used)
         name = f"lab{index:02d}"
         host = Host(name=name, index=index, ip=host_ip(index), gpu=gpu, loaded_driver=loaded_driver,
-                    dir=str(self.hosts_dir / name), platform=platform, build_env=build_env)
+                    dir=str(self.hosts_dir / name), platform=platform, build_env=build_env, systemd=systemd)
         known = hosts.create(host, rootfs.base_dir(), self.control_key.with_suffix(".pub").read_text(),
                              (self.keys / "archive-keyring.gpg").read_bytes(), self.kernel_release)
         with open(self.known_hosts, "a") as f:
@@ -105,6 +111,15 @@ class Lab:
         if wait:
             hosts.wait_ready(host)
         return host
+
+    def restart_host(self, host: Host, timeout: float = 60.0) -> None:
+        """Restart the host, the lab's reboot: its PID 1 stops (systemd powers off, stopping its services; after
+        `timeout` s whatever is left is killed), then it boots again on the same overlay and is reachable. What the
+        host wrote to disk survives; /run and processes do not; /proc/uptime drops as after a reboot."""
+        hosts.halt(host, timeout)
+        (host.path / "uptime").write_text(hardware.UPTIME_AFTER_REBOOT)
+        hosts.start(host)
+        hosts.wait_ready(host)
 
     def remove_host(self, host: Host) -> None:
         hosts.stop(host.name, host.path)
@@ -132,6 +147,8 @@ class Lab:
         for ns in network.lab_namespaces():  # namespaces whose host dir a crash already lost
             hosts.kill_pids(network.netns_pids(ns))
             network.delete_netns(ns)
+        if hosts.lab_cgroup() is not None:  # systemd hosts' cgroups, also those of a crashed lab
+            hosts.remove_cgroup(hosts.lab_cgroup())
         mirrors.stop_server(self.server_pid, self.www)
         hosts.unmount_all(self.state_dir)
         network.delete_stray_veths()
@@ -147,7 +164,7 @@ class Lab:
             "base": str(rootfs.base_dir()) if (rootfs.base_dir() / ".complete").exists() else None,
             "bridge": f"{network.BRIDGE_NAME} {BRIDGE_IP}" if network.bridge_exists() else None,
             "mirror": mirror_base_url() if self.server_pid.exists() else None,
-            "hosts": [{"name": h.name, "ip": h.ip, "platform": h.platform, "gpu": h.gpu,
+            "hosts": [{"name": h.name, "ip": h.ip, "platform": h.platform, "gpu": h.gpu, "systemd": h.systemd,
                        "loaded_driver": h.loaded_driver,
                        "processes": len(network.netns_pids(h.netns))} for h in self.hosts()],
             "stray_namespaces": sorted(set(network.lab_namespaces()) - {h.netns for h in self.hosts()}),
@@ -160,9 +177,9 @@ class Lab:
         host.save()
 
     def install_standin_reboot(self, host: Host) -> None:
-        """Give `host` a STAND-IN `reboot` (/usr/local/sbin, first on root's PATH; the lab base has none) that does
-        what a reboot does to what gpufleet reads: the module on disk becomes the loaded one (or none when none is
-        installed), /proc/uptime drops, and the call is noted in REBOOT_LOG. The host keeps running, so
+        """Give `host` a STAND-IN `reboot` (/usr/local/sbin, first on root's PATH, before the base's systemd one)
+        that does what a reboot does to what gpufleet reads: the module on disk becomes the loaded one (or none when
+        none is installed), /proc/uptime drops, and the call is noted in REBOOT_LOG. The host keeps running, so
         reboot_policy: auto and pyinfra's server.reboot (which waits for a lower uptime) run for real."""
         line = hardware.module_version_line("$v").replace("\n", "\\n")
         script = (
@@ -215,7 +232,10 @@ class Lab:
         return found
 
     def cut_ssh_sessions(self, host: Host) -> list[int]:
-        """Kill, by PID, every process of the host's SSH sessions (all but its sshd listener): a dropped link."""
+        """Kill, by PID, every process of the host's SSH sessions (all but its sshd listener): a dropped link.
+        Only on a host whose PID 1 is sshd: on a systemd host it would kill its services too."""
+        if host.systemd:
+            raise LabError(f"lab host {host.name} boots systemd: cut_ssh_sessions would kill its services too")
         victims = []
         for pid in network.netns_pids(host.netns):
             try:

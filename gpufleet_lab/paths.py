@@ -20,6 +20,8 @@ BRIDGE_IP = f"{SUBNET_PREFIX}.1"
 # Host n (1-based) gets .10+n, so up to 200 hosts fit.
 HOST_IP_OFFSET = 10
 NETNS_PREFIX = f"gflab{_SUFFIX}-"
+# The cgroup (under this machine's cgroup2 root) holding the lab's systemd hosts, one child cgroup each.
+CGROUP_NAME = f"gpufleet-lab{_SUFFIX}"
 MIRROR_PORT = 8047
 
 DEBIAN_SUITE = "bookworm"

@@ -17,6 +17,8 @@ from gpufleet_lab.system import run
 BASE_PACKAGES: tuple[str, ...] = (
     "python3", "python3-venv", "openssh-server", "sudo", "ca-certificates", "gnupg",
     "kmod", "pciutils", "procps", "iproute2", "curl", "apt-utils", "less",
+    # For hosts that boot systemd as PID 1 (hosts.py, systemd=True); inert on the others.
+    "systemd", "systemd-sysv", "dbus",
 )
 
 SUDO_USER = "labadmin"

@@ -2,7 +2,9 @@
 
 The hosts' GPUs, NVIDIA packages and torch are STAND-INS (no GPU exists here); apt, dpkg, sshd, pip,
 lspci, modinfo and pyinfra are real. Hosts made with `lab.add_hosts(n, build_env=True)` also get the real CUDA 13.0
-toolkit and a real torch venv to compile xformers (gpufleet_lab/buildenv.py; tests/lab/test_xformers_stage.py).
+toolkit and a real torch venv to compile xformers (gpufleet_lab/buildenv.py; tests/lab/test_xformers_stage.py);
+`lab.add_hosts(n, systemd=True)` boots systemd as their PID 1, and `lab.restart_host(host)` restarts one
+(tests/lab/test_fleet_cache.py).
   lab          session-scoped running Lab (3 shared hosts), torn down at the end
   lab_hosts    the 3 shared hosts (other tests may have changed them)
   fresh_hosts  3 new hosts from the cached base, removed after the test

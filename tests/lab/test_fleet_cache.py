@@ -1,18 +1,21 @@
 """The fleet cache in the lab: one cache host (apt-cacher-ng, devpi-server) and 3 workstations.
 
-The lab hosts have no systemd, so the servers run from apt-cacher-ng's init script and as a detached process;
-the systemd units deploys/cache.py ships are not exercised here.
+Every host here boots systemd as its PID 1 (gpufleet_lab/hosts.py), so both servers run as the systemd services
+deploys/cache.py installs: Debian's apt-cacher-ng unit and gpufleet's devpi-server unit, for real.
 """
 
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
 
+from gpufleet import cache
+from gpufleet.cache_stats import DEVPI_LOG
 from gpufleet_lab import Lab, mirrors
 from gpufleet_lab.hosts import Host
 from gpufleet_lab.paths import BRIDGE_IP
@@ -41,11 +44,37 @@ def log_offset(lab: Lab) -> int:
     return len((lab.state_dir / "mirror.log").read_text())
 
 
+def service_property(lab: Lab, host: Host, unit: str, name: str) -> str:
+    shown = lab.ssh(host, f"systemctl show -P {name} {unit}")
+    assert shown.returncode == 0, f"{host.name}: {shown.stderr}"
+    return shown.stdout.strip()
+
+
+def wait_active(lab: Lab, host: Host, units: list[str], other_than_pid: str = "", timeout: float = 60) -> None:
+    """Until every unit is active (and the first one's main process is not `other_than_pid`); fails after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = lab.ssh(host, f"systemctl is-active {' '.join(units)}").stdout.split()
+        pid = service_property(lab, host, units[0], "MainPID")
+        if states == ["active"] * len(units) and pid not in ("0", other_than_pid):
+            return
+        assert time.monotonic() < deadline, f"{host.name}: {units} are {states}, main PID {pid}"
+        time.sleep(0.5)
+
+
 @pytest.fixture
-def cache_lab(lab: Lab, fresh_hosts: list[Host], tmp_path: Path):
-    cache_host = lab.add_host(gpu="none")
+def systemd_hosts(lab: Lab):
+    created = lab.add_hosts(3, systemd=True)
+    yield created
+    for host in created:
+        lab.remove_host(host)
+
+
+@pytest.fixture
+def cache_lab(lab: Lab, systemd_hosts: list[Host], tmp_path: Path):
+    cache_host = lab.add_host(gpu="none", systemd=True)
     try:
-        yield cache_host, fresh_hosts, cache_inventory(lab, tmp_path / "inventory.yaml", cache_host, fresh_hosts)
+        yield cache_host, systemd_hosts, cache_inventory(lab, tmp_path / "inventory.yaml", cache_host, systemd_hosts)
     finally:
         lab.remove_host(cache_host)
 
@@ -97,9 +126,9 @@ def test_three_clients_fetch_package_files_upstream_once_and_recover_from_a_stop
 
     run_pyinfra(inventory, DEPLOY).assert_no_changes(names)
 
-    assert lab.ssh(cache_host, "/etc/init.d/apt-cacher-ng stop").returncode == 0
+    assert lab.ssh(cache_host, "systemctl stop apt-cacher-ng.service").returncode == 0
     monkeypatch.setenv("CACHE_TEST_PACKAGES", "patch ccache")
-    # Only a client: the cache host's own run would start apt-cacher-ng again.
+    # Only a client: the cache host's own run would start apt-cacher-ng again (systemd does not: it was stopped).
     down = run_pyinfra(inventory, DEPLOY, "--limit", clients[0].name)
     assert down.returncode != 0, down.explain()
     assert f"Could not connect to {cache_host.ip}:3142" in down.stderr, down.explain()
@@ -124,7 +153,8 @@ def test_removing_the_cache_host_removes_the_apt_drop_in(lab: Lab, cache_lab, ru
 
 
 def test_a_workstation_that_serves_the_cache_installs_through_it_too(
-        lab: Lab, fresh_hosts: list[Host], run_pyinfra, tmp_path: Path) -> None:
+        lab: Lab, systemd_hosts: list[Host], run_pyinfra, tmp_path: Path) -> None:
+    fresh_hosts = systemd_hosts
     server_host, *clients = fresh_hosts
     path = lab.write_inventory_yaml(tmp_path / "inventory.yaml", fresh_hosts)
     document = yaml.safe_load(path.read_text())
@@ -138,3 +168,78 @@ def test_a_workstation_that_serves_the_cache_installs_through_it_too(
         assert f"index-url = http://{server_host.ip}:3141/root/pypi/+simple/" in conf, (host.name, conf)
         assert lab.ssh(host, "dpkg -s patch cuda-toolkit-12-8 >/dev/null").returncode == 0, host.name
     run_pyinfra(path, DEPLOY).assert_no_changes(names)
+
+
+def test_systemd_alone_restarts_a_killed_cache_and_a_restarted_cache_host_keeps_serving_its_caches(
+        lab: Lab, run_pyinfra, tmp_path: Path) -> None:
+    cache_host = lab.add_host(gpu="none", systemd=True)
+    client = lab.add_host(systemd=True)
+    try:
+        inventory = cache_inventory(lab, tmp_path / "inventory.yaml", cache_host, [client])
+        names = [cache_host.name, client.name]
+        run_pyinfra(inventory, DEPLOY).assert_converged(names)
+        units = ["apt-cacher-ng.service", "gpufleet-devpi.service"]
+        enabled = lab.ssh(cache_host, f"systemctl is-enabled {' '.join(units)}")
+        assert enabled.stdout.split() == ["enabled", "enabled"], enabled.stdout + enabled.stderr
+
+        # kill -9: no pyinfra run from here on, systemd alone brings apt-cacher-ng back (Restart=on-failure).
+        killed = service_property(lab, cache_host, units[0], "MainPID")
+        assert killed != "0" and lab.ssh(cache_host, f"kill -9 {killed}").returncode == 0
+        wait_active(lab, cache_host, units[:1], other_than_pid=killed)
+        assert service_property(lab, cache_host, units[0], "NRestarts") == "1"
+        assert lab.ssh(client, "apt-get update -o Acquire::Retries=0").returncode == 0, "the proxy did not answer"
+
+        # A settings file newer than the running server (a run cut off before its restart): the next run
+        # restarts it, decided from the host's state, and the run after that changes nothing.
+        lab.ssh(cache_host, f"sleep 1.1; touch {cache.ACNG_CONF} {cache.DEVPI_UNIT}")
+        repair = run_pyinfra(inventory, DEPLOY, "--limit", cache_host.name)
+        repair.assert_converged([cache_host.name])
+        changed = " ".join(str(op) for op in repair.changes(cache_host.name))
+        for restarted in ("Restart apt-cacher-ng", "Make systemd read the devpi-server unit", "Restart devpi-server"):
+            assert restarted in changed, repair.changes(cache_host.name)
+
+        # The lab's reboot: systemd powers off, boots again on the same disk and starts the enabled services.
+        start = log_offset(lab)
+        lab.restart_host(cache_host)
+        wait_active(lab, cache_host, units)
+        assert lab.ssh(cache_host, "systemctl show -P NRestarts apt-cacher-ng.service").stdout.strip() == "0"
+        # devpi-server is active as soon as it runs; it answers once it has opened its store.
+        answered = lab.ssh(client, f"for i in $(seq 240); do curl -fsS -o /dev/null http://{cache_host.ip}:3141/+api "
+                                   "&& exit 0; sleep 0.5; done; exit 1", timeout=180)
+        assert answered.returncode == 0, (
+            f"devpi-server on {cache_host.name} did not answer after the restart:\n"
+            + lab.ssh(cache_host, "systemctl status --no-pager gpufleet-devpi; ss -ltn; "
+                                  f"tail -n 20 {DEVPI_LOG}").stdout)
+        # What the cache held before the restart is served from it: nothing crosses the uplink again.
+        fetch = lab.ssh(client, "set -e; d=$(mktemp -d); cd $d; apt-get download patch cuda-toolkit-12-8; "
+                                "/opt/gpufleet-cache-test/venv/bin/pip download -q --no-deps --no-cache-dir "
+                                "-d $d ninja wheel; ls $d; rm -rf $d")
+        assert fetch.returncode == 0, fetch.stderr
+        assert re.search(r"^patch_.*\.deb$", fetch.stdout, re.M) and re.search(r"^ninja-.*\.whl$", fetch.stdout, re.M)
+        again = [(ip, path) for ip, path, status in mirror_requests(lab, start) if path.endswith(PACKAGE_FILE)]
+        assert again == [], again
+        run_pyinfra(inventory, DEPLOY).assert_no_changes(names)
+    finally:
+        lab.remove_host(client)
+        lab.remove_host(cache_host)
+
+
+def test_a_wsl_cache_host_without_systemd_is_refused_before_anything_changes(
+        lab: Lab, run_pyinfra, tmp_path: Path) -> None:
+    # A lab WSL host has sshd as its PID 1, as a WSL distribution without `systemd=true` has no systemd.
+    wsl = lab.add_host(gpu="none", platform="wsl")
+    try:
+        inventory = lab.write_inventory_yaml(tmp_path / "inventory.yaml", [wsl])
+        document = yaml.safe_load(inventory.read_text())
+        document["groups"]["cache"] = {"hosts": {wsl.name: document["groups"]["wsl"]["hosts"].pop(wsl.name)}}
+        inventory.write_text(yaml.safe_dump(document, sort_keys=False))
+        before = lab.ssh(wsl, "find /etc /opt /var/cache /var/log -newer /etc/hostname | sort").stdout
+        refused = run_pyinfra(inventory, DEPLOY)
+        assert refused.returncode != 0, refused.explain()
+        refusal = f"gpufleet refuses this host: {wsl.name} is in the inventory group `cache`, but systemd is not"
+        assert refusal in refused.stderr, refused.explain()
+        assert "`[boot]` and `systemd=true` in /etc/wsl.conf, run `wsl --shutdown`" in refused.stderr
+        assert lab.ssh(wsl, "find /etc /opt /var/cache /var/log -newer /etc/hostname | sort").stdout == before
+        assert lab.ssh(wsl, "test -e /etc/apt-cacher-ng || test -e /etc/gpufleet-cache").returncode == 1
+    finally:
+        lab.remove_host(wsl)

@@ -6,6 +6,7 @@ lspci, modinfo, dpkg, apt, pip and sshd are the real programs.
 
 import hashlib
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,38 @@ def test_build_env_hosts_compile_with_the_real_toolkit_and_keep_their_venv_chang
     finally:
         for host in (first, second):
             lab.remove_host(host)
+
+
+def test_systemd_host_boots_systemd_as_pid_1_confined_like_the_others_and_survives_a_restart(lab: Lab) -> None:
+    from gpufleet_lab import hosts, network
+
+    host = lab.add_host(gpu="none", systemd=True)
+    try:
+        assert ok(lab, host, "cat /proc/1/comm").strip() == "systemd"
+        assert ok(lab, host, "systemd-detect-virt --container").strip() == "container-other"
+        running = ok(lab, host, "systemctl is-system-running --wait; systemctl is-active ssh.service")
+        assert running.split() == ["running", "active"], running
+        assert ok(lab, host, "cat /proc/self/cgroup").splitlines()[-1] == "0::/system.slice/ssh.service"
+        # The same confinement as an sshd host: no module loading or clock setting, masked and read-only /proc.
+        bounding = int(ok(lab, host, "sed -n 's/^CapBnd:[[:space:]]*//p' /proc/1/status"), 16)
+        for cap in (16, 25, 17):  # CAP_SYS_MODULE, CAP_SYS_TIME, CAP_SYS_RAWIO
+            assert not bounding & (1 << cap), f"capability {cap} is in PID 1's bounding set"
+        for masked in ("/proc/sysrq-trigger", "/proc/kcore"):  # where this machine's kernel has them
+            if Path(masked).exists():
+                assert ok(lab, host, f"stat -c %t:%T {masked}").strip() == "1:3", f"{masked} is not /dev/null"
+        assert lab.ssh(host, "echo 1 > /proc/sys/kernel/ns_last_pid").returncode != 0
+        own = set(network.netns_pids(host.netns))
+        cgroup = hosts.host_cgroup(host.name)
+        assert set(map(int, (cgroup / "system.slice/ssh.service/cgroup.procs").read_text().split())) <= own
+
+        ok(lab, host, "echo kept > /root/before-restart")
+        first_init = hosts.init_pid(host)
+        lab.restart_host(host)
+        assert hosts.init_pid(host) not in (None, first_init)
+        assert ok(lab, host, "cat /root/before-restart").strip() == "kept"
+        assert ok(lab, host, "cut -d' ' -f1 /proc/uptime").strip() == "1.00"
+        assert ok(lab, host, "systemctl is-system-running --wait").strip() == "running"
+    finally:
+        lab.remove_host(host)
+    assert not cgroup.exists(), "the host's cgroup outlived it"
+    assert host.netns not in network.lab_namespaces()

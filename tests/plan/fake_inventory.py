@@ -212,8 +212,8 @@ def fact_answers(profile: dict) -> list[Answer]:
         # pyinfra's own facts that tell a fresh host from a provisioned one.
         Answer("DebPackages", "dpkg -l", "\n".join(f"{status[n]}  {n}  {v}  amd64  (profile)" for n, v in installed)),
         Answer("HasSystemd", "test -d /run/systemd/system", "yes" if profile["systemd"] else "no"),
-        # The fleet cache's facts, on a host that serves no cache: sshd listens, devpi-server does not answer.
-        Answer("ListeningPorts", "ss -Hltn", "LISTEN 0      128          0.0.0.0:22        0.0.0.0:*"),
+        # The fleet cache's facts, on a host that serves no cache yet: no service runs, devpi-server does not answer.
+        Answer("SystemdServiceState", "systemctl show -P NeedDaemonReload", "no\ninactive"),
         Answer("DevpiMirrors", "curl -fsS -H 'Accept: application/json'", "root/pypi \nroot/pytorch "),
         Answer("Os", "uname -s", "Linux"),
         # Symbolic links the build user planted in its tree ("path -> target" lines; optional, default none).

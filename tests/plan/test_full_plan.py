@@ -468,7 +468,8 @@ FACT_CALLS: dict[str, list[dict]] = {
     "AptListsPresent": [{"uri": "https://developer.download.nvidia.com/compute/cuda/repos/ubuntu2404/x86_64/"}],
     "InitramfsStale": [{"conf": "/etc/modprobe.d/gpufleet-blacklist-nouveau.conf"}],
     "VenvState": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
-    "ListeningPorts": [{}],
+    "SystemdServiceState": [{"unit": "apt-cacher-ng.service", "paths": ["/etc/apt-cacher-ng/zz_gpufleet.conf"]},
+                            {"unit": "gpufleet-devpi.service", "paths": ["/etc/systemd/system/gpufleet-devpi.service"]}],
     "HasSystemd": [{}],
     "DevpiMirrors": [{"base": "http://127.0.0.1:3141", "indexes": ["root/pypi", "root/pytorch"]}],
 }

@@ -3,7 +3,7 @@ hit/miss statistics read from the servers' own logs."""
 
 from __future__ import annotations
 
-from gpufleet import cache, cache_stats
+from gpufleet import cache, cache_stats, facts
 from gpufleet.settings import load_settings
 
 DEFAULTS = {name: s.default for name, s in load_settings().items()}
@@ -137,3 +137,37 @@ def test_lab_mirror_access_log_gives_client_path_status_and_served_bytes(tmp_pat
     requests = mirrors.access_log(log)
     assert requests == [("10.213.47.14", "/packages/a.whl", 200), ("10.213.47.15", "/packages/missing.whl", 404)]
     assert mirrors.served_bytes(tmp_path, requests) == 10
+
+
+def test_a_wsl_cache_host_without_systemd_is_told_to_turn_it_on_in_wsl_conf():
+    text = cache.no_systemd_problem("desk-07", wsl=True)
+    assert text.startswith("desk-07 is in the inventory group `cache`, but systemd is not its PID 1")
+    assert "apt-cacher-ng and devpi-server only as systemd services" in text
+    assert "put `[boot]` and `systemd=true` in /etc/wsl.conf, run `wsl --shutdown` on Windows" in text
+    assert text.endswith("or list another host under `cache`.")
+
+
+def test_a_cache_host_without_systemd_outside_wsl_is_not_sent_to_wsl_conf():
+    text = cache.no_systemd_problem("ws01", wsl=False)
+    assert text.startswith("ws01 is in the inventory group `cache`, but systemd is not its PID 1")
+    assert "wsl" not in text.lower()
+    assert "Boot it with systemd as init, or list another host under `cache`." in text
+
+
+def test_devpi_runs_as_a_systemd_service_that_restarts_on_failure_and_logs_for_cache_stats():
+    command = cache.devpi_command("/opt/gpufleet/cache-venv", DEFAULTS, ["10.0.0.5", "127.0.0.1"])
+    unit = cache.devpi_unit(command, "gpufleet-cache", cache_stats.DEVPI_LOG).splitlines()
+    assert ("ExecStart=/opt/gpufleet/cache-venv/bin/devpi-server --serverdir /var/cache/gpufleet/pypi "
+            "--listen 10.0.0.5:3141 --listen 127.0.0.1:3141") in unit
+    assert {"User=gpufleet-cache", "Restart=on-failure", f"StandardOutput=append:{cache_stats.DEVPI_LOG}",
+            "WantedBy=multi-user.target"} <= set(unit)
+
+
+def test_a_service_older_than_its_settings_file_is_stale():
+    state = facts.SystemdServiceState()
+    assert state.process(["no", "current"]) == facts.ServiceState(reload=False, stale=False)
+    assert state.process(["no", "stale"]) == facts.ServiceState(reload=False, stale=True)
+    assert state.process(["yes", "inactive"]) == facts.ServiceState(reload=True, stale=False)
+    command = state.command(unit="gpufleet-devpi.service", paths=["/etc/systemd/system/gpufleet-devpi.service"])
+    assert "systemctl show -P NeedDaemonReload gpufleet-devpi.service;" in command
+    assert '[ "$(stat -c %Y "$f")" -gt "$since" ]' in command
