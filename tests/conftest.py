@@ -22,8 +22,9 @@ if str(REPO_ROOT) not in sys.path[:1]:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def run_pyinfra(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    """The real `pyinfra` command, run from the repository root the way users run it."""
+def run_pyinfra(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real `pyinfra` command, run from the repository root the way users run it. The limit only stops a hung
+    run: the whole fleet's plan takes about 30 s of CPU, and minutes on a loaded 2-core machine."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYINFRA_PROGRESS": "off", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "pyinfra", *args],
