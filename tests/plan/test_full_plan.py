@@ -470,7 +470,8 @@ FACT_CALLS: dict[str, list[dict]] = {
     "VenvState": [{"python": "/opt/gpufleet/venv/bin/python"}, {"python": "/opt/torch/.venv/bin/python"}],
     "ListeningPorts": [{}],
     "HasSystemd": [{}],
-    "DevpiMirrors": [{"base": "http://127.0.0.1:3141", "indexes": ["root/pypi", "root/pytorch"]}],
+    "DevpiMirrors": [{"base": "http://127.0.0.1:3141", "indexes": ["root/gpufleet", "root/pypi", "root/pytorch"]}],
+    "DevpiIndexFiles": [{"index_url": "http://192.0.2.5:3141/root/gpufleet"}],
 }
 
 
