@@ -147,9 +147,60 @@ def test_the_wheel_reaches_every_host_from_the_cache_host_and_never_crosses_the_
     print(f"control machine's bytes: {relayed_bytes} relaying the wheel, {cached_bytes} through the cache host; "
           f"wheel {wheel_size}")
     assert 2.5 * wheel_size < relayed_bytes - cached_bytes < 4 * wheel_size, (relayed_bytes, cached_bytes, wheel_size)
+    # All the control machine exchanged in the cached run (SSH alone) was less than one wheel.
+    assert cached_bytes < wheel_size, (cached_bytes, wheel_size)
 
     run_pyinfra(through_cache, XFORMERS_STAGE).assert_no_changes(names)
     # The upload password never left the cache host (it built), and stays root's alone there.
     assert lab.ssh(server, f"stat -c '%U %a' {cache.UPLOAD_PASSWORD}").stdout.split() == ["root", "600"]
     for host in (first, second):
         assert lab.ssh(host, f"test -e {cache.BUILDER_UPLOAD_PASSWORD}").returncode == 1, host.name
+
+
+def test_a_builder_that_is_not_the_cache_host_uploads_with_a_root_only_copy_of_the_password(
+        lab: Lab, build_hosts: Callable[[int], list[Host]], run_pyinfra: Callable[..., PyinfraRun], ci_wheel,
+        xformers_sdist: Path, tmp_path: Path) -> None:
+    """A cache host that serves the cache only (no GPU stack, so no toolkit or torch): the first host that needs the
+    wheel builds and uploads it. pyinfra logs in as an admin with sudo, so the password's copy goes through
+    pyinfra's upload as that user first."""
+    server = lab.add_host(gpu="none")
+    try:
+        first, second = build_hosts(2)
+        names = [first.name, second.name]
+        fp = ci_wheel.out_dir.name
+        build = {**lab.build_settings(), "xformers_arch_list": ["12.0"]}
+
+        def inventory(path: Path, **settings: object) -> Path:
+            lab.write_inventory_yaml(path, [first, second, server], user="labadmin",
+                                     settings={"reboot_policy": "never", "min_free_disk_gb": 10, **settings})
+            document = yaml.safe_load(path.read_text())
+            workstations = document["groups"]["workstations"]["hosts"]
+            document["groups"]["cache"] = {"hosts": {server.name: workstations.pop(server.name)}}
+            path.write_text(yaml.safe_dump(document, sort_keys=False))
+            return path
+
+        run_pyinfra(inventory(tmp_path / "cache-stage.yaml"), CACHE_STAGE, "--limit", server.name) \
+            .assert_converged([server.name])
+        path = inventory(tmp_path / "inventory.yaml", **build, wheel_cache_dir=str(tmp_path / "wheels"))
+        prepare_python([first, second], path, run_pyinfra)
+        seed_finished_build(lab, first, ci_wheel, xformers_sdist)
+
+        run = run_pyinfra(path, XFORMERS_STAGE)
+        run.assert_converged(names)
+        assert changed(run, first.name, f"Copy the cache index's upload password from {server.name}"), run.explain()
+        assert changed(run, first.name, "Upload the built wheel to the cache host's index"), run.explain()
+        assert changed(run, second.name, f"Download the xformers wheel built by {first.name}"), run.explain()
+        name = cache.index_wheel_name(ci_wheel.wheel.name, fp)
+        assert index_files(lab, server) == {name: ci_wheel.manifest["wheel_sha256"]}
+        assert {installed(lab, h)["stamp"] for h in (first, second)} == {fp}
+        # The copy is gone after the upload, and nothing of it was left where the SSH user uploaded it first.
+        assert lab.ssh(first, f"test -e {cache.BUILDER_UPLOAD_PASSWORD}").returncode == 1
+        password = lab.ssh(server, f"cat {cache.UPLOAD_PASSWORD}").stdout.strip()
+        leftovers = lab.ssh(first, f"grep -rlsF {shlex.quote(password)} /tmp /var/tmp /home /var/lib/gpufleet")
+        assert password and leftovers.stdout == "", leftovers.stdout
+        assert lab.ssh(first, f"stat -c '%U %a' {cache.BUILDER_UPLOAD_PASSWORD.rsplit('/', 1)[0]}").stdout.split() \
+            == ["root", "700"]
+
+        run_pyinfra(path, XFORMERS_STAGE).assert_no_changes([*names, server.name])
+    finally:
+        lab.remove_host(server)
