@@ -4,7 +4,8 @@ private devpi index and every other host downloads it from there; the control ma
 Real: the xformers stage over SSH through the real pyinfra CLI, devpi-server 6.20.3 on the cache host with its
 private index, curl's upload and download, the sha256 checks, pip installing the wheel, and the wheel itself (the
 real sm_120 build of the `ci_wheel` fixture, seeded as the builder's finished build so nothing compiles here, as
-tests/lab/test_rerun.py does). Stand-in: the GPU and its open 580 driver.
+tests/lab/test_rerun.py does). Stand-in: the GPU and its open 580 driver. A run killed between the build and
+the upload is SIGKILL of the pyinfra process on this machine (as in tests/lab/test_interruptions.py).
 
 Bytes are counted on this lab's bridge (its rx and tx counters in /sys/class/net): everything the control
 machine sends to or receives from the lab hosts (SSH, and the lab's mirror it serves) crosses it, while traffic
@@ -13,7 +14,9 @@ between two hosts is forwarded by the bridge and counted on neither of its count
 
 import json
 import shlex
+import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from gpufleet_lab import Lab
 from gpufleet_lab.hosts import Host
 from gpufleet_lab.paths import BRIDGE_NAME
 from gpufleet_lab.runner import REPO_ROOT, PyinfraRun
+from tests.lab.test_interruptions import run_and_kill
 from tests.lab.test_xformers_stage import (  # noqa: F401  (build_hosts: the fixture, shared)
     ROOT_WORK,
     WORK,
@@ -85,7 +89,7 @@ def index_files(lab: Lab, cache_host: Host) -> dict[str, str]:
     return cache.index_files(page)
 
 
-def test_the_wheel_reaches_every_host_from_the_cache_host_and_never_crosses_the_control_machine(
+def test_the_wheel_goes_through_the_cache_host_not_the_control_machine_and_a_killed_upload_is_redone(
         lab: Lab, build_hosts: Callable[[int], list[Host]], run_pyinfra: Callable[..., PyinfraRun], ci_wheel,
         xformers_sdist: Path, tmp_path: Path) -> None:
     first, second, server = build_hosts(3)
@@ -119,6 +123,16 @@ def test_the_wheel_reaches_every_host_from_the_cache_host_and_never_crosses_the_
 
     through_cache = write_inventory(lab, tmp_path / "cache.yaml", hosts, server, **build,
                                     wheel_cache_dir=str(tmp_path / "cache-wheels"))
+    # A run killed after the build (the cache host's is finished) and before the upload: SIGKILL the moment the
+    # builder's upload begins (its first command makes root's staging directory).
+    staging = server.root / ROOT_WORK.lstrip("/") / fp
+    killed = run_and_kill(through_cache, XFORMERS_STAGE, staging.exists)
+    assert killed.returncode == -signal.SIGKILL
+    time.sleep(2)  # anything the dead run had started on a host has finished by now
+    assert index_files(lab, server) == {}, "the kill came too late: the wheel was uploaded"
+    assert not (tmp_path / "cache-wheels" / fp / "published.json").exists()
+
+    # The next run decides from the index (no such wheel there) and the finished build: it uploads, builds nothing.
     before = bridge_bytes()
     run = run_pyinfra(through_cache, XFORMERS_STAGE)
     cached_bytes = bridge_bytes() - before
@@ -127,6 +141,7 @@ def test_the_wheel_reaches_every_host_from_the_cache_host_and_never_crosses_the_
     # The cache host builds (it has the toolkit and torch), though it comes last in the inventory.
     assert changed(run, server.name, f"Upload the built wheel to the cache host's index {cache.WHEEL_INDEX}"), \
         run.explain()
+    assert not changed(run, server.name, "Build xformers"), run.explain()
     for host in (first, second):
         assert changed(run, host.name, f"Download the xformers wheel built by {server.name}"), run.explain()
         assert not changed(run, host.name, "Upload the built wheel"), run.explain()
