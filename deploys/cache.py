@@ -219,4 +219,4 @@ def fleet_cache() -> None:
                    present=False)
 
 
-run_alone(__file__, fleet_cache)
+run_alone(__file__, fleet_cache, cache_only_hosts=True)
