@@ -1,7 +1,8 @@
 """The optional fleet download cache (inventory group `cache`): apt-cacher-ng and devpi-server on the cache host,
 apt on every host pointed at it. pip follows through the settings (gpufleet.cache.through_cache), so the venv's
 pip.conf and the torch install use the cache's indexes; without a cache host nothing here changes a host except
-removing an earlier proxy drop-in.
+removing an earlier proxy drop-in. devpi-server also holds the private index built xformers wheels are uploaded to
+(gpufleet.cache.WHEEL_INDEX, used by deploys/xformers.py).
 
 Runs alone: pyinfra inventory.py deploys/cache.py (in deploys/full.py it runs first, before any apt use).
 Where systemd is PID 1 both servers are systemd services; without it (containers, the test lab) they are started
