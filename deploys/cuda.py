@@ -8,7 +8,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import apt, server
 
 from deploys.preflight import preflight
 from gpufleet import facts
@@ -16,6 +16,7 @@ from gpufleet.decide import cuda_repo_dir
 from gpufleet.fact_memo import fact
 from gpufleet.layout import cuda_home
 from gpufleet.nvidia_repo import ensure_repo, pin_driver_source
+from gpufleet.operations import put_file
 from gpufleet.stage import profile, refuse_host, run_alone, settings
 
 
@@ -55,7 +56,7 @@ def cuda() -> None:
             _if=install.did_change,
         )
 
-    files.put(
+    put_file(
         name=f"Put CUDA {version} on PATH for login shells",
         src=StringIO(
             "# gpufleet: the CUDA toolkit the venv's torch and xformers are built for.\n"

@@ -9,7 +9,7 @@ from io import StringIO
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import apt, server, systemd
 
 from deploys.preflight import preflight
 from gpufleet import facts
@@ -25,7 +25,7 @@ from gpufleet.decide import (
     stale_driver_holds,
 )
 from gpufleet.nvidia_repo import apt_settings, ensure_repo, pin_driver_source
-from gpufleet.operations import refuse
+from gpufleet.operations import put_file, refuse
 from gpufleet.rollout import REBOOT_PENDING
 from gpufleet.stage import (
     profile,
@@ -60,7 +60,7 @@ def driver() -> None:
         _wsl_driver(me.smi)
         return
     if config["hold_driver_updates"]:
-        files.put(
+        put_file(
             name="Keep unattended-upgrades away from the driver and CUDA",
             src=StringIO(UNATTENDED_BLACKLIST),
             dest="/etc/apt/apt.conf.d/51gpufleet-driver-hold",
@@ -85,7 +85,7 @@ def driver() -> None:
         name=f"Install kernel headers for DKMS (linux-headers-{headers['release']})",
         packages=[f"linux-headers-{headers['release']}"],
     )
-    nouveau = files.put(
+    nouveau = put_file(
         name="Blacklist nouveau",
         src=StringIO(NOUVEAU_BLACKLIST),
         dest=NOUVEAU_CONF,
@@ -238,7 +238,7 @@ def _wsl_driver(smi: facts.SmiResult) -> None:
             ]
         )
         return
-    files.put(
+    put_file(
         name="Put Windows' nvidia-smi on PATH",
         src=StringIO('# gpufleet: WSL2 reaches the Windows driver here.\nexport PATH="$PATH:/usr/lib/wsl/lib"\n'),
         dest="/etc/profile.d/gpufleet-wsl.sh",

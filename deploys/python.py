@@ -17,7 +17,7 @@ from gpufleet import facts
 from gpufleet.decide import VENV_TOOLS, pip_conf
 from gpufleet.fact_memo import fact
 from gpufleet.nvidia_repo import apt_settings
-from gpufleet.operations import pip_packages
+from gpufleet.operations import make_directory, pip_packages, put_file
 from gpufleet.stage import as_user, path_owner, refuse_host, run_alone, settings, venv_owner
 
 
@@ -78,7 +78,7 @@ def python() -> None:
     # Planned only while missing or different: pyinfra's check of a user reads every user of the host (seconds).
     if not build_user_exists:
         _create_build_user(user, config["work_dir"])
-    files.directory(name=f"Create {config['work_dir']}", path=config["work_dir"], user=user, group=user, mode="755")
+    make_directory(name=f"Create {config['work_dir']}", path=config["work_dir"], user=user, group=user, mode="755")
     owner = venv_owner(config)
     if not config["venv_adopt"]:
         if "python3-venv" not in host.get_fact(DebPackages):
@@ -88,8 +88,8 @@ def python() -> None:
         parent = venv.rsplit("/", 1)[0] or "/"
         # Only a parent gpufleet creates gets a mode: an existing one (/opt, /srv, someone's home) is left as it is.
         if host.get_fact(Directory, path=parent) is None:
-            files.directory(name=f"Create {parent}", path=parent, mode="755")
-        files.directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
+            make_directory(name=f"Create {parent}", path=parent, mode="755")
+        make_directory(name=f"Create {venv} for {user}", path=venv, user=user, group=user, mode="755")
         # "no-pip": a creation killed before ensurepip finished; --clear makes it from scratch.
         venv_state = fact(host, facts.VenvState, python=venv_python)
         if venv_state != "ok":
@@ -100,7 +100,7 @@ def python() -> None:
             )
     conf = pip_conf(config)
     if conf:
-        files.put(
+        put_file(
             name="Point the venv's pip at the configured index",
             src=StringIO(conf),
             dest=f"{venv}/pip.conf",

@@ -21,6 +21,7 @@ from gpufleet.buildplan import ROOT_STATE_DIR
 from gpufleet.decide import smoke_stamp, windows_driver
 from gpufleet.fleet_report import history_run_name, print_report_when_run_ends
 from gpufleet.layout import SMOKE_SCRIPT, cuda_home
+from gpufleet.operations import make_directory, put_file
 from gpufleet.rollout import SMOKE_CHECK
 from gpufleet.settings import REPO_ROOT
 from gpufleet.stage import as_user, lock_control_folder, profile, refuse_planted_links, run_alone, settings, stack_changed
@@ -44,8 +45,8 @@ def smoke() -> None:
 
     if refuse_planted_links([config["work_dir"], work, f"{work}/gpufleet_smoke.py"]):
         return
-    files.directory(name="Create the smoke test directory", path=work, user=user, group=user, mode="755")
-    files.put(
+    make_directory(name="Create the smoke test directory", path=work, user=user, group=user, mode="755")
+    put_file(
         name="Upload the smoke test",
         src=str(SMOKE_SCRIPT),
         dest=f"{work}/gpufleet_smoke.py",

@@ -40,9 +40,11 @@ from gpufleet.cache import wheel_index_url
 from gpufleet.fact_memo import fact
 from gpufleet.operations import (
     fetch_built_wheel,
+    make_directory,
     publish_built_wheel,
     published_manifest,
     push_built_wheel,
+    put_file,
     share_upload_password,
     stage_wheel_from_index,
 )
@@ -185,7 +187,7 @@ def _ready_to_build(config: dict, layout, fp: str, is_builder: bool) -> tuple[bo
         return False, None
     user = config["build_user"]
     work = f"{config['work_dir']}/xformers"
-    files.directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
+    make_directory(name=f"Create {work}", path=work, user=user, group=user, mode="755")
     _upload(CUBIN_READER, layout.cubins_reader, user)
     return True, finished
 
@@ -217,7 +219,7 @@ def _install(config: dict, mine, layout) -> None:
 
 
 def _upload(local: str, remote: str, user: str) -> None:
-    files.put(name=f"Upload {Path(remote).name}", src=str(REPO_ROOT / local), dest=remote, user=user, group=user, mode="755")
+    put_file(name=f"Upload {Path(remote).name}", src=str(REPO_ROOT / local), dest=remote, user=user, group=user, mode="755")
 
 
 def _prepare_build(config: dict, layout, python: str, extra_tools: tuple[str, ...] = ()) -> None:

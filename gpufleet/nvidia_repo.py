@@ -13,6 +13,7 @@ from pyinfra.operations import apt, files, server
 
 from gpufleet.buildplan import ROOT_STATE_DIR
 from gpufleet.facts import AptListsPresent, InterruptedPackageInstall
+from gpufleet.operations import make_directory, put_file
 from gpufleet.runstate import this_run
 
 KEYRING = "/usr/share/keyrings/cuda-archive-keyring.gpg"
@@ -44,7 +45,7 @@ def apt_settings(config: dict[str, Any]) -> None:
     connection interrupted is finished first. Planned once per host and run."""
     if not _first_time("apt settings"):
         return
-    files.put(
+    put_file(
         name="Make apt wait for package locks held by other processes",
         src=StringIO(f'DPkg::Lock::Timeout "{config["apt_lock_timeout"]}";\n'),
         dest="/etc/apt/apt.conf.d/50gpufleet-lock-timeout",
@@ -82,7 +83,7 @@ def ensure_repo(config: dict[str, Any], repo_dir: str) -> None:
     sha256 = config["cuda_keyring_sha256"][repo_dir]
     # Root's own directory, never work_dir: the build user owns that tree and could swap the file for a link.
     deb = f"{DOWNLOADS}/{KEYRING_DEB}"
-    files.directory(name=f"Create root's download directory {DOWNLOADS}", path=DOWNLOADS, user="root",
+    make_directory(name=f"Create root's download directory {DOWNLOADS}", path=DOWNLOADS, user="root",
                     group="root", mode="700")
     download = files.download(
         name=f"Download {repo_url(config, repo_dir) + KEYRING_DEB} (sha256 checked)",
@@ -119,7 +120,7 @@ def pin_driver_source(config: dict[str, Any]) -> None:
     if not _first_time("driver source pin"):
         return
     origin = urlparse(config["cuda_repo_url"]).hostname
-    files.put(
+    put_file(
         name=f"Never take driver packages from NVIDIA's repository ({origin}) on an Ubuntu-driver host",
         src=StringIO(
             "# gpufleet: driver_source is ubuntu; NVIDIA's repository serves the toolkit only.\n"

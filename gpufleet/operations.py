@@ -11,11 +11,14 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
+from pyinfra.api.operation import OperationMeta
+from pyinfra.facts.files import Directory, File, Sha1File
+from pyinfra.operations import files
 
 from gpufleet.buildplan import parse_manifest, staged_checksum_line
 from gpufleet.cache import index_files, index_wheel_name, upload_command, wheel_file_url
 from gpufleet.decide import torch_problems
-from gpufleet.fact_memo import fact
+from gpufleet.fact_memo import expect, fact
 from gpufleet.facts import TORCH_PROBE, InstalledDistributions, parse_torch_info, record_torch_state_command
 from gpufleet.fingerprint import file_sha256
 
@@ -25,6 +28,21 @@ def refuse(reasons: list[str]):
     """Fail this host with the reasons on stderr. Never a no-op: it exists to stop the host."""
     text = "\n".join(f"gpufleet refuses this host: {r}" for r in reasons)
     yield f"echo {shlex.quote(text)} >&2; exit 1"
+
+
+def put_file(**arguments) -> OperationMeta:
+    """pyinfra's files.put; the path questions it will ask of dest go to the host with its others in one round trip
+    (gpufleet.fact_memo.expect). A no-op when dest has src's content, owner and mode."""
+    expect(host, File, path=arguments["dest"])
+    expect(host, Sha1File, path=arguments["dest"])
+    return files.put(**arguments)
+
+
+def make_directory(**arguments) -> OperationMeta:
+    """pyinfra's files.directory; its question about path goes with the host's others (gpufleet.fact_memo.expect).
+    A no-op when path is a directory with that owner and mode."""
+    expect(host, Directory, path=arguments["path"])
+    return files.directory(**arguments)
 
 
 def _as_root(host) -> dict:
@@ -173,7 +191,7 @@ def pip_packages(python: str, packages: list[str], extra_args: str = "", reinsta
 
     pyinfra's pip.packages needs a pip script, which some venvs (e.g. images built with ensurepip only) lack.
     """
-    installed = fact(host, InstalledDistributions, before_commands=True, python=python) or {}
+    installed = fact(host, InstalledDistributions, python=python) or {}
     missing = [spec for spec in packages if reinstall or _requirement(spec)[0] not in installed
                or (_requirement(spec)[1] is not None and installed[_requirement(spec)[0]] != _requirement(spec)[1])]
     if not missing:

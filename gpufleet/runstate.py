@@ -32,7 +32,11 @@ class RunState:
     # This run's folder name under <report_dir>/history, the same for every host.
     history_run_name: str | None = None
     # (host name, fact, arguments) -> answer, kept while the host is unchanged in this run (gpufleet.fact_memo).
-    fact_answers: dict[tuple[str, type, str], AsyncResult] = field(default_factory=dict)
+    fact_answers: dict[tuple[str, type, str, str], AsyncResult] = field(default_factory=dict)
+    # Host name -> questions noted in advance, asked together with the first that must go to the host.
+    fact_expected: dict[str, dict[tuple[type, str], dict[str, Any]]] = field(default_factory=dict)
+    # Hosts on which an operation has run a command in this run: their earlier answers are stale.
+    changed_hosts: set[str] = field(default_factory=set)
 
     def first_time(self, step: str, host_name: str = "") -> bool:
         """True the first time a step is asked for on this host (or, without one, anywhere) in this run."""

@@ -1,5 +1,6 @@
 """gpufleet.fact_memo on a real pyinfra State with the @local connector: a fact runs once per host while pyinfra
-prepares the deploy and while executing leaves the host unchanged, and again once an operation has run a command."""
+prepares the deploy and while executing leaves the host unchanged, and again once an operation has run a command,
+also for the path facts pyinfra's own operations read."""
 
 from __future__ import annotations
 
@@ -53,10 +54,10 @@ def note_lines(trace: str, seen: list):
 
 
 @operation()
-def note_lines_first(trace: str, seen: list):
-    """note_lines, reading before it yields anything."""
-    seen.append(fact(current_host, LinesOf, before_commands=True, trace=trace))
-    yield from ()
+def write_then_note_lines(trace: str, seen: list):
+    """Appends to the trace file with a command of its own, then records what LinesOf answers."""
+    yield f"echo wrote >> {trace}"
+    seen.append(fact(current_host, LinesOf, trace=trace))
 
 
 def run_reads(state: State, trace: Path, before: list, after: list, read_while_preparing: bool = False) -> list:
@@ -96,12 +97,88 @@ def test_each_run_state_has_its_own_answers(tmp_path: Path) -> None:
             assert fact(host, LinesOf, trace=str(trace)) == expected
 
 
-def test_under_yes_an_operation_that_reads_before_its_commands_reuses_the_answer(tmp_path: Path) -> None:
+def test_under_yes_operations_reuse_an_answer_until_one_runs_a_command(tmp_path: Path) -> None:
     # `pyinfra -y` does not look for changes while preparing, so an operation's body runs only when executed.
     state = State(Inventory((["@local"], {})), Config(), check_for_changes=False)
     connect_all(state)
-    seen = run_reads(state, tmp_path / "trace", [note_lines, note_lines_first], [note_lines_first],
-                     read_while_preparing=True)
-    # note_lines may read after a command of its own, so it reads again; note_lines_first reuses the answer until
-    # `true` has run.
-    assert seen == [1, 2, 1, 3]
+    seen = run_reads(state, tmp_path / "trace", [note_lines, note_lines], [note_lines], read_while_preparing=True)
+    # No command has run before the first two reads; `true` has before the third.
+    assert seen == [1, 1, 1, 2]
+
+
+def test_a_read_after_the_operations_own_command_sees_its_effect(tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    state = State(Inventory((["@local"], {})), Config(), check_for_changes=False)
+    connect_all(state)
+    seen = run_reads(state, trace, [note_lines, write_then_note_lines], [], read_while_preparing=True)
+    # The second operation's read follows its own `echo`: a fresh answer that counts the written line.
+    assert seen == [1, 1, 3]
+    assert trace.read_text() == "ran\nwrote\nran\n"
+
+
+def test_pyinfra_operations_read_their_path_facts_once_while_the_host_is_unchanged(tmp_path: Path) -> None:
+    from pyinfra.facts.files import File
+    from pyinfra.operations import files
+
+    target = tmp_path / "kept"
+    target.write_text("same\n")
+    state = State(Inventory((["@local"], {})), Config(), check_for_changes=False)
+    connect_all(state)
+    host = state.inventory.get_host("@local")
+    asked: list[str] = []
+    original = host.run_shell_command
+
+    def counted(command, *args, **kwargs):
+        asked.append(str(command))
+        return original(command, *args, **kwargs)
+
+    host.run_shell_command = counted
+    state.set_stage(StateStage.Prepare)
+    with ctx_state.use(state), ctx_host.use(host):
+        assert host.get_fact(File, path=str(target)) is not None
+        for _ in range(3):
+            add_op(state, files.file, path=str(target), present=True)
+    state.set_stage(StateStage.Execute)
+    run_ops(state)
+    # One round trip for the File fact, shared by the read while preparing and the three operations' own reads.
+    assert len([c for c in asked if str(target) in c]) == 1, asked
+
+
+def test_expected_questions_go_to_the_host_in_one_round_trip_with_the_answers_asked_alone_would_give(
+        tmp_path: Path) -> None:
+    from pyinfra.facts.files import Directory, File, Sha1File
+
+    from gpufleet.fact_memo import expect
+
+    (tmp_path / "a").write_text("alpha\n")
+    (tmp_path / "d").mkdir()
+    questions = [(File, str(tmp_path / "a")), (Sha1File, str(tmp_path / "a")), (Directory, str(tmp_path / "d")),
+                 (File, str(tmp_path / "missing")), (Directory, str(tmp_path / "a"))]
+    alone = local_state()
+    alone_host = alone.inventory.get_host("@local")
+    expected_answers = [alone_host.get_fact(cls, path=path) for cls, path in questions]
+
+    state = local_state()
+    host = state.inventory.get_host("@local")
+    asked: list[str] = []
+    original = host.run_shell_command
+
+    def counted(command, *args, **kwargs):
+        asked.append(str(command))
+        return original(command, *args, **kwargs)
+
+    host.run_shell_command = counted
+    with ctx_state.use(state), ctx_host.use(host):
+        state.set_stage(StateStage.Prepare)
+        for cls, path in questions[1:]:
+            expect(host, cls, path=path)
+        # Deploy code still adding operations asks alone; once executing, the questions go together.
+        state.set_stage(StateStage.Execute)
+        answers = [host.get_fact(cls, path=path) for cls, path in questions]
+    # Reading a file's checksum may move its access time between the two runs.
+    def settled(answer):
+        return {k: v for k, v in answer.items() if k != "atime"} if isinstance(answer, dict) else answer
+
+    assert [settled(a) for a in answers] == [settled(a) for a in expected_answers]
+    assert expected_answers[1] is not None and expected_answers[3] is None
+    assert len(asked) == 1, asked
