@@ -1,7 +1,8 @@
 """The optional fleet download cache (inventory group `cache`): apt-cacher-ng and devpi-server on the cache host,
 apt on every host pointed at it. pip follows through the settings (gpufleet.cache.through_cache), so the venv's
 pip.conf and the torch install use the cache's indexes; without a cache host nothing here changes a host except
-removing an earlier proxy drop-in.
+removing an earlier proxy drop-in. devpi-server also holds the private index built xformers wheels are uploaded to
+(gpufleet.cache.WHEEL_INDEX, used by deploys/xformers.py).
 
 Runs alone: pyinfra inventory.py deploys/cache.py (in deploys/full.py it runs first, before any apt use).
 Both servers are systemd services, enabled, restarted by systemd when they fail (Restart=on-failure: Debian's
@@ -128,11 +129,12 @@ def _devpi(config: dict, listen: list[str]) -> None:
     files.put(name="Upload the devpi mirror-index helper", src=str(MIRRORS_SOURCE), dest=MIRRORS_SCRIPT, mode="755")
     wanted = cache.mirror_urls(config)
     base = f"http://127.0.0.1:{config['cache_pip_port']}"
-    found = host.get_fact(facts.DevpiMirrors, base=base, indexes=sorted(wanted))
-    if found != wanted:
+    found = host.get_fact(facts.DevpiMirrors, base=base, indexes=sorted([*wanted, cache.WHEEL_INDEX]))
+    if {i: u for i, u in found.items() if i != cache.WHEEL_INDEX} != wanted:
         pairs = " ".join(shlex.quote(f"{index}={url}") for index, url in sorted(wanted.items()))
         server.shell(name=f"Point devpi's mirror indexes at {', '.join(sorted(set(wanted.values())))}",
                      commands=[f"{shlex.join([venv_python, MIRRORS_SCRIPT, base, DEVPI_PASSWORD])} {pairs}"])
+    _wheel_index(venv_python, base, found.get(cache.WHEEL_INDEX))
 
     scratch = f"{config['cache_dir']}/warm-download"
     warm = cache.warm_commands(config, venv_python, base, VENV_TOOLS, scratch)
@@ -141,6 +143,26 @@ def _devpi(config: dict, listen: list[str]) -> None:
         server.shell(name=f"Fetch the fleet's pinned Python packages into the cache once (torch {config['torch_version']})",
                      commands=[f"rm -rf {shlex.quote(scratch)}", *warm, f"rm -rf {shlex.quote(scratch)}"])
         files.put(name="Record which packages the cache holds", src=StringIO(stamp), dest=WARM_STAMP, mode="644")
+
+
+def _wheel_index(venv_python: str, base: str, found: str | None) -> None:
+    """The private index built wheels are uploaded to (cache.WHEEL_INDEX: inherits nothing, keeps every file) and
+    its upload user, whose random password stays in a root-only file here (a builder on another host gets a copy
+    for its upload, see deploys/xformers.py)."""
+    has_password = host.get_fact(File, path=cache.UPLOAD_PASSWORD) is not None
+    password = server.shell(
+        name="Make the upload password of the cache's wheel index (random, root only)",
+        commands=[f"umask 077; head -c 32 /dev/urandom | base64 -w0 > {cache.UPLOAD_PASSWORD}"],
+        _if=lambda: not has_password,
+    )
+    command = shlex.join([venv_python, MIRRORS_SCRIPT, base, DEVPI_PASSWORD, "--private", cache.WHEEL_INDEX,
+                          cache.WHEEL_UPLOADER, cache.UPLOAD_PASSWORD])
+    name = f"Create the private wheel index {cache.WHEEL_INDEX} and its upload user {cache.WHEEL_UPLOADER}"
+    if found != cache.WHEEL_INDEX_STATE:
+        server.shell(name=name, commands=[command])
+    else:
+        server.shell(name=name.replace("Create", "Give") + " the new password", commands=[command],
+                     _if=password.did_change)
 
 
 def _serve() -> None:
@@ -182,4 +204,4 @@ def fleet_cache() -> None:
                    present=False)
 
 
-run_alone(__file__, fleet_cache)
+run_alone(__file__, fleet_cache, cache_only_hosts=True)

@@ -245,3 +245,88 @@ def devpi_unit(command: list[str], user: str, log: str) -> str:
         "WantedBy=multi-user.target",
         "",
     ])
+
+
+# Built wheels through the cache host (issue 15): the builder uploads each built xformers wheel to this private devpi
+# index, which inherits from nothing (bases=[]) and accepts uploads from WHEEL_UPLOADER only; every other host
+# downloads it from there, sha256 checked, so no wheel byte passes through the control machine.
+WHEEL_INDEX = "root/gpufleet"
+WHEEL_UPLOADER = "gpufleet-upload"
+# What facts.DevpiMirrors reports for WHEEL_INDEX when it is set up as gpufleet wants it.
+WHEEL_INDEX_STATE = f"private, uploads by {WHEEL_UPLOADER}"
+# On the cache host (root only, 600): the upload user's password. On a builder that is not the cache host, a
+# copy in root's own directory, there only while the builder uploads.
+UPLOAD_PASSWORD = "/etc/gpufleet-cache/devpi-upload-password"
+BUILDER_UPLOAD_PASSWORD = "/var/lib/gpufleet-root/cache-upload/password"
+_WHEEL_FILE = re.compile(r"xformers-[A-Za-z0-9_.+-]+\.whl")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_ADDRESS = re.compile(r"[A-Za-z0-9.:_-]+")
+
+
+def wheel_index_url(cache_address: str, config: dict[str, Any]) -> str:
+    """The private wheel index on the cache host, as every host reaches it (no trailing slash)."""
+    if not _ADDRESS.fullmatch(cache_address):
+        raise ValueError(f"not a host name or IP address: {cache_address!r}")
+    return f"http://{cache_address}:{int(config['cache_pip_port'])}/{WHEEL_INDEX}"
+
+
+def _checked(wheel: str, sha256: str) -> None:
+    if not _WHEEL_FILE.fullmatch(wheel) or not _SHA256_HEX.fullmatch(sha256):
+        raise ValueError(f"not an xformers wheel name and sha256: {wheel!r} {sha256!r}")
+
+
+def wheel_file_url(index_url: str, wheel: str, sha256: str) -> str:
+    """Where devpi serves an uploaded file: its path is derived from the file's sha256 (+f/abc/def.../name)."""
+    _checked(wheel, sha256)
+    return f"{index_url}/+f/{sha256[:3]}/{sha256[3:16]}/{wheel}"
+
+
+def wheel_version(wheel: str) -> str:
+    """The version field of a wheel file name (xformers-0.0.35-cp39-abi3-linux_x86_64.whl -> 0.0.35)."""
+    parts = wheel.split("-")
+    if len(parts) < 5 or not _WHEEL_FILE.fullmatch(wheel):
+        raise ValueError(f"not an xformers wheel file name: {wheel!r}")
+    return parts[1]
+
+
+def index_wheel_name(wheel: str, fingerprint: str) -> str:
+    """The built wheel's name on the index: its fingerprint as the wheel's build tag (PEP 427: "0" + hex, led by a
+    digit), so wheels of different fingerprints, which share a file name, sit side by side on an index that never
+    replaces a file. pip installs the file under this name as it is."""
+    parts = wheel.split("-")
+    if len(parts) != 5 or not _WHEEL_FILE.fullmatch(wheel) or not re.fullmatch(r"[0-9a-f]{8,64}", fingerprint):
+        raise ValueError(f"not a wheel file name without a build tag and a fingerprint: {wheel!r} {fingerprint!r}")
+    return "-".join([*parts[:2], "0" + fingerprint, *parts[2:]])
+
+
+def upload_command(index_url: str, password_file: str, wheel_path: str, manifest_json: str) -> str:
+    """curl's upload of a staged wheel to the private index, as devpi's upload form (what twine sends).
+
+    The upload user's password goes to curl through a pipe (`-K -`), never on a command line. The manifest is the
+    release's description, so the index holds what was built from what. devpi answers 200 to an identical file
+    uploaded again, so a repeated upload is harmless.
+    """
+    wheel = wheel_path.rsplit("/", 1)[-1]
+    if not _WHEEL_FILE.fullmatch(wheel):
+        raise ValueError(f"not an xformers wheel file name: {wheel!r}")
+    # curl's config on stdin: user = "gpufleet-upload:<password>" (the password is base64: no quote in it).
+    prefix = shlex.quote('user = "' + WHEEL_UPLOADER + ":")
+    credentials = (f"{{ printf '%s' {prefix}; tr -d '\\n' < {shlex.quote(password_file)}; "
+                   "printf '\"\\n'; }")
+    form = [":action=file_upload", "protocol_version=1", "name=xformers", f"version={wheel_version(wheel)}",
+            "filetype=bdist_wheel", "pyversion=" + wheel.split("-")[-3], "description=" + manifest_json]
+    # --form-string: the value is taken literally (no @file, <file or ;type= in it).
+    fields = " ".join(f"--form-string {shlex.quote(f)}" for f in form)
+    return (f"{credentials} | curl -fsS --retry 3 -o /dev/null -K - {fields} "
+            f"-F {shlex.quote('content=@' + wheel_path)} {shlex.quote(index_url + '/')}")
+
+
+def index_files(simple_page: str) -> dict[str, str]:
+    """file name -> sha256 of the links on a devpi +simple page (the fragment #sha256=... devpi writes)."""
+    found = {}
+    for href in re.findall(r'href="([^"]+)"', simple_page):
+        path, _, fragment = href.partition("#sha256=")
+        name = path.rsplit("/", 1)[-1]
+        if _SHA256_HEX.fullmatch(fragment) and _WHEEL_FILE.fullmatch(name):
+            found[name] = fragment
+    return found

@@ -969,8 +969,40 @@ class DevpiMirrors(_HostFact):
             if not _DEVPI_INDEX.fullmatch(index):
                 raise ParseError(f"unexpected line {line!r}, expected '<user>/<index> <devpi's JSON>'")
             try:
-                found[index] = json.loads(body)["result"].get("mirror_url", "")
+                result = json.loads(body)["result"]
+                found[index] = (result.get("mirror_url", "") if result.get("type") == "mirror"
+                                else _private_index_state(result))
             except (ValueError, KeyError, TypeError, AttributeError):
                 # No answer, or a cut one (a server starting or stopping): the index is set up again.
                 continue
         return found
+
+
+def _private_index_state(result: dict) -> str:
+    """How a devpi stage index reads in DevpiMirrors: cache.WHEEL_INDEX_STATE when it inherits nothing, keeps
+    every upload (not volatile) and takes uploads from the upload user alone; otherwise what it is."""
+    # Imported here: gpufleet.cache imports gpufleet.decide, which imports this module.
+    from gpufleet.cache import WHEEL_INDEX_STATE, WHEEL_UPLOADER
+
+    if result["bases"] == [] and result["volatile"] is False and result["acl_upload"] == [WHEEL_UPLOADER]:
+        return WHEEL_INDEX_STATE
+    return (f"{result['type']} bases={result['bases']} volatile={result['volatile']} "
+            f"acl_upload={result['acl_upload']}")
+
+
+class DevpiIndexFiles(_HostFact):
+    """xformers wheel file name -> sha256 on a devpi index's simple page (cache.index_files); {} when the index,
+    the project or the server is not there."""
+
+    def command(self, index_url: str) -> str:
+        return f"curl -fsS {shlex.quote(index_url + '/+simple/xformers/')} 2>/dev/null || true"
+
+    def parse(self, output: list[str]) -> dict[str, str]:
+        from gpufleet.cache import index_files
+
+        page = "\n".join(output)
+        if not page.strip():
+            return {}
+        if not re.search(r"<title>[^<]*links for xformers</title>", page):
+            raise ParseError("not devpi's simple page of the project xformers")
+        return index_files(page)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import shlex
+from io import StringIO
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
@@ -15,6 +17,7 @@ from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.operations import files
 
 from gpufleet.buildplan import parse_manifest, staged_checksum_line
+from gpufleet.cache import index_files, index_wheel_name, upload_command, wheel_file_url
 from gpufleet.decide import torch_problems
 from gpufleet.fact_memo import expect, fact
 from gpufleet.facts import TORCH_PROBE, InstalledDistributions, parse_torch_info, record_torch_state_command
@@ -198,3 +201,144 @@ def pip_packages(python: str, packages: list[str], extra_args: str = "", reinsta
         host.noop(f"{', '.join(packages)} already installed")
         return
     yield f"{shlex.quote(python)} -m pip install {extra_args} {shlex.join(missing)}".replace("  ", " ")
+
+
+def published_manifest(local_dir: str, fingerprint: str) -> dict | None:
+    """What this machine knows of the wheel of `fingerprint` on the cache host's index (PUBLISHED in the wheel
+    cache, written after an upload was checked): the builder's manifest with the index's file name; None when none."""
+    path = Path(local_dir) / PUBLISHED
+    if not path.is_file():
+        return None
+    return parse_manifest(path.read_text(), fingerprint, str(path))
+
+
+# In wheel_cache_dir/<fingerprint>/ on this machine: the manifest of the wheel on the cache host's index (no wheel).
+PUBLISHED = "published.json"
+
+
+def _index_sha256(host, index_url: str, wheel: str) -> str | None:
+    ok, page = _run(host, f"curl -fsS {shlex.quote(index_url + '/+simple/xformers/')}")
+    return index_files(page).get(wheel) if ok else None
+
+
+@operation(is_idempotent=False)
+def publish_built_wheel(remote_dir: str, staging: str, local_dir: str, fingerprint: str, user: str, index_url: str,
+                        password_file: str, remove_password: bool = False):
+    """On the builder: stage its wheel in root's directory (read as the build user, sha256 checked against the
+    manifest), upload it to the cache host's private index unless a file with that name and sha256 is there, check
+    the index then serves exactly that, and record the manifest (not the wheel) in this machine's wheel cache.
+
+    Planned only on the builder, and only while this machine has no record that the index holds the wheel (see
+    deploys/xformers.py); a run killed between build and upload is repaired by the next, which finds the build
+    finished and the wheel missing from the index. The upload user's password stays in root's file on the host;
+    with remove_password (a copy share_upload_password made) that file is removed after the upload, uploaded or not.
+    """
+
+    def publish(state, host) -> bool:
+        try:
+            return _publish(host)
+        finally:
+            if remove_password:
+                _run(host, f"rm -f -- {shlex.quote(password_file)}")
+
+    def _publish(host) -> bool:
+        where = f"{host.name}:{remote_dir}/manifest.json"
+        ok, output = _run(host, f"cat -- {shlex.quote(remote_dir + '/manifest.json')}", _su_user=user)
+        if not ok:
+            raise RuntimeError(f"{host.name} has no finished build in {remote_dir} (manifest.json missing)")
+        manifest = parse_manifest(output, fingerprint, where)
+        if manifest is None:
+            raise RuntimeError(f"{where} is not a finished build of fingerprint {fingerprint}")
+        published = dict(manifest, wheel=index_wheel_name(manifest["wheel"], fingerprint), built_as=manifest["wheel"])
+        for command in [*stage_commands(staging, published, f"{remote_dir}/{manifest['wheel']}", user),
+                        *check_staged_commands(staging, published)]:
+            if not _run(host, command)[0]:
+                raise RuntimeError(f"{manifest['wheel']} on {host.name} does not match {where}'s sha256")
+        wheel, sha = published["wheel"], published["wheel_sha256"]
+        on_index = _index_sha256(host, index_url, wheel)
+        if on_index not in (None, sha):
+            raise RuntimeError(f"{index_url} already holds {wheel} with sha256 {on_index}, not this build's {sha}; "
+                               f"remove it from the cache host's index, then run again")
+        if on_index is None:
+            ok, upload = host.run_shell_command(
+                upload_command(index_url, password_file, f"{staging}/{wheel}", json.dumps(manifest, sort_keys=True)),
+                **_as_root(host))
+            if not ok:
+                raise RuntimeError(f"{host.name} could not upload {wheel} to {index_url}: "
+                                   f"{(upload.stderr or upload.stdout).strip()[-300:]}")
+            if _index_sha256(host, index_url, wheel) != sha:
+                raise RuntimeError(f"{index_url} does not serve {wheel} with sha256 {sha} after its upload")
+        local = Path(local_dir)
+        local.mkdir(parents=True, exist_ok=True)
+        (local / PUBLISHED).write_text(json.dumps(published, indent=2) + "\n")
+        return True
+
+    yield FunctionCommand(publish, (), {})
+
+
+@operation(is_idempotent=False)
+def stage_wheel_from_index(local_dir: str, staging: str, fingerprint: str, index_url: str):
+    """On a host that installs the wheel another host built: root downloads it from the cache host's index into its
+    staging directory and checks its sha256 there against the builder's manifest (PUBLISHED, written by
+    publish_built_wheel earlier in the run or in an earlier one). Only planned for such hosts."""
+
+    def stage(state, host) -> bool:
+        published = published_manifest(local_dir, fingerprint)
+        if published is None:
+            raise RuntimeError(
+                f"the xformers wheel {fingerprint} is not on the cache host's index: the builder failed earlier in "
+                "this run; fix it (see its build.log) or set xformers_builder to another host, then run again")
+        url = wheel_file_url(index_url, published["wheel"], published["wheel_sha256"])
+        target = shlex.quote(f"{staging}/{published['wheel']}")
+        for command in [*stage_commands(staging, published),
+                        f"curl -fsS --retry 3 -o {target} {shlex.quote(url)}",
+                        *check_staged_commands(staging, published)]:
+            ok, output = host.run_shell_command(command, **_as_root(host))
+            if not ok:
+                raise RuntimeError(f"{host.name} could not stage {published['wheel']} from {url} with sha256 "
+                                   f"{published['wheel_sha256']}: {(output.stderr or output.stdout).strip()[-300:]}")
+        return True
+
+    yield FunctionCommand(stage, (), {})
+
+
+_PASSWORD = re.compile(r"[A-Za-z0-9+/=]{16,256}")
+
+
+@operation(is_idempotent=False)
+def share_upload_password(cache_host_name: str, source: str, dest: str):
+    """Copy the index's upload password from the cache host's root-only file to root's own directory on this host
+    (a builder that is not the cache host), mode 600 in a 700 directory. It passes through no command line and no
+    file another user can read: with sudo, pyinfra's upload goes through a folder only the SSH user can enter.
+    Only planned on such a builder before its upload; publish_built_wheel removes the copy again."""
+
+    def share(state, host) -> bool:
+        cache_host = state.inventory.get_host(cache_host_name, None)
+        if cache_host is None or cache_host not in state.activated_hosts:
+            raise RuntimeError(f"{host.name} builds the xformers wheel for the cache host {cache_host_name}, which is "
+                               "not part of this run; run without --limit, or with the cache host in it")
+        ok, output = cache_host.run_shell_command(f"cat -- {shlex.quote(source)}", **_as_root(cache_host))
+        password = output.stdout.strip() if ok else ""
+        if not _PASSWORD.fullmatch(password):
+            raise RuntimeError(f"{cache_host_name}: {source} holds no upload password; run deploys/cache.py")
+        folder = shlex.quote(dest.rsplit("/", 1)[0])
+        if not _run(host, f"umask 077 && mkdir -p {folder} && chown root:root {folder} && chmod 700 {folder}")[0]:
+            raise RuntimeError(f"cannot create {folder} on {host.name}")
+        arguments = _as_root(host)
+        scratch = None
+        if arguments:
+            # sudo: pyinfra uploads as the SSH user first; into a folder of that user's alone (mktemp -d: 700).
+            ok, made = host.run_shell_command("mktemp -d")
+            scratch = made.stdout.strip()
+            if not ok or not re.fullmatch(r"/[A-Za-z0-9_./-]+", scratch):
+                raise RuntimeError(f"mktemp -d failed on {host.name}")
+            arguments["remote_temp_filename"] = f"{scratch}/upload"
+        try:
+            if not host.put_file(StringIO(password + "\n"), dest, **arguments):
+                raise RuntimeError(f"could not copy the upload password to {host.name}")
+        finally:
+            if scratch:
+                host.run_shell_command(f"rm -rf -- {shlex.quote(scratch)}")
+        return _run(host, f"chown root:root {shlex.quote(dest)} && chmod 600 {shlex.quote(dest)}")[0]
+
+    yield FunctionCommand(share, (), {})

@@ -179,13 +179,17 @@ def not_implemented(stage: str, issue: int) -> None:
     refuse_host([f"stage '{stage}' is not implemented yet (issue #{issue}); the run stops here"])
 
 
-def run_alone(module_file: str, *stages: Callable[[], None]) -> None:
+def run_alone(module_file: str, *stages: Callable[[], None], cache_only_hosts: bool = False) -> None:
     """Run preflight then the stages when pyinfra was pointed at this deploy file itself, in the order of a run
-    (this module's docstring)."""
+    (this module's docstring). A host that only serves the fleet cache gets none of them (as in deploys/full.py),
+    unless cache_only_hosts (the cache stage)."""
     current = state.current_deploy_filename
     if current is None or Path(current).resolve() != Path(module_file).resolve():
         return
     take_host_lock()
+    if cache_only() and not cache_only_hosts:
+        skip_remaining_stages()
+        return
     first, *rest = stages
     if not refused():
         first()

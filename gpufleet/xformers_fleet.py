@@ -74,13 +74,19 @@ def host_wheel(h: Host) -> HostWheel:
     return HostWheel(host=h.name, fingerprint=fp, arch_list=archs, needs_install=installed != fp, eligible=eligible)
 
 
-def builder_for(fp: str, wheels: list[HostWheel], configured: str | None) -> str | None:
-    """The host that builds fp: the configured builder when it shares fp and passes preflight, else the first such
-    host that needs the wheel."""
+def builder_for(fp: str, wheels: list[HostWheel], configured: str | None, preferred: str | None = None) -> str | None:
+    """The host that builds fp: the configured builder when it shares fp and passes preflight; else `preferred`
+    (the fleet cache host) on the same terms; else the first such host that needs the wheel."""
     sharing = [w for w in wheels if w.fingerprint == fp and w.eligible]
-    if configured and any(w.host == configured for w in sharing):
-        return configured
+    for chosen in (configured, preferred):
+        if chosen and any(w.host == chosen for w in sharing):
+            return chosen
     return next((w.host for w in sharing if w.needs_install), None)
+
+
+def cache_host() -> Host | None:
+    """The fleet cache host (inventory group `cache`) when it is connected in this run."""
+    return next((h for h in fleet_hosts() if h.data.get("gpufleet_cache_server")), None)
 
 
 def fleet_wheels() -> list[HostWheel]:

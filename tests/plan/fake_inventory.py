@@ -215,6 +215,8 @@ def fact_answers(profile: dict) -> list[Answer]:
         # The fleet cache's facts, on a host that serves no cache yet: no service runs, devpi-server does not answer.
         Answer("SystemdServiceState", "systemctl show -P NeedDaemonReload", "no\ninactive"),
         Answer("DevpiMirrors", "curl -fsS -H 'Accept: application/json'", "root/pypi \nroot/pytorch "),
+        # No private wheel index answers (curl -f prints nothing).
+        Answer("DevpiIndexFiles", "/+simple/xformers/", ""),
         Answer("Os", "uname -s", "Linux"),
         # Symbolic links the build user planted in its tree ("path -> target" lines; optional, default none).
         Answer("PlantedLinks", '[ -L "$p" ] && printf', "\n".join(profile.get("planted_links", []))),

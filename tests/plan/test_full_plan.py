@@ -471,7 +471,8 @@ FACT_CALLS: dict[str, list[dict]] = {
     "SystemdServiceState": [{"unit": "apt-cacher-ng.service", "paths": ["/etc/apt-cacher-ng/zz_gpufleet.conf"]},
                             {"unit": "gpufleet-devpi.service", "paths": ["/etc/systemd/system/gpufleet-devpi.service"]}],
     "HasSystemd": [{}],
-    "DevpiMirrors": [{"base": "http://127.0.0.1:3141", "indexes": ["root/pypi", "root/pytorch"]}],
+    "DevpiMirrors": [{"base": "http://127.0.0.1:3141", "indexes": ["root/gpufleet", "root/pypi", "root/pytorch"]}],
+    "DevpiIndexFiles": [{"index_url": "http://192.0.2.5:3141/root/gpufleet"}],
 }
 
 

@@ -201,6 +201,7 @@ HOSTILE_PATH = "{tmp}/a b; touch {tmp}/pwned; echo $(touch {tmp}/pwned2)"
     (facts.Account, {"user": "x; touch {tmp}/pwned"}),
     (facts.PlantedLinks, {"paths": [HOSTILE_PATH], "trees": [HOSTILE_PATH]}),
     (facts.DevpiMirrors, {"base": HOSTILE_PATH, "indexes": [HOSTILE_PATH]}),
+    (facts.DevpiIndexFiles, {"index_url": HOSTILE_PATH}),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else "")
 def test_fact_commands_quote_what_they_are_given(tmp_path, fact, kwargs):
     filled = {k: ([x.format(tmp=tmp_path) for x in v] if isinstance(v, list) else v.format(tmp=tmp_path))

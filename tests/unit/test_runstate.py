@@ -49,11 +49,12 @@ def fake_state(tmp_path: Path, **data: Any) -> State:
     return state
 
 
-def planned(state: State) -> list[str]:
-    """deploys/full.py prepared as `pyinfra` prepares it: the host's operations in order ("<deploy> | <name>")."""
+def planned(state: State, deploy: str = FULL) -> list[str]:
+    """A deploy file (deploys/full.py) prepared as `pyinfra` prepares it: the host's operations in order
+    ("<deploy> | <name>")."""
     with ctx_state.use(state), ctx_inventory.use(state.inventory), ctx_config.use(state.config):
         state.set_stage(StateStage.Prepare)
-        load_deploy_file(state, FULL)
+        load_deploy_file(state, deploy)
     host = state.inventory.get_host(HOST)
     return [name for op_hash in state.get_op_order() if op_hash in state.ops[host]
             for name in sorted(state.op_meta[op_hash].names)]
@@ -85,6 +86,16 @@ def test_a_cache_only_host_gets_the_fleet_cache_alone_and_the_next_run_plans_the
     cache_plan = planned(fake_state(tmp_path, **cache_host))
     assert cache_plan and {name.split(" | ")[0] for name in cache_plan} == {"Fleet cache"}
     assert NVIDIA_REPOSITORY in planned(fake_state(tmp_path))
+
+
+@pytest.mark.parametrize("stage", ["xformers", "preflight", "torch"])
+def test_a_stage_run_alone_plans_nothing_on_a_cache_only_host_and_the_cache_stage_serves_it(tmp_path, stage):
+    cache_host = {"gpufleet_group": "cache", "gpufleet_cache_server": True, "gpufleet_cache_address": "10.0.0.9",
+                  "ssh_hostname": "10.0.0.9"}
+    # Neither refused by preflight (it has no GPU stack to check) nor given one, as in deploys/full.py.
+    assert planned(fake_state(tmp_path, **cache_host), str(REPO_ROOT / "deploys" / f"{stage}.py")) == []
+    served = planned(fake_state(tmp_path, **cache_host), str(REPO_ROOT / "deploys" / "cache.py"))
+    assert served and {name.split(" | ")[0] for name in served} == {"Fleet cache"}
 
 
 def test_a_cache_only_host_is_stopped_without_being_refused(tmp_path):
