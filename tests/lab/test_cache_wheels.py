@@ -92,7 +92,8 @@ def index_files(lab: Lab, cache_host: Host) -> dict[str, str]:
 def test_the_wheel_goes_through_the_cache_host_not_the_control_machine_and_a_killed_upload_is_redone(
         lab: Lab, build_hosts: Callable[[int], list[Host]], run_pyinfra: Callable[..., PyinfraRun], ci_wheel,
         xformers_sdist: Path, tmp_path: Path) -> None:
-    first, second, server = build_hosts(3)
+    # A cache host runs its servers as systemd services: these hosts boot systemd.
+    first, second, server = build_hosts(3, systemd=True)
     hosts = [first, second, server]
     names = [h.name for h in hosts]
     fp = ci_wheel.out_dir.name
@@ -178,7 +179,7 @@ def test_a_builder_that_is_not_the_cache_host_uploads_with_a_root_only_copy_of_t
     """A cache host that serves the cache only (no GPU stack, so no toolkit or torch): the first host that needs the
     wheel builds and uploads it. pyinfra logs in as an admin with sudo, so the password's copy goes through
     pyinfra's upload as that user first."""
-    server = lab.add_host(gpu="none")
+    server = lab.add_host(gpu="none", systemd=True)
     try:
         first, second = build_hosts(2)
         names = [first.name, second.name]

@@ -35,11 +35,12 @@ COMPILERS = {"nvcc", "cicc", "ptxas"}
 
 @pytest.fixture
 def build_hosts(lab: Lab) -> Iterator[Callable[[int], list[Host]]]:
-    """make(n): n fresh hosts with the real toolkit and torch venv, an open 580 module loaded; removed after."""
+    """make(n, systemd=False): n fresh hosts with the real toolkit and torch venv, an open 580 module loaded
+    (systemd: booting systemd as PID 1, as a cache host must); removed after."""
     created: list[Host] = []
 
-    def make(count: int) -> list[Host]:
-        hosts = lab.add_hosts(count, build_env=True)
+    def make(count: int, systemd: bool = False) -> list[Host]:
+        hosts = lab.add_hosts(count, build_env=True, systemd=systemd)
         created.extend(hosts)
         for host in hosts:
             lab.set_loaded_driver(host, LOADED_DRIVER)
