@@ -44,8 +44,9 @@ def _apt_cacher(config: dict, listen: list[str], systemd_host: bool, listening: 
     # Only before the first install: later runs go through this host's own proxy, which may be the one down.
     if host.get_fact(File, path="/usr/sbin/apt-cacher-ng") is None:
         apt.update(name="Refresh apt lists for the cache servers", cache_time=3600)
-    apt.packages(name="Install apt-cacher-ng, Python's venv module and curl",
-                 packages=["apt-cacher-ng", "python3-venv", "curl"])
+    # ca-certificates: the system CA bundle both servers verify https upstreams against (cache.SYSTEM_CA_BUNDLE).
+    apt.packages(name="Install apt-cacher-ng, Python's venv module, curl and the system CA bundle",
+                 packages=["apt-cacher-ng", "python3-venv", "curl", "ca-certificates"])
     files.directory(name=f"Create the apt cache {config['cache_dir']}/apt", path=f"{config['cache_dir']}/apt",
                     user="apt-cacher-ng", group="apt-cacher-ng", mode="755")
     conf = files.put(

@@ -25,6 +25,8 @@ CUDA_REMAP = "gpufleet-cuda"
 APT_DROPIN = "/etc/apt/apt.conf.d/01gpufleet-cache-proxy"
 ACNG_CONF = "/etc/apt-cacher-ng/zz_gpufleet.conf"
 DEVPI_UNIT = "/etc/systemd/system/gpufleet-devpi.service"
+# The OS's CA bundle on Ubuntu and Debian (package ca-certificates): public CAs plus those the admin added.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # devpi's mirror index names: PyPI (or pip_index_url) and PyTorch's index (torch_index_url).
 PYPI_INDEX = "root/pypi"
 TORCH_INDEX = "root/pytorch"
@@ -195,12 +197,13 @@ def acng_config(config: dict[str, Any], listen: list[str]) -> str:
 
 
 def pass_through_pattern(config: dict[str, Any]) -> str:
-    """apt-cacher-ng's regular expression of host:port it tunnels: the https upstream hosts of the settings."""
-    hosts = sorted({url.hostname for key in UPSTREAM_SETTINGS if config.get(key)
-                    for url in [urlparse(config[key])] if url.scheme == "https" and url.hostname})
-    if not hosts:
+    """apt-cacher-ng's regular expression of host:port it tunnels: the https upstreams of the settings, each at its
+    own port (443 unless the URL names another)."""
+    targets = sorted({f"{url.hostname}:{url.port or 443}" for key in UPSTREAM_SETTINGS if config.get(key)
+                      for url in [urlparse(config[key])] if url.scheme == "https" and url.hostname})
+    if not targets:
         return "^$"
-    return "^(" + "|".join(re.escape(h) for h in hosts) + "):443$"
+    return "^(" + "|".join(re.escape(t) for t in targets) + ")$"
 
 
 UPSTREAM_SETTINGS = ("cuda_repo_url", "pip_index_url", "torch_index_url", "xformers_source_url")
@@ -210,7 +213,9 @@ def devpi_command(venv: str, config: dict[str, Any], listen: list[str]) -> list[
     command = [f"{venv}/bin/devpi-server", "--serverdir", f"{config['cache_dir']}/pypi"]
     for address in listen:
         command += ["--listen", f"{address}:{config['cache_pip_port']}"]
-    return command
+    # devpi-server verifies https upstreams against certifi's bundle (requests' default), not the host's trust store:
+    # an internal CA the admin installed (update-ca-certificates) would be refused. The system bundle holds both.
+    return ["env", f"REQUESTS_CA_BUNDLE={SYSTEM_CA_BUNDLE}", *command]
 
 
 def devpi_unit(command: list[str], user: str) -> str:

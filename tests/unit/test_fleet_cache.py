@@ -64,8 +64,16 @@ def test_cuda_repository_is_read_through_the_caches_remap_of_cuda_repo_url():
 
 def test_devpi_listens_on_each_allowed_address():
     command = cache.devpi_command("/opt/v", {**DEFAULTS, "cache_dir": "/srv/c"}, ["10.0.0.5", "127.0.0.1"])
-    assert command == ["/opt/v/bin/devpi-server", "--serverdir", "/srv/c/pypi",
-                       "--listen", "10.0.0.5:3141", "--listen", "127.0.0.1:3141"]
+    assert command[-7:] == ["/opt/v/bin/devpi-server", "--serverdir", "/srv/c/pypi",
+                            "--listen", "10.0.0.5:3141", "--listen", "127.0.0.1:3141"]
+
+
+def test_devpi_verifies_https_upstreams_against_the_hosts_trust_store_not_certifis():
+    # devpi-server's httpx client takes requests' certifi bundle unless REQUESTS_CA_BUNDLE names another: an
+    # internal CA installed with update-ca-certificates would be refused. Never switched off, only redirected.
+    command = cache.devpi_command("/opt/v", DEFAULTS, ["127.0.0.1"])
+    assert command[:2] == ["env", "REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"]
+    assert not any("verify" in part.lower() or "insecure" in part.lower() for part in command)
 
 
 def test_apt_warm_covers_driver_toolkit_venv_build_tools_and_each_kernels_headers():
