@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pyinfra import host, inventory
 from pyinfra.api import Host, deploy
+from pyinfra.facts.apt import AptSources
 from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import KernelVersion
 from pyinfra.operations import apt, files, server, systemd
@@ -51,7 +52,7 @@ def _apt_cacher(config: dict, listen: list[str], systemd_host: bool, listening: 
                     user="apt-cacher-ng", group="apt-cacher-ng", mode="755")
     conf = files.put(
         name="Configure apt-cacher-ng (cache_dir, cache_listen, cache_apt_port)",
-        src=StringIO(cache.acng_config(config, listen)),
+        src=StringIO(cache.acng_config(config, listen, _fleet_apt_sources())),
         dest=cache.ACNG_CONF,
         mode="644",
     )
@@ -68,6 +69,12 @@ def _apt_cacher(config: dict, listen: list[str], systemd_host: bool, listening: 
     else:
         server.shell(name="Restart apt-cacher-ng for its new settings (its init script)",
                      commands=["/etc/init.d/apt-cacher-ng restart"], _if=conf.did_change)
+
+
+def _fleet_apt_sources() -> list[str]:
+    """The URLs of every apt source of the hosts in this run: apt-cacher-ng must allow their ports."""
+    return sorted({str(repo.url) for target in inventory.get_active_hosts()
+                   for repo in (target.get_fact(AptSources) or []) if repo.url})
 
 
 def _repo_dir(target: Host) -> str:

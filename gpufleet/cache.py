@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -167,25 +168,33 @@ def apt_proxy_dropin(config: dict[str, Any], cache_address: str) -> str:
             f'Acquire::http::Proxy::{cache_address} "DIRECT";\n')
 
 
-def upstream_ports(config: dict[str, Any]) -> list[int]:
-    """Ports apt-cacher-ng may fetch from: 80 and those of the configured mirrors (it refuses others)."""
+def upstream_ports(config: dict[str, Any], apt_sources: Iterable[str] = (), own: Iterable[str] = ()) -> list[int]:
+    """Ports apt-cacher-ng may fetch from (it refuses others): 80, those of the configured http mirrors, and those
+    of the fleet's own http apt sources (an internal OS mirror at :8080); sources on the cache itself (`own`
+    addresses: its remap) are not upstreams."""
     ports = {80}
-    for key in ("cuda_repo_url", "pip_index_url", "torch_index_url", "xformers_source_url"):
-        url = urlparse(config[key] or "")
-        if url.scheme == "http" and url.port:
-            ports.add(url.port)
+    urls = [config[key] or "" for key in UPSTREAM_SETTINGS] + [u for u in apt_sources if urlparse(u).hostname not in own]
+    for text in urls:
+        url = urlparse(text)
+        try:
+            port = url.port
+        except ValueError:  # not a port: apt cannot use that source either
+            continue
+        if url.scheme == "http" and port:
+            ports.add(port)
     return sorted(ports)
 
 
-def acng_config(config: dict[str, Any], listen: list[str]) -> str:
-    """apt-cacher-ng settings gpufleet owns, read after the package's acng.conf (files are read in order)."""
+def acng_config(config: dict[str, Any], listen: list[str], apt_sources: Iterable[str] = ()) -> str:
+    """apt-cacher-ng settings gpufleet owns, read after the package's acng.conf (files are read in order);
+    `apt_sources` the URLs of the fleet's apt sources (their ports are allowed)."""
     return "\n".join([
         "# Written by gpufleet (deploys/cache.py); settings: cache_dir, cache_listen, cache_apt_port.",
         f"CacheDir: {config['cache_dir']}/apt",
         "LogDir: /var/log/apt-cacher-ng",
         f"Port: {config['cache_apt_port']}",
         f"BindAddress: {' '.join(listen)}",
-        f"AllowUserPorts: {' '.join(str(p) for p in upstream_ports(config))}",
+        f"AllowUserPorts: {' '.join(str(p) for p in upstream_ports(config, apt_sources, listen))}",
         # cuda_repo_url (https at NVIDIA) as a virtual directory of the cache: fetched once, cached for all.
         f"Remap-{CUDA_REMAP}: /{CUDA_REMAP} ; {config['cuda_repo_url'].rstrip('/')}",
         # Only the configured upstreams' https hosts go through as CONNECT tunnels: never an open proxy.

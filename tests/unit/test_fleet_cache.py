@@ -49,6 +49,14 @@ def test_acng_config_binds_the_allowed_addresses_and_allows_the_mirrors_ports():
     assert "AllowUserPorts: 80 8047\n" in text
 
 
+def test_acng_allows_the_ports_of_the_fleets_own_http_apt_sources_but_not_the_caches_remap():
+    # An internal OS mirror at :8080 in the hosts' sources.list is no gpufleet setting, but apt asks the proxy for it.
+    sources = ["http://10.0.0.1:8080/debian", "https://10.0.0.2:8443/x", "http://10.0.0.5:3142/gpufleet-cuda",
+               "http://127.0.0.1:3142/gpufleet-cuda", "http://deb.debian.org/debian", "http://10.0.0.3:99999/bad"]
+    text = cache.acng_config(DEFAULTS, ["10.0.0.5", "127.0.0.1"], sources)
+    assert "AllowUserPorts: 80 8080\n" in text
+
+
 def test_apt_dropin_names_the_proxy_for_http_and_https():
     text = cache.apt_proxy_dropin(DEFAULTS, "10.0.0.5")
     assert text == ('Acquire::http::Proxy "http://10.0.0.5:3142";\nAcquire::https::Proxy "http://10.0.0.5:3142";\n'
