@@ -127,7 +127,8 @@ def test_removing_the_cache_host_removes_the_apt_drop_in(lab: Lab, cache_lab, ru
     run_pyinfra(inventory, DEPLOY).assert_converged([cache_host.name, *(c.name for c in clients)])
     assert lab.ssh(clients[0], "grep -q 3142 /etc/apt/apt.conf.d/01gpufleet-cache-proxy").returncode == 0
 
-    plain = lab.write_inventory_yaml(tmp_path / "plain.yaml", clients)
+    # Without the cache each client goes to the https upstreams itself, trusting the lab CA as any internal CA.
+    plain = lab.write_inventory_yaml(tmp_path / "plain.yaml", clients, settings=lab.https_mirror_settings())
     run_pyinfra(plain, DEPLOY).assert_converged([c.name for c in clients])
     for client in clients:
         assert lab.ssh(client, "test -e /etc/apt/apt.conf.d/01gpufleet-cache-proxy").returncode == 1, client.name
