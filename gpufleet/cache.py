@@ -173,7 +173,9 @@ def upstream_ports(config: dict[str, Any], apt_sources: Iterable[str] = (), own:
     of the fleet's own http apt sources (an internal OS mirror at :8080); sources on the cache itself (`own`
     addresses: its remap) are not upstreams."""
     ports = {80}
-    urls = [config[key] or "" for key in UPSTREAM_SETTINGS] + [u for u in apt_sources if urlparse(u).hostname not in own]
+    own = set(own)
+    urls = [config[key] or "" for key in UPSTREAM_SETTINGS]
+    urls += [u for u in apt_sources if urlparse(u).hostname not in own]
     for text in urls:
         url = urlparse(text)
         try:
