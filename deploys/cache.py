@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pyinfra import host, inventory
 from pyinfra.api import Host, deploy
+from pyinfra.facts.apt import AptSources
 from pyinfra.facts.files import File, FileContents
 from pyinfra.facts.server import KernelVersion
 from pyinfra.operations import apt, files, server, systemd
@@ -43,13 +44,14 @@ def _apt_cacher(config: dict, listen: list[str]) -> None:
     # Only before the first install: later runs go through this host's own proxy, which may be the one down.
     if host.get_fact(File, path="/usr/sbin/apt-cacher-ng") is None:
         apt.update(name="Refresh apt lists for the cache servers", cache_time=3600)
-    apt.packages(name="Install apt-cacher-ng, Python's venv module and curl",
-                 packages=["apt-cacher-ng", "python3-venv", "curl"])
+    # ca-certificates: the system CA bundle both servers verify https upstreams against (cache.SYSTEM_CA_BUNDLE).
+    apt.packages(name="Install apt-cacher-ng, Python's venv module, curl and the system CA bundle",
+                 packages=["apt-cacher-ng", "python3-venv", "curl", "ca-certificates"])
     files.directory(name=f"Create the apt cache {config['cache_dir']}/apt", path=f"{config['cache_dir']}/apt",
                     user="apt-cacher-ng", group="apt-cacher-ng", mode="755")
     conf = files.put(
         name="Configure apt-cacher-ng (cache_dir, cache_listen, cache_apt_port)",
-        src=StringIO(cache.acng_config(config, listen)),
+        src=StringIO(cache.acng_config(config, listen, _fleet_apt_sources())),
         dest=cache.ACNG_CONF,
         mode="644",
     )
@@ -60,6 +62,12 @@ def _apt_cacher(config: dict, listen: list[str]) -> None:
     # Also when apt started it with the package's own settings during this run.
     systemd.service(name="Restart apt-cacher-ng for its new settings", service=cache.ACNG_SERVICE,
                     restarted=True, _if=lambda: state.stale or conf.did_change())
+
+
+def _fleet_apt_sources() -> list[str]:
+    """The URLs of every apt source of the hosts in this run: apt-cacher-ng must allow their ports."""
+    return sorted({str(repo.url) for target in inventory.get_active_hosts()
+                   for repo in (target.get_fact(AptSources) or []) if repo.url})
 
 
 def _repo_dir(target: Host) -> str:

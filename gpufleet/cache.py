@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -27,6 +28,8 @@ ACNG_CONF = "/etc/apt-cacher-ng/zz_gpufleet.conf"
 DEVPI_SERVICE = "gpufleet-devpi.service"
 DEVPI_UNIT = f"/etc/systemd/system/{DEVPI_SERVICE}"
 ACNG_SERVICE = "apt-cacher-ng.service"
+# The OS's CA bundle on Ubuntu and Debian (package ca-certificates): public CAs plus those the admin added.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # devpi's mirror index names: PyPI (or pip_index_url) and PyTorch's index (torch_index_url).
 PYPI_INDEX = "root/pypi"
 TORCH_INDEX = "root/pytorch"
@@ -167,25 +170,35 @@ def apt_proxy_dropin(config: dict[str, Any], cache_address: str) -> str:
             f'Acquire::http::Proxy::{cache_address} "DIRECT";\n')
 
 
-def upstream_ports(config: dict[str, Any]) -> list[int]:
-    """Ports apt-cacher-ng may fetch from: 80 and those of the configured mirrors (it refuses others)."""
+def upstream_ports(config: dict[str, Any], apt_sources: Iterable[str] = (), own: Iterable[str] = ()) -> list[int]:
+    """Ports apt-cacher-ng may fetch from (it refuses others): 80, those of the configured http mirrors, and those
+    of the fleet's own http apt sources (an internal OS mirror at :8080); sources on the cache itself (`own`
+    addresses: its remap) are not upstreams."""
     ports = {80}
-    for key in ("cuda_repo_url", "pip_index_url", "torch_index_url", "xformers_source_url"):
-        url = urlparse(config[key] or "")
-        if url.scheme == "http" and url.port:
-            ports.add(url.port)
+    own = set(own)
+    urls = [config[key] or "" for key in UPSTREAM_SETTINGS]
+    urls += [u for u in apt_sources if urlparse(u).hostname not in own]
+    for text in urls:
+        url = urlparse(text)
+        try:
+            port = url.port
+        except ValueError:  # not a port: apt cannot use that source either
+            continue
+        if url.scheme == "http" and port:
+            ports.add(port)
     return sorted(ports)
 
 
-def acng_config(config: dict[str, Any], listen: list[str]) -> str:
-    """apt-cacher-ng settings gpufleet owns, read after the package's acng.conf (files are read in order)."""
+def acng_config(config: dict[str, Any], listen: list[str], apt_sources: Iterable[str] = ()) -> str:
+    """apt-cacher-ng settings gpufleet owns, read after the package's acng.conf (files are read in order);
+    `apt_sources` the URLs of the fleet's apt sources (their ports are allowed)."""
     return "\n".join([
         "# Written by gpufleet (deploys/cache.py); settings: cache_dir, cache_listen, cache_apt_port.",
         f"CacheDir: {config['cache_dir']}/apt",
         "LogDir: /var/log/apt-cacher-ng",
         f"Port: {config['cache_apt_port']}",
         f"BindAddress: {' '.join(listen)}",
-        f"AllowUserPorts: {' '.join(str(p) for p in upstream_ports(config))}",
+        f"AllowUserPorts: {' '.join(str(p) for p in upstream_ports(config, apt_sources, listen))}",
         # cuda_repo_url (https at NVIDIA) as a virtual directory of the cache: fetched once, cached for all.
         f"Remap-{CUDA_REMAP}: /{CUDA_REMAP} ; {config['cuda_repo_url'].rstrip('/')}",
         # Only the configured upstreams' https hosts go through as CONNECT tunnels: never an open proxy.
@@ -197,12 +210,13 @@ def acng_config(config: dict[str, Any], listen: list[str]) -> str:
 
 
 def pass_through_pattern(config: dict[str, Any]) -> str:
-    """apt-cacher-ng's regular expression of host:port it tunnels: the https upstream hosts of the settings."""
-    hosts = sorted({url.hostname for key in UPSTREAM_SETTINGS if config.get(key)
-                    for url in [urlparse(config[key])] if url.scheme == "https" and url.hostname})
-    if not hosts:
+    """apt-cacher-ng's regular expression of host:port it tunnels: the https upstreams of the settings, each at its
+    own port (443 unless the URL names another)."""
+    targets = sorted({f"{url.hostname}:{url.port or 443}" for key in UPSTREAM_SETTINGS if config.get(key)
+                      for url in [urlparse(config[key])] if url.scheme == "https" and url.hostname})
+    if not targets:
         return "^$"
-    return "^(" + "|".join(re.escape(h) for h in hosts) + "):443$"
+    return "^(" + "|".join(re.escape(t) for t in targets) + ")$"
 
 
 UPSTREAM_SETTINGS = ("cuda_repo_url", "pip_index_url", "torch_index_url", "xformers_source_url")
@@ -212,7 +226,9 @@ def devpi_command(venv: str, config: dict[str, Any], listen: list[str]) -> list[
     command = [f"{venv}/bin/devpi-server", "--serverdir", f"{config['cache_dir']}/pypi"]
     for address in listen:
         command += ["--listen", f"{address}:{config['cache_pip_port']}"]
-    return command
+    # devpi-server verifies https upstreams against certifi's bundle (requests' default), not the host's trust store:
+    # an internal CA the admin installed (update-ca-certificates) would be refused. The system bundle holds both.
+    return ["env", f"REQUESTS_CA_BUNDLE={SYSTEM_CA_BUNDLE}", *command]
 
 
 def no_systemd_problem(host_name: str, wsl: bool) -> str:

@@ -376,3 +376,13 @@ def stop(host_name: str, host_dir: Path) -> None:
     leftover = mounts_under(host_dir)
     if leftover:
         raise LabError(f"lab host {host_name}: still mounted after teardown: {leftover}; unmount them by hand")
+
+
+LAB_CA = "/usr/local/share/ca-certificates/gpufleet-lab-ca.crt"
+
+
+def trust_ca(host: Host, ca_pem: bytes) -> None:
+    """Install the lab CA's certificate into the host's system trust store, as an admin installs an internal CA:
+    the file under /usr/local/share/ca-certificates, then the host's own update-ca-certificates."""
+    _write(host.root / LAB_CA.lstrip("/"), ca_pem)
+    run(["chroot", str(host.root), "update-ca-certificates"])

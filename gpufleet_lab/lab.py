@@ -17,10 +17,11 @@ from gpufleet_lab import (
     network,
     rootfs,
     standins,
+    tls,
 )
 from gpufleet_lab.hosts import Host
 from gpufleet_lab.hardware import COMPUTE_APPS, REBOOT_LOG
-from gpufleet_lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url
+from gpufleet_lab.paths import BRIDGE_IP, STATE_DIR, host_ip, mirror_base_url, mirror_https_url
 from gpufleet_lab.system import LabError, ensure_tools, run
 
 DEFAULT_DRIVER_VERSION = "580.95.05-1"
@@ -46,6 +47,11 @@ class Lab:
         self.known_hosts = state_dir / "known_hosts"
         self.control_key = self.keys / "control_ed25519"
         self.server_pid = state_dir / "mirror.pid"
+        self.https_server_pid = state_dir / "mirror-https.pid"
+        # Each server's access log, in mirrors.access_log's format.
+        self.mirror_log = state_dir / "mirror.log"
+        self.https_mirror_log = state_dir / "mirror-https.log"
+        self.ca_cert = self.keys / "ca.crt"
         self.kernel_release = os.uname().release
 
     def up(self, count: int = 3, gpus: list[str] | None = None, build_env: bool = False,
@@ -59,7 +65,9 @@ class Lab:
         keyring = mirrors.ensure_signing_key(self.keys)
         network.create_bridge()
         self._build_mirrors(keyring)
-        mirrors.start_server(self.www, self.server_pid, self.state_dir / "mirror.log")
+        mirrors.start_server(self.www, self.server_pid, self.mirror_log)
+        mirrors.start_https_server(self.www, tls.ensure_ca(self.keys, BRIDGE_IP), self.https_server_pid,
+                                   self.https_mirror_log)
         return self.add_hosts(count, gpus, build_env, systemd)
 
     def _build_mirrors(self, keyring: bytes) -> None:
@@ -106,6 +114,7 @@ class Lab:
                     dir=str(self.hosts_dir / name), platform=platform, build_env=build_env, systemd=systemd)
         known = hosts.create(host, rootfs.base_dir(), self.control_key.with_suffix(".pub").read_text(),
                              (self.keys / "archive-keyring.gpg").read_bytes(), self.kernel_release)
+        hosts.trust_ca(host, self.ca_cert.read_bytes())
         with open(self.known_hosts, "a") as f:
             f.write(known + "\n")
         if wait:
@@ -150,6 +159,7 @@ class Lab:
         if hosts.lab_cgroup() is not None:  # systemd hosts' cgroups, also those of a crashed lab
             hosts.remove_cgroup(hosts.lab_cgroup())
         mirrors.stop_server(self.server_pid, self.www)
+        mirrors.stop_server(self.https_server_pid, self.www)
         hosts.unmount_all(self.state_dir)
         network.delete_stray_veths()
         network.delete_bridge()
@@ -164,6 +174,7 @@ class Lab:
             "base": str(rootfs.base_dir()) if (rootfs.base_dir() / ".complete").exists() else None,
             "bridge": f"{network.BRIDGE_NAME} {BRIDGE_IP}" if network.bridge_exists() else None,
             "mirror": mirror_base_url() if self.server_pid.exists() else None,
+            "mirror_https": mirror_https_url() if self.https_server_pid.exists() else None,
             "hosts": [{"name": h.name, "ip": h.ip, "platform": h.platform, "gpu": h.gpu, "systemd": h.systemd,
                        "loaded_driver": h.loaded_driver,
                        "processes": len(network.netns_pids(h.netns))} for h in self.hosts()],
@@ -270,6 +281,16 @@ class Lab:
             "pip_trusted_hosts": [BRIDGE_IP],
             "xformers_source_url": f"{base}/files/xformers-{downloads.XFORMERS_VERSION}.tar.gz",
         }
+
+    def https_mirror_settings(self) -> dict[str, object]:
+        """mirror_settings with the CUDA repository, both pip indexes and the sdist over https (the lab CA's
+        certificate, which every lab host trusts): no pip_trusted_hosts."""
+        http, https = mirror_base_url(), mirror_https_url()
+        found = self.mirror_settings()
+        for key in ("cuda_repo_url", "torch_index_url", "pip_index_url", "xformers_source_url"):
+            found[key] = https + str(found[key]).removeprefix(http)
+        found["pip_trusted_hosts"] = []
+        return found
 
     def build_settings(self) -> dict[str, object]:
         """gpufleet settings that make the stages use a build_env host's real toolkit and adopt its torch venv.

@@ -1,6 +1,7 @@
-"""The lab's mirrors, served over http on the bridge address only: signed apt repos and a PEP 503 index.
+"""The lab's mirrors, served on the bridge address only: signed apt repos and a PEP 503 index.
 
-Served tree (`<state>/www`, one `python3 -m http.server --bind <bridge ip>` started and stopped by PID):
+Served tree (`<state>/www`), over http by `python3 -m http.server --bind <bridge ip>` (MIRROR_PORT) and over https
+by https_server.py (MIRROR_HTTPS_PORT, a certificate of the lab's CA, tls.py), each started and stopped by PID:
   cuda/repos/{debian12,ubuntu2404,wsl-ubuntu}/x86_64/   flat repos of the stand-in NVIDIA packages
   debian/                                               flat repo of the real Debian 12 packages in OS_PACKAGES
   simple/<project>/                                     pip index: real pip/setuptools/wheel/ninja, stand-in torch
@@ -22,11 +23,13 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 
 from gpufleet_lab import standins
-from gpufleet_lab.paths import BRIDGE_IP, MIRROR_PORT
+from gpufleet_lab.paths import BRIDGE_IP, MIRROR_HTTPS_PORT, MIRROR_PORT
 from gpufleet_lab.system import LabError, run
+from gpufleet_lab.tls import ServerTls
 
 CUDA_REPO_DIRS: tuple[str, ...] = ("debian12", "ubuntu2404", "wsl-ubuntu")
 KEY_UID = "gpufleet lab test archive key <lab@gpufleet.invalid>"
+HTTPS_SERVER = Path(__file__).with_name("https_server.py")
 
 
 def ensure_signing_key(keys_dir: Path) -> bytes:
@@ -141,21 +144,30 @@ def place_file(www: Path, source: Path) -> Path:
 
 
 def start_server(www: Path, pid_file: Path, log_file: Path) -> int:
+    return _start(["python3", "-m", "http.server", "--bind", BRIDGE_IP, "--directory", str(www), str(MIRROR_PORT)],
+                  MIRROR_PORT, pid_file, log_file)
+
+
+def start_https_server(www: Path, tls: ServerTls, pid_file: Path, log_file: Path) -> int:
+    """The same tree over https on MIRROR_HTTPS_PORT, with the lab CA's certificate for the bridge address."""
+    return _start(["python3", str(HTTPS_SERVER), str(www), BRIDGE_IP, str(MIRROR_HTTPS_PORT), str(tls.cert),
+                   str(tls.key)], MIRROR_HTTPS_PORT, pid_file, log_file)
+
+
+def _start(command: list[str], port: int, pid_file: Path, log_file: Path) -> int:
     with open(log_file, "ab") as log:
-        proc = subprocess.Popen(["python3", "-m", "http.server", "--bind", BRIDGE_IP, "--directory", str(www),
-                                 str(MIRROR_PORT)], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
     pid_file.write_text(str(proc.pid))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            socket.create_connection((BRIDGE_IP, MIRROR_PORT), timeout=1).close()
+            socket.create_connection((BRIDGE_IP, port), timeout=1).close()
             return proc.pid
         except OSError:
             if proc.poll() is not None:
                 raise LabError(f"mirror server exited ({proc.returncode}); see {log_file}")
             time.sleep(0.1)
-    raise LabError(f"mirror server on {BRIDGE_IP}:{MIRROR_PORT} did not answer within 10 s; see {log_file}")
+    raise LabError(f"mirror server on {BRIDGE_IP}:{port} did not answer within 10 s; see {log_file}")
 
 
 def stop_server(pid_file: Path, www: Path) -> None:
@@ -167,7 +179,7 @@ def stop_server(pid_file: Path, www: Path) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         cmdline = []
-    if b"http.server" in cmdline and str(www).encode() in cmdline:
+    if (b"http.server" in cmdline or str(HTTPS_SERVER).encode() in cmdline) and str(www).encode() in cmdline:
         os.kill(pid, signal.SIGTERM)
         for _ in range(50):
             if not Path(f"/proc/{pid}").exists():

@@ -23,6 +23,8 @@ NETNS_PREFIX = f"gflab{_SUFFIX}-"
 # The cgroup (under this machine's cgroup2 root) holding the lab's systemd hosts, one child cgroup each.
 CGROUP_NAME = f"gpufleet-lab{_SUFFIX}"
 MIRROR_PORT = 8047
+# The same mirror tree over https, with a certificate from the lab's own CA (tls.py) that every lab host trusts.
+MIRROR_HTTPS_PORT = 8443
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -35,3 +37,8 @@ def host_ip(index: int) -> str:
 
 def mirror_base_url() -> str:
     return f"http://{BRIDGE_IP}:{MIRROR_PORT}"
+
+
+def mirror_https_url() -> str:
+    """The mirrors over https: the certificate names BRIDGE_IP, the address the hosts use."""
+    return f"https://{BRIDGE_IP}:{MIRROR_HTTPS_PORT}"

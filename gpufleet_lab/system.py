@@ -19,6 +19,7 @@ REQUIRED_TOOLS: dict[str, str] = {
     "lspci": "pciutils",
     "modinfo": "kmod",
     "depmod": "kmod",
+    "openssl": "openssl",
 }
 
 

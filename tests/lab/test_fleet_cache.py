@@ -2,9 +2,14 @@
 
 Every host here boots systemd as its PID 1 (gpufleet_lab/hosts.py), so both servers run as the systemd services
 deploys/cache.py installs: Debian's apt-cacher-ng unit and gpufleet's devpi-server unit, for real.
+
+The upstreams are https (the lab's mirrors with a certificate of the lab's own CA, which every lab host trusts:
+gpufleet_lab/tls.py): apt-cacher-ng's remap of cuda_repo_url, its CONNECT pass-through and devpi-server's mirror
+indexes all fetch over TLS, verified. The hosts' Debian OS mirror stays plain http, as deb.debian.org is.
 """
 
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -18,7 +23,7 @@ from gpufleet import cache
 from gpufleet.cache_stats import DEVPI_LOG
 from gpufleet_lab import Lab, mirrors
 from gpufleet_lab.hosts import Host
-from gpufleet_lab.paths import BRIDGE_IP
+from gpufleet_lab.paths import BRIDGE_IP, MIRROR_HTTPS_PORT, MIRROR_PORT, mirror_https_url
 
 pytestmark = pytest.mark.lab
 
@@ -27,8 +32,8 @@ PACKAGE_FILE = (".deb", ".whl", ".tar.gz")
 
 
 def cache_inventory(lab: Lab, path: Path, cache_host: Host, clients: list[Host]) -> Path:
-    """The lab's YAML inventory with `cache_host` moved to the group cache."""
-    lab.write_inventory_yaml(path, [cache_host, *clients])
+    """The lab's YAML inventory with `cache_host` moved to the group cache; https upstreams."""
+    lab.write_inventory_yaml(path, [cache_host, *clients], settings=lab.https_mirror_settings())
     document = yaml.safe_load(path.read_text())
     workstations = document["groups"]["workstations"]["hosts"]
     document["groups"]["cache"] = {"hosts": {cache_host.name: workstations.pop(cache_host.name)}}
@@ -36,12 +41,14 @@ def cache_inventory(lab: Lab, path: Path, cache_host: Host, clients: list[Host])
     return path
 
 
-def mirror_requests(lab: Lab, since: int) -> list[tuple[str, str, int]]:
-    return mirrors.access_log((lab.state_dir / "mirror.log").read_text()[since:])
+def mirror_requests(lab: Lab, since: dict[Path, int], logs: tuple[Path, ...] = ()) -> list[tuple[str, str, int]]:
+    """What the upstream mirrors served since `since` (log_offset): both servers' access logs, or only `logs`."""
+    return [request for log, offset in since.items() if not logs or log in logs
+            for request in mirrors.access_log(log.read_text()[offset:])]
 
 
-def log_offset(lab: Lab) -> int:
-    return len((lab.state_dir / "mirror.log").read_text())
+def log_offset(lab: Lab) -> dict[Path, int]:
+    return {log: len(log.read_text()) for log in (lab.mirror_log, lab.https_mirror_log)}
 
 
 def service_property(lab: Lab, host: Host, unit: str, name: str) -> str:
@@ -109,6 +116,11 @@ def test_three_clients_fetch_package_files_upstream_once_and_recover_from_a_stop
     assert any("cuda-toolkit-12-8_" in p for p in client_debs), per_file
     assert {p: n for p, n in client_debs.items() if n != 1} == {}, per_file
     assert {ip for ip, _ in files} == {cache_host.ip}, "a client went to the upstream mirror itself"
+    # The CUDA repository, the wheels and the sdist came over https; only the hosts' Debian mirror is plain http.
+    plain = {path for _, path, status in mirror_requests(lab, start, (lab.mirror_log,)) if status == 200}
+    tls = {path for _, path, status in mirror_requests(lab, start, (lab.https_mirror_log,)) if status == 200}
+    assert set(client_wheels) <= tls and {p for p in debs if "/cuda/repos/" in p} <= tls, per_file
+    assert not {p for p in plain if p.startswith(("/cuda/", "/simple/", "/packages/", "/files/"))}, plain
     for client in clients:
         check = lab.ssh(client, "dpkg -s patch >/dev/null && /opt/gpufleet-cache-test/venv/bin/python -c "
                                 "'import torch, ninja; print(torch.__version__)'")
@@ -144,19 +156,20 @@ def test_removing_the_cache_host_removes_the_apt_drop_in(lab: Lab, cache_lab, ru
     run_pyinfra(inventory, DEPLOY).assert_converged([cache_host.name, *(c.name for c in clients)])
     assert lab.ssh(clients[0], "grep -q 3142 /etc/apt/apt.conf.d/01gpufleet-cache-proxy").returncode == 0
 
-    plain = lab.write_inventory_yaml(tmp_path / "plain.yaml", clients)
+    # Without the cache each client goes to the https upstreams itself, trusting the lab CA as any internal CA.
+    plain = lab.write_inventory_yaml(tmp_path / "plain.yaml", clients, settings=lab.https_mirror_settings())
     run_pyinfra(plain, DEPLOY).assert_converged([c.name for c in clients])
     for client in clients:
         assert lab.ssh(client, "test -e /etc/apt/apt.conf.d/01gpufleet-cache-proxy").returncode == 1, client.name
         conf = lab.ssh(client, "cat /opt/gpufleet-cache-test/venv/pip.conf").stdout
-        assert f"{BRIDGE_IP}:8047" in conf and ":3141" not in conf
+        assert f"index-url = {mirror_https_url()}/simple" in conf and ":3141" not in conf, conf
 
 
 def test_a_workstation_that_serves_the_cache_installs_through_it_too(
         lab: Lab, systemd_hosts: list[Host], run_pyinfra, tmp_path: Path) -> None:
     fresh_hosts = systemd_hosts
     server_host, *clients = fresh_hosts
-    path = lab.write_inventory_yaml(tmp_path / "inventory.yaml", fresh_hosts)
+    path = lab.write_inventory_yaml(tmp_path / "inventory.yaml", fresh_hosts, settings=lab.https_mirror_settings())
     document = yaml.safe_load(path.read_text())
     document["groups"]["cache"] = {"hosts": {server_host.name: {}}}
     path.write_text(yaml.safe_dump(document, sort_keys=False))
@@ -243,3 +256,44 @@ def test_a_wsl_cache_host_without_systemd_is_refused_before_anything_changes(
         assert lab.ssh(wsl, "test -e /etc/apt-cacher-ng || test -e /etc/gpufleet-cache").returncode == 1
     finally:
         lab.remove_host(wsl)
+
+
+def test_apt_cacher_ng_tunnels_https_only_to_the_upstreams_and_devpi_needs_the_system_bundle(
+        lab: Lab, cache_lab, run_pyinfra) -> None:
+    cache_host, clients, inventory = cache_lab
+    run_pyinfra(inventory, DEPLOY).assert_converged([cache_host.name, *(c.name for c in clients)])
+    client, proxy = clients[0], f"http://{cache_host.ip}:3142"
+    start = log_offset(lab)
+    # apt on a client, an https source that is not remapped: through apt-cacher-ng's CONNECT tunnel (the client's
+    # drop-in), TLS end to end, the certificate verified by the client's apt against its system store.
+    source = (f"deb [signed-by=/usr/share/keyrings/gpufleet-lab-archive.gpg] "
+              f"{mirror_https_url()}/cuda/repos/debian12/x86_64/ /")
+    update = lab.ssh(client, f"d=$(mktemp -d) && mkdir -p $d/lists/partial && echo '{source}' > $d/sources.list && "
+                             f"apt-get -o Dir::Etc::SourceList=$d/sources.list -o Dir::Etc::SourceParts=$d/none "
+                             f"-o Dir::State::Lists=$d/lists update; rc=$?; rm -rf $d; exit $rc")
+    assert update.returncode == 0 and "Err:" not in update.stdout, update.stdout + update.stderr
+    tunnelled = mirror_requests(lab, start, (lab.https_mirror_log,))
+    assert any(path.endswith("/debian12/x86_64/InRelease") for _, path, _ in tunnelled), tunnelled
+    assert {ip for ip, _, _ in tunnelled} == {cache_host.ip}, "the client reached the upstream around the proxy"
+    # Anything but the upstreams' https host:port is refused: the same address at its plain port, another host.
+    for target in (f"{BRIDGE_IP}:{MIRROR_PORT}", f"{clients[1].ip}:22", f"{BRIDGE_IP}:{MIRROR_HTTPS_PORT + 1}"):
+        refused = lab.ssh(client, f"curl -sS -o /dev/null -w '%{{http_connect}}' --proxy {proxy} https://{target}/")
+        assert refused.returncode != 0 and refused.stdout.strip() == "403", (target, refused.stdout, refused.stderr)
+
+    # devpi-server fetched from the https upstream (the wheels and sdist above) because deploys/cache.py points it at
+    # the system bundle: with the bundle it would take by default (certifi's), the lab CA, like any internal CA the
+    # admin installed, is refused.
+    probe = ("import ssl, sys, urllib.request, requests.utils\n"
+             "for cafile in (requests.utils.DEFAULT_CA_BUNDLE_PATH, '/etc/ssl/certs/ca-certificates.crt'):\n"
+             "    try:\n"
+             "        urllib.request.urlopen(sys.argv[1], context=ssl.create_default_context(cafile=cafile))\n"
+             "        print('verified')\n"
+             "    except urllib.error.URLError as error:\n"
+             "        print('refused', error.reason)\n")
+    answer = lab.ssh(cache_host, f"/opt/gpufleet/cache-venv/bin/python -c {shlex.quote(probe)} "
+                                 f"{mirror_https_url()}/simple/")
+    lines = answer.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("refused") and "CERTIFICATE_VERIFY_FAILED" in lines[0], answer
+    assert lines[1] == "verified", answer
+    environment = lab.ssh(cache_host, "tr '\\0' '\\n' < /proc/$(pgrep -o -u gpufleet-cache -f devpi-server)/environ")
+    assert "REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt" in environment.stdout.splitlines(), environment

@@ -5,6 +5,7 @@ lspci, modinfo, dpkg, apt, pip and sshd are the real programs.
 """
 
 import hashlib
+import stat
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from gpufleet_lab import Lab
 from gpufleet_lab.hosts import Host
-from gpufleet_lab.paths import BRIDGE_IP, MIRROR_PORT, mirror_base_url
+from gpufleet_lab.paths import BRIDGE_IP, MIRROR_PORT, mirror_base_url, mirror_https_url
 
 MIRROR = mirror_base_url()
 
@@ -55,6 +56,25 @@ def test_hosts_reach_the_lab_mirror_and_nothing_else(lab: Lab, lab_hosts: list[H
     assert lab.ssh(host, probe.format(BRIDGE_IP, MIRROR_PORT)).returncode == 0
     outside = lab.ssh(host, probe.format("1.1.1.1", 80))
     assert outside.returncode != 0 and "Network is unreachable" in outside.stderr
+
+
+def test_hosts_trust_the_lab_ca_whose_key_stays_root_only_on_this_machine(lab: Lab, lab_hosts: list[Host]) -> None:
+    host = lab_hosts[0]
+    index = f"{mirror_https_url()}/simple/torch/"
+    # curl and Python verify the certificate against the host's system store, and its name against the address.
+    assert "torch-" in ok(lab, host, f"curl -fsS {index}")
+    assert "torch-" in ok(lab, host, f"python3 -c 'import urllib.request; print(urllib.request.urlopen(\"{index}\")"
+                                     ".read().decode())'")
+    # Verification is real: the same request against a public CA alone is refused.
+    other = "/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt"
+    refused = lab.ssh(host, f"curl -fsS --cacert {other} --capath /nonexistent {index}")
+    assert refused.returncode == 60 and "certificate" in refused.stderr, refused.stderr
+    # The CA's key never reaches a host; on this machine only root reads it.
+    keys = lab.keys
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o700
+    assert stat.S_IMODE((keys / "ca.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((keys / "mirror-tls.key").stat().st_mode) == 0o600
+    assert lab.ssh(host, "grep -rl 'PRIVATE KEY' /usr/local/share/ca-certificates /etc/ssl/certs").stdout == ""
 
 
 def test_host_with_unknown_key_is_refused(lab: Lab, lab_hosts: list[Host], tmp_path) -> None:

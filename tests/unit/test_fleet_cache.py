@@ -49,6 +49,14 @@ def test_acng_config_binds_the_allowed_addresses_and_allows_the_mirrors_ports():
     assert "AllowUserPorts: 80 8047\n" in text
 
 
+def test_acng_allows_the_ports_of_the_fleets_own_http_apt_sources_but_not_the_caches_remap():
+    # An internal OS mirror at :8080 in the hosts' sources.list is no gpufleet setting, but apt asks the proxy for it.
+    sources = ["http://10.0.0.1:8080/debian", "https://10.0.0.2:8443/x", "http://10.0.0.5:3142/gpufleet-cuda",
+               "http://127.0.0.1:3142/gpufleet-cuda", "http://deb.debian.org/debian", "http://10.0.0.3:99999/bad"]
+    text = cache.acng_config(DEFAULTS, ["10.0.0.5", "127.0.0.1"], sources)
+    assert "AllowUserPorts: 80 8080\n" in text
+
+
 def test_apt_dropin_names_the_proxy_for_http_and_https():
     text = cache.apt_proxy_dropin(DEFAULTS, "10.0.0.5")
     assert text == ('Acquire::http::Proxy "http://10.0.0.5:3142";\nAcquire::https::Proxy "http://10.0.0.5:3142";\n'
@@ -64,8 +72,16 @@ def test_cuda_repository_is_read_through_the_caches_remap_of_cuda_repo_url():
 
 def test_devpi_listens_on_each_allowed_address():
     command = cache.devpi_command("/opt/v", {**DEFAULTS, "cache_dir": "/srv/c"}, ["10.0.0.5", "127.0.0.1"])
-    assert command == ["/opt/v/bin/devpi-server", "--serverdir", "/srv/c/pypi",
-                       "--listen", "10.0.0.5:3141", "--listen", "127.0.0.1:3141"]
+    assert command[-7:] == ["/opt/v/bin/devpi-server", "--serverdir", "/srv/c/pypi",
+                            "--listen", "10.0.0.5:3141", "--listen", "127.0.0.1:3141"]
+
+
+def test_devpi_verifies_https_upstreams_against_the_hosts_trust_store_not_certifis():
+    # devpi-server's httpx client takes requests' certifi bundle unless REQUESTS_CA_BUNDLE names another: an
+    # internal CA installed with update-ca-certificates would be refused. Never switched off, only redirected.
+    command = cache.devpi_command("/opt/v", DEFAULTS, ["127.0.0.1"])
+    assert command[:2] == ["env", "REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"]
+    assert not any("verify" in part.lower() or "insecure" in part.lower() for part in command)
 
 
 def test_apt_warm_covers_driver_toolkit_venv_build_tools_and_each_kernels_headers():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -232,18 +233,29 @@ def test_a_valid_url_that_needs_quoting_stays_one_argument_in_the_warm_commands(
     assert mirrors["root/pypi"] == url
     config = cache.acng_config({**DEFAULTS, "pip_index_url": url}, ["10.0.0.5"])
     line = next(l for l in config.splitlines() if l.startswith("PassThroughPattern:"))
-    assert "|mirror\\.lab):443$" in line, line
+    assert "|mirror\\.lab:443)$" in line, line
 
 
 def test_apt_cacher_ng_tunnels_only_the_configured_https_upstreams():
     text = cache.acng_config(DEFAULTS, ["10.0.0.5"])
     line = next(l for l in text.splitlines() if l.startswith("PassThroughPattern:"))
-    assert line == ("PassThroughPattern: ^(developer\\.download\\.nvidia\\.com|download\\.pytorch\\.org|"
-                    "files\\.pythonhosted\\.org):443$")
+    assert line == ("PassThroughPattern: ^(developer\\.download\\.nvidia\\.com:443|download\\.pytorch\\.org:443|"
+                    "files\\.pythonhosted\\.org:443)$")
     assert ".*" not in line
     http_only = {**DEFAULTS, "cuda_repo_url": "http://10.0.0.1/cuda", "torch_index_url": "http://10.0.0.1/whl",
                  "xformers_source_url": "http://10.0.0.1/x.tar.gz"}
     assert "PassThroughPattern: ^$" in cache.acng_config(http_only, ["10.0.0.5"])
+
+
+def test_apt_cacher_ng_tunnels_an_https_mirror_at_its_own_port_and_nothing_else_there():
+    mirror = {**DEFAULTS, "cuda_repo_url": "https://10.0.0.1:8443/cuda", "pip_index_url": "https://10.0.0.1:8443/s/",
+              "torch_index_url": "https://10.0.0.1:8443/s/", "xformers_source_url": "http://10.0.0.1:8047/x.tar.gz"}
+    pattern = cache.pass_through_pattern(mirror)
+    assert pattern == "^(10\\.0\\.0\\.1:8443)$"
+    assert re.fullmatch(pattern[1:-1], "10.0.0.1:8443")
+    for refused in ("10.0.0.1:443", "10.0.0.1:8047", "10.0.0.1:22", "10.0.0.10:8443", "10.0.0.1:84430",
+                    "10x0x0x1:8443"):
+        assert not re.search(pattern, refused), refused
 
 
 def test_cache_stats_puts_the_destination_after_double_dash():
