@@ -37,6 +37,7 @@ WARM_STAMP = f"{SECRETS_DIR}/warmed"
 APT_WARM_STAMP = f"{SECRETS_DIR}/warmed-apt"
 MIRRORS_SCRIPT = "/usr/local/lib/gpufleet/devpi_mirrors.py"
 MIRRORS_SOURCE = Path(__file__).resolve().parents[1] / "files" / "cache" / "devpi_mirrors.py"
+DEVPI_LOG_SOURCE = Path(__file__).resolve().parents[1] / "files" / "cache" / "gpufleet_devpi_log.py"
 
 
 def _apt_cacher(config: dict, listen: list[str], systemd_host: bool, listening: set[int]) -> None:
@@ -122,6 +123,10 @@ def _devpi(config: dict, listen: list[str], systemd_host: bool, listening: set[i
                   f"chown -R {CACHE_USER}: {shlex.quote(serverdir)}"],
         _if=lambda: not initialised,
     )
+    files.put(name="Upload devpi-server's log filter (client addresses, for cache-stats)", src=str(DEVPI_LOG_SOURCE),
+              dest=cache.DEVPI_LOG_FILTER, mode="644")
+    files.put(name="Configure devpi-server's log (client addresses, for cache-stats)",
+              src=StringIO(cache.devpi_logging_config()), dest=cache.DEVPI_LOGGING, mode="644")
     command = cache.devpi_command(DEVPI_VENV, config, listen)
     logged = f"exec {shlex.join(command)} >> {DEVPI_LOG} 2>&1"
     if systemd_host:

@@ -12,6 +12,7 @@ the facts that read the servers' state are in gpufleet.facts, their log statisti
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from typing import Any
@@ -206,8 +207,29 @@ def pass_through_pattern(config: dict[str, Any]) -> str:
 UPSTREAM_SETTINGS = ("cuda_repo_url", "pip_index_url", "torch_index_url", "xformers_source_url")
 
 
+# devpi-server's logging (--logger-cfg): its default format, plus the client's address on each request line
+# (files/cache/gpufleet_devpi_log.py), by which `gpufleet cache-stats` counts bytes per client. Root's files.
+DEVPI_LOG_FILTER_DIR = "/usr/local/lib/gpufleet/devpi-log"
+DEVPI_LOG_FILTER = f"{DEVPI_LOG_FILTER_DIR}/gpufleet_devpi_log.py"
+DEVPI_LOGGING = "/usr/local/lib/gpufleet/devpi-logging.json"
+
+
+def devpi_logging_config() -> str:
+    """devpi-server's --logger-cfg: its own default format and level, to stdout, with the client-address filter."""
+    return json.dumps({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"client": {"()": "gpufleet_devpi_log.ClientAddressFilter"}},
+        "formatters": {"devpi": {"format": "%(asctime)s %(levelname)-5.5s %(message)s"}},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+                                "formatter": "devpi", "filters": ["client"]}},
+        "root": {"level": "INFO", "handlers": ["stdout"]},
+    }, indent=1) + "\n"
+
+
 def devpi_command(venv: str, config: dict[str, Any], listen: list[str]) -> list[str]:
-    command = [f"{venv}/bin/devpi-server", "--serverdir", f"{config['cache_dir']}/pypi"]
+    command = ["env", f"PYTHONPATH={DEVPI_LOG_FILTER_DIR}", f"{venv}/bin/devpi-server",
+               "--serverdir", f"{config['cache_dir']}/pypi", "--logger-cfg", DEVPI_LOGGING]
     for address in listen:
         command += ["--listen", f"{address}:{config['cache_pip_port']}"]
     return command
