@@ -134,10 +134,13 @@ def test_lab_mirror_access_log_gives_client_path_status_and_served_bytes(tmp_pat
     (tmp_path / "packages" / "a.whl").write_bytes(b"x" * 10)
     log = ('Serving HTTP on 10.213.47.1 port 8047 ...\n'
            '10.213.47.14 - - [28/Nov/2026 01:07:40] "GET /packages/a.whl HTTP/1.1" 200 -\n'
-           '10.213.47.15 - - [28/Nov/2026 01:07:41] "GET /packages/missing.whl HTTP/1.1" 404 -\n')
+           '10.213.47.15 - - [28/Nov/2026 01:07:41] "GET /packages/missing.whl HTTP/1.1" 404 -\n'
+           '10.213.47.16 - - [28/Nov/2026 01:07:42] "GET /packages/t-1%2Bcu128.whl HTTP/1.1" 200 -\n')
+    (tmp_path / "packages" / "t-1+cu128.whl").write_bytes(b"y" * 5)
     requests = mirrors.access_log(log)
-    assert requests == [("10.213.47.14", "/packages/a.whl", 200), ("10.213.47.15", "/packages/missing.whl", 404)]
-    assert mirrors.served_bytes(tmp_path, requests) == 10
+    assert requests == [("10.213.47.14", "/packages/a.whl", 200), ("10.213.47.15", "/packages/missing.whl", 404),
+                        ("10.213.47.16", "/packages/t-1+cu128.whl", 200)]
+    assert mirrors.served_bytes(tmp_path, requests) == 15
 
 
 def test_acng_counts_the_bytes_sent_to_each_client_address():
