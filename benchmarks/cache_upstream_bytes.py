@@ -10,9 +10,10 @@ replaced in its mirror by ones carrying --payload-mb MB of random, so incompress
 once and kept under /var/cache/gpufleet-lab/bench-standins-<MB>mb (--payload-mb 0 keeps the lab's tiny ones).
 
 Upstream bytes are the sizes of the files the lab mirror answered with 200 (its access log), split into package
-files (.deb .whl .tar.gz) and index metadata (apt lists, simple pages). "cache setup" is the cache host
+files (.deb .whl .tar.gz) and index metadata (apt lists, simple pages). "of which setup" is the cache host
 installing its own servers and fetching the deploys' packages once, before the workstations run; it is part of
-the "with cache" total.
+the "with cache" total. The verdict: with the cache, the largest N's total must stay under 1.2x the smallest's
+(exit 1 when it does not).
 Usage: python benchmarks/cache_upstream_bytes.py [--sizes 1 3 6 12] [--payload-mb 300] [--quick]
 """
 
@@ -114,7 +115,7 @@ HEADER = (f"{'hosts':>5}  {'no cache':>17}  {'with cache':>17}  {'of which setup
 
 def row(size: int, without: Bytes, with_cache: Bytes, setup: Bytes, first_total: int) -> str:
     ratio = sum(with_cache) / first_total if first_total else 0.0
-    return f"{size:>5}  {_mb(without):>17}  {_mb(with_cache):>17}  {_mb(setup):>17}  {ratio:>6.2f}"
+    return f"{size:>5}  {_mb(without):>17}  {_mb(with_cache):>17}  {_mb(setup):>17}  {ratio:>6.3f}"
 
 
 def verdict(rows: list[tuple[int, Bytes, Bytes, Bytes]]) -> tuple[bool, str]:
