@@ -37,6 +37,7 @@ WARM_STAMP = f"{SECRETS_DIR}/warmed"
 APT_WARM_STAMP = f"{SECRETS_DIR}/warmed-apt"
 MIRRORS_SCRIPT = "/usr/local/lib/gpufleet/devpi_mirrors.py"
 MIRRORS_SOURCE = Path(__file__).resolve().parents[1] / "files" / "cache" / "devpi_mirrors.py"
+DEVPI_LOG_SOURCE = Path(__file__).resolve().parents[1] / "files" / "cache" / "gpufleet_devpi_log.py"
 
 
 def _apt_cacher(config: dict, listen: list[str]) -> None:
@@ -123,10 +124,16 @@ def _devpi(config: dict, listen: list[str]) -> None:
                   f"chown -R {CACHE_USER}: {shlex.quote(serverdir)}"],
         _if=lambda: not initialised,
     )
+    files.put(name="Upload devpi-server's log filter (client addresses, for cache-stats)", src=str(DEVPI_LOG_SOURCE),
+              dest=cache.DEVPI_LOG_FILTER, mode="644")
+    files.put(name="Configure devpi-server's log (client addresses, for cache-stats)",
+              src=StringIO(cache.devpi_logging_config()), dest=cache.DEVPI_LOGGING, mode="644")
     command = cache.devpi_command(DEVPI_VENV, config, listen)
-    state = host.get_fact(facts.SystemdServiceState, unit=cache.DEVPI_SERVICE, paths=[cache.DEVPI_UNIT])
+    # Restarted when any file it reads at start is newer than the running server (its log filter included).
+    state = host.get_fact(facts.SystemdServiceState, unit=cache.DEVPI_SERVICE,
+                          paths=[cache.DEVPI_UNIT, cache.DEVPI_LOG_FILTER, cache.DEVPI_LOGGING])
     unit = files.put(name="Install the devpi-server systemd unit", dest=cache.DEVPI_UNIT, mode="644",
-                     src=StringIO(cache.devpi_unit(command, CACHE_USER, DEVPI_LOG)))
+                     src=StringIO(cache.devpi_unit(command, CACHE_USER, DEVPI_LOG, cache.devpi_environment())))
     systemd.daemon_reload(name="Make systemd read the devpi-server unit",
                           _if=lambda: state.reload or unit.did_change())
     systemd.service(name="Run devpi-server as a systemd service", service=cache.DEVPI_SERVICE,

@@ -12,6 +12,7 @@ the facts that read the servers' state are in gpufleet.facts, their log statisti
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from collections.abc import Iterable
@@ -222,13 +223,39 @@ def pass_through_pattern(config: dict[str, Any]) -> str:
 UPSTREAM_SETTINGS = ("cuda_repo_url", "pip_index_url", "torch_index_url", "xformers_source_url")
 
 
+# devpi-server's logging (--logger-cfg): its default format, plus the client's address on each request line
+# (files/cache/gpufleet_devpi_log.py), by which `gpufleet cache-stats` counts bytes per client. Root's files.
+DEVPI_LOG_FILTER_DIR = "/usr/local/lib/gpufleet/devpi-log"
+DEVPI_LOG_FILTER = f"{DEVPI_LOG_FILTER_DIR}/gpufleet_devpi_log.py"
+DEVPI_LOGGING = "/usr/local/lib/gpufleet/devpi-logging.json"
+
+
+def devpi_logging_config() -> str:
+    """devpi-server's --logger-cfg: its own default format and level, to stdout, with the client-address filter."""
+    return json.dumps({
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"client": {"()": "gpufleet_devpi_log.ClientAddressFilter"}},
+        "formatters": {"devpi": {"format": "%(asctime)s %(levelname)-5.5s %(message)s"}},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "stream": "ext://sys.stdout",
+                                "formatter": "devpi", "filters": ["client"]}},
+        "root": {"level": "INFO", "handlers": ["stdout"]},
+    }, indent=1) + "\n"
+
+
 def devpi_command(venv: str, config: dict[str, Any], listen: list[str]) -> list[str]:
-    command = [f"{venv}/bin/devpi-server", "--serverdir", f"{config['cache_dir']}/pypi"]
+    command = [f"{venv}/bin/devpi-server", "--serverdir", f"{config['cache_dir']}/pypi", "--logger-cfg", DEVPI_LOGGING]
     for address in listen:
         command += ["--listen", f"{address}:{config['cache_pip_port']}"]
-    # devpi-server verifies https upstreams against certifi's bundle (requests' default), not the host's trust store:
-    # an internal CA the admin installed (update-ca-certificates) would be refused. The system bundle holds both.
-    return ["env", f"REQUESTS_CA_BUNDLE={SYSTEM_CA_BUNDLE}", *command]
+    return command
+
+
+def devpi_environment() -> dict[str, str]:
+    """devpi-server's environment: gpufleet's log filter importable (it names each request's client), and the system
+    CA bundle for https upstreams. devpi-server verifies against certifi's bundle (requests' default), not the host's
+    trust store, so an internal CA the admin installed (update-ca-certificates) would be refused; the system bundle
+    holds both."""
+    return {"REQUESTS_CA_BUNDLE": SYSTEM_CA_BUNDLE, "PYTHONPATH": DEVPI_LOG_FILTER_DIR}
 
 
 def no_systemd_problem(host_name: str, wsl: bool) -> str:
@@ -242,9 +269,10 @@ def no_systemd_problem(host_name: str, wsl: bool) -> str:
     return why + "Boot it with systemd as init, or list another host under `cache`."
 
 
-def devpi_unit(command: list[str], user: str, log: str) -> str:
-    """The devpi-server service: `command` run as `user`, its output appended to `log` (gpufleet cache-stats
-    reads it), restarted by systemd whenever it fails. The arguments are validated settings (no spaces, no %)."""
+def devpi_unit(command: list[str], user: str, log: str, environment: dict[str, str] | None = None) -> str:
+    """The devpi-server service: `command` run as `user` with `environment`, its output appended to `log`
+    (gpufleet cache-stats reads it), restarted by systemd whenever it fails. The arguments are validated settings
+    (no spaces, no %)."""
     return "\n".join([
         "[Unit]",
         "Description=gpufleet fleet cache: devpi-server mirroring PyPI and the PyTorch index",
@@ -252,6 +280,7 @@ def devpi_unit(command: list[str], user: str, log: str) -> str:
         "",
         "[Service]",
         f"User={user}",
+        *(f"Environment={name}={value}" for name, value in sorted((environment or {}).items())),
         f"ExecStart={' '.join(command)}",
         f"StandardOutput=append:{log}",
         "StandardError=inherit",

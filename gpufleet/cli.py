@@ -60,7 +60,7 @@ def cmd_check_inventory(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_stats(args: argparse.Namespace) -> int:
-    """Hits, misses and bytes saved, read over SSH from the cache host's apt-cacher-ng and devpi-server logs."""
+    """Hits, misses, bytes saved, bytes per client and disk use, read over SSH from the cache host's servers."""
     import shlex
     import subprocess
 
@@ -93,11 +93,7 @@ def cmd_cache_stats(args: argparse.Namespace) -> int:
         print(f"gpufleet cache-stats: could not read the logs on {spec.name} ({spec.address}): "
               f"{proc.stderr.strip() or f'ssh exit {proc.returncode}'}", file=sys.stderr)
         return 1
-    stats = cache_stats.parse_stats_output(proc.stdout)
-    print(f"{'server':<15} {'hits':>7} {'misses':>7} {'served MB':>10} {'fetched MB':>11} {'saved MB':>9}")
-    for s in stats:
-        print(f"{s.server:<15} {s.hits:>7} {s.misses:>7} {s.bytes_served / 1e6:>10.1f} "
-              f"{s.bytes_fetched / 1e6:>11.1f} {s.bytes_saved / 1e6:>9.1f}")
+    print("\n".join(cache_stats.report_lines(cache_stats.parse_stats_output(proc.stdout))))
     return 0
 
 
@@ -174,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and list every problem with file, line, key and fix. Exit 0 when valid, 2 when not.")
     c.add_argument("file", nargs="?", help="inventory YAML (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml)")
     c.set_defaults(handler=cmd_check_inventory)
-    s = sub.add_parser("cache-stats", help="hits, misses and bytes saved of the fleet cache",
+    s = sub.add_parser("cache-stats", help="hits, misses, bytes saved, per client and on disk of the fleet cache",
                        description="Read apt-cacher-ng's transfer log and devpi-server's log on the inventory's "
                                    "cache host over SSH and print requests answered from the cache (hits), fetched "
-                                   "upstream (misses) and bytes saved. Exit 0, 1 when the host cannot be read, "
+                                   "upstream (misses), bytes saved, the disk each server's cache uses (du), and the "
+                                   "bytes each client address was sent. Exit 0, 1 when the host cannot be read, "
                                    "2 without a cache host.")
     s.add_argument("file", nargs="?", help="inventory YAML (default: $GPUFLEET_INVENTORY or inventory/hosts.yaml)")
     s.set_defaults(handler=cmd_cache_stats)

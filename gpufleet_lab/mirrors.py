@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import unquote
 
 from packaging.utils import canonicalize_name
 
@@ -200,7 +201,8 @@ def access_log(log_text: str) -> list[tuple[str, str, int]]:
     for line in log_text.splitlines():
         match = _ACCESS.match(line)
         if match:
-            found.append((match.group(1), match.group(2).split("?")[0], int(match.group(3))))
+            # The path as a file name: pip asks for torch-2.12.0...%2Bcu128-....whl, devpi for ...+cu128...
+            found.append((match.group(1), unquote(match.group(2).split("?")[0]), int(match.group(3))))
     return found
 
 

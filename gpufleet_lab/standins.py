@@ -102,7 +102,8 @@ def nvcc_script(cuda_version: str, patch: str) -> str:
             "exit 0;;\nesac\necho 'nvcc (gpufleet lab stand-in): cannot compile' >&2\nexit 1\n")
 
 
-def cuda_toolkit_deb(out_dir: Path, cuda_version: str = "12.8", patch: str = "93") -> Path:
+def cuda_toolkit_deb(out_dir: Path, cuda_version: str = "12.8", patch: str = "93", payload: bytes = b"") -> Path:
+    """The toolkit stand-in; `payload` (the benchmark's incompressible bytes) gives it a realistic size."""
     home = f"/usr/local/cuda-{cuda_version}"
     dashed = cuda_version.replace(".", "-")
     major = cuda_version.split(".")[0]
@@ -113,6 +114,7 @@ def cuda_toolkit_deb(out_dir: Path, cuda_version: str = "12.8", patch: str = "93
         f"{home}/lib64/libcudart.so": (f"->libcudart.so.{major}", 0),
         f"{home}/include/cuda.h": (f"#define CUDA_VERSION {major}0{cuda_version.split('.')[1]}0\n", 0o644),
         f"{home}/version.json": (json.dumps({"cuda": {"name": "CUDA SDK", "version": f"{cuda_version}.1"}}), 0o644),
+        **({f"{home}/lib64/libgpufleet_standin_payload.bin": (payload, 0o644)} if payload else {}),
     }, description=f"CUDA Toolkit {cuda_version} meta-package")
 
 
@@ -246,7 +248,8 @@ def linux_headers_deb(out_dir: Path, kernel_release: str) -> Path:
     }, description=f"Linux kernel headers for {kernel_release}")
 
 
-def torch_wheel(out_dir: Path, version: str = TORCH_VERSION) -> Path:
+def torch_wheel(out_dir: Path, version: str = TORCH_VERSION, payload: bytes = b"") -> Path:
+    """The torch stand-in; `payload` (the benchmark's incompressible bytes) gives it a realistic size."""
     cuda = version.split("+cu")[1] if "+cu" in version else None
     cuda_dotted = f"{cuda[:-1]}.{cuda[-1]}" if cuda else None
     sources = {
@@ -264,15 +267,20 @@ def torch_wheel(out_dir: Path, version: str = TORCH_VERSION) -> Path:
         f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: gpufleet-lab\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         f"{dist_info}/top_level.txt": "torch\n",
     }
-    entries = {**sources, **meta}
-    record = [f"{path},sha256={_urlsafe_digest(body.encode())},{len(body.encode())}" for path, body in entries.items()]
+    entries: dict[str, str | bytes] = {**sources, **meta}
+    if payload:
+        entries["torch/lib/libgpufleet_standin_payload.bin"] = payload
+    raw = {path: body.encode() if isinstance(body, str) else body for path, body in entries.items()}
+    record = [f"{path},sha256={_urlsafe_digest(body)},{len(body)}" for path, body in raw.items()]
     record.append(f"{dist_info}/RECORD,,")
     out_dir.mkdir(parents=True, exist_ok=True)
     wheel = out_dir / f"torch-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as zf:
-        for path, body in {**entries, f"{dist_info}/RECORD": "\n".join(record) + "\n"}.items():
+        for path, body in {**raw, f"{dist_info}/RECORD": ("\n".join(record) + "\n").encode()}.items():
             info = zipfile.ZipInfo(path, date_time=(2026, 4, 7, 0, 0, 0))
             info.external_attr = 0o644 << 16
+            # Random bytes do not compress: store them rather than spend a CPU minute deflating them.
+            info.compress_type = zipfile.ZIP_STORED if path.endswith(".bin") else zipfile.ZIP_DEFLATED
             zf.writestr(info, body)
     return wheel
 

@@ -8,6 +8,7 @@ gpufleet_lab/tls.py): apt-cacher-ng's remap of cuda_repo_url, its CONNECT pass-t
 indexes all fetch over TLS, verified. The hosts' Debian OS mirror stays plain http, as deb.debian.org is.
 """
 
+import json
 import re
 import shlex
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.utils import canonicalize_name
 
 from gpufleet import cache
 from gpufleet.cache_stats import DEVPI_LOG
@@ -127,14 +129,7 @@ def test_three_clients_fetch_package_files_upstream_once_and_recover_from_a_stop
         assert check.returncode == 0, f"{client.name}: {check.stderr}"
         assert "+cu128" in check.stdout
 
-    stats = subprocess.run([sys.executable, "-m", "gpufleet.cli", "cache-stats", str(inventory)],
-                           capture_output=True, text=True, check=False)
-    assert stats.returncode == 0, stats.stderr
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in stats.stdout.splitlines()[1:]}
-    # Each client's patch .deb, its 3 wheels and the sdist were served from the cache: 3 x 1 and 3 x 4 hits at least.
-    assert rows["apt-cacher-ng"][0] >= 3 and rows["apt-cacher-ng"][1] >= 1, stats.stdout
-    assert rows["devpi-server"][0] >= 12 and rows["devpi-server"][4] > 0, stats.stdout
-    print(stats.stdout)
+    assert_cache_stats_match_the_clients(lab, inventory, cache_host, clients)
 
     run_pyinfra(inventory, DEPLOY).assert_no_changes(names)
 
@@ -149,6 +144,55 @@ def test_three_clients_fetch_package_files_upstream_once_and_recover_from_a_stop
     again.assert_converged(names)
     for client in clients:
         assert lab.ssh(client, "dpkg -s ccache >/dev/null").returncode == 0, client.name
+
+
+def _sizes(lab: Lab, host: Host, command: str) -> list[int]:
+    """The sizes `command` prints on `host` (find -printf '%s\\n')."""
+    result = lab.ssh(host, command)
+    assert result.returncode == 0, f"{host.name}: {result.stderr}"
+    return [int(line) for line in result.stdout.split()]
+
+
+def assert_cache_stats_match_the_clients(lab: Lab, inventory: Path, cache_host: Host, clients: list[Host]) -> None:
+    """`gpufleet cache-stats` against what each client really holds, and what is really in the cache."""
+    stats = subprocess.run([sys.executable, "-m", "gpufleet.cli", "cache-stats", str(inventory)],
+                           capture_output=True, text=True, check=False)
+    assert stats.returncode == 0, stats.stderr
+    print(stats.stdout)
+    lines = stats.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, stats.stdout
+    blank = lines.index("")
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[1:blank]}
+    sent = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in lines[blank + 2:]}
+    # Each client's patch .deb, its 3 wheels and the sdist were served from the cache: 3 x 1 and 3 x 4 hits at least.
+    assert rows["apt-cacher-ng"][0] >= 3 and rows["apt-cacher-ng"][1] >= 1, stats.stdout
+    assert rows["devpi-server"][0] >= 12 and rows["devpi-server"][4] > 0, stats.stdout
+    assert set(sent) >= {c.ip for c in clients}, stats.stdout
+    packages = {p.name: p.stat().st_size for p in (lab.www / "packages").iterdir()}
+    venv = "/opt/gpufleet-cache-test"
+    for client in clients:
+        apt_mb, pip_mb, _ = sent[client.ip]
+        # devpi: exactly the files of the distributions pip installed in the test venv, and the sdist on disk.
+        listing = lab.ssh(client, f"{venv}/venv/bin/python -m pip list --format=json")
+        assert listing.returncode == 0, f"{client.name}: {listing.stderr}"
+        installed = {(canonicalize_name(d["name"]), d["version"]) for d in json.loads(listing.stdout)}
+        wheels = sum(size for name, size in packages.items() if name.endswith(".whl") and
+                     (canonicalize_name(name.split("-")[0]), name.split("-")[1]) in installed)
+        sdist = _sizes(lab, client, f"find {venv}/xformers.tar.gz -printf '%s\\n'")
+        assert pip_mb == pytest.approx((wheels + sum(sdist)) / 1e6, abs=0.051), (client.name, stats.stdout)
+        # apt-cacher-ng: at least the .debs apt kept and the keyring package the deploy downloaded; at most that
+        # plus the apt lists on the client and 2 kB of headers a request.
+        debs = _sizes(lab, client, f"find /var/cache/apt/archives -name '*.deb' -printf '%s\\n'; "
+                                   f"find {venv}/cuda-keyring.deb -printf '%s\\n'")
+        lists = _sizes(lab, client, "find /var/lib/apt/lists -maxdepth 1 -type f ! -name lock -printf '%s\\n'")
+        assert len(debs) >= 3, (client.name, debs)
+        low, high = sum(debs), sum(debs) + sum(lists) + 2000 * (len(debs) + len(lists))
+        assert low / 1e6 - 0.051 <= apt_mb <= high / 1e6 + 0.051, (client.name, low, high, stats.stdout)
+    # Disk: each cache holds at least the package files the clients took from it, and not much more than it fetched.
+    cached_debs = _sizes(lab, clients[0], "find /var/cache/apt/archives -name '*.deb' -printf '%s\\n'")
+    assert sum(cached_debs) / 1e6 <= rows["apt-cacher-ng"][5] <= rows["apt-cacher-ng"][3] + 20, stats.stdout
+    in_devpi = _sizes(lab, cache_host, "find /var/cache/gpufleet/pypi/+files -type f -printf '%s\\n'")
+    assert sum(in_devpi) / 1e6 <= rows["devpi-server"][5] <= sum(in_devpi) / 1e6 + 20, stats.stdout
 
 
 def test_removing_the_cache_host_removes_the_apt_drop_in(lab: Lab, cache_lab, run_pyinfra, tmp_path: Path) -> None:

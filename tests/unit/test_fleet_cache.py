@@ -72,16 +72,20 @@ def test_cuda_repository_is_read_through_the_caches_remap_of_cuda_repo_url():
 
 def test_devpi_listens_on_each_allowed_address():
     command = cache.devpi_command("/opt/v", {**DEFAULTS, "cache_dir": "/srv/c"}, ["10.0.0.5", "127.0.0.1"])
-    assert command[-7:] == ["/opt/v/bin/devpi-server", "--serverdir", "/srv/c/pypi",
-                            "--listen", "10.0.0.5:3141", "--listen", "127.0.0.1:3141"]
+    assert command == ["/opt/v/bin/devpi-server", "--serverdir", "/srv/c/pypi", "--logger-cfg",
+                       "/usr/local/lib/gpufleet/devpi-logging.json", "--listen", "10.0.0.5:3141",
+                       "--listen", "127.0.0.1:3141"]
 
 
 def test_devpi_verifies_https_upstreams_against_the_hosts_trust_store_not_certifis():
     # devpi-server's httpx client takes requests' certifi bundle unless REQUESTS_CA_BUNDLE names another: an
     # internal CA installed with update-ca-certificates would be refused. Never switched off, only redirected.
     command = cache.devpi_command("/opt/v", DEFAULTS, ["127.0.0.1"])
-    assert command[:2] == ["env", "REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt"]
+    environment = cache.devpi_environment()
+    assert environment["REQUESTS_CA_BUNDLE"] == "/etc/ssl/certs/ca-certificates.crt"
     assert not any("verify" in part.lower() or "insecure" in part.lower() for part in command)
+    unit = cache.devpi_unit(command, "gpufleet-cache", "/var/log/x.log", environment).splitlines()
+    assert "Environment=REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt" in unit
 
 
 def test_apt_warm_covers_driver_toolkit_venv_build_tools_and_each_kernels_headers():
@@ -149,10 +153,121 @@ def test_lab_mirror_access_log_gives_client_path_status_and_served_bytes(tmp_pat
     (tmp_path / "packages" / "a.whl").write_bytes(b"x" * 10)
     log = ('Serving HTTP on 10.213.47.1 port 8047 ...\n'
            '10.213.47.14 - - [28/Nov/2026 01:07:40] "GET /packages/a.whl HTTP/1.1" 200 -\n'
-           '10.213.47.15 - - [28/Nov/2026 01:07:41] "GET /packages/missing.whl HTTP/1.1" 404 -\n')
+           '10.213.47.15 - - [28/Nov/2026 01:07:41] "GET /packages/missing.whl HTTP/1.1" 404 -\n'
+           '10.213.47.16 - - [28/Nov/2026 01:07:42] "GET /packages/t-1%2Bcu128.whl HTTP/1.1" 200 -\n')
+    (tmp_path / "packages" / "t-1+cu128.whl").write_bytes(b"y" * 5)
     requests = mirrors.access_log(log)
-    assert requests == [("10.213.47.14", "/packages/a.whl", 200), ("10.213.47.15", "/packages/missing.whl", 404)]
-    assert mirrors.served_bytes(tmp_path, requests) == 10
+    assert requests == [("10.213.47.14", "/packages/a.whl", 200), ("10.213.47.15", "/packages/missing.whl", 404),
+                        ("10.213.47.16", "/packages/t-1+cu128.whl", 200)]
+    assert mirrors.served_bytes(tmp_path, requests) == 15
+
+
+def test_acng_counts_the_bytes_sent_to_each_client_address():
+    stats = cache_stats.acng_stats(ACNG_LOG)
+    assert stats.per_client == {"10.0.0.11": 4620, "10.0.0.12": 4620, "10.0.0.13": 4620}
+
+
+# As devpi-server 6.20.3 logs with gpufleet's --logger-cfg filter (files/cache/gpufleet_devpi_log.py).
+DEVPI_LOG_WITH_CLIENTS = """\
+2026-12-03 07:10:02,101 INFO  [req3] GET /root/pypi/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl from 10.0.0.11
+2026-12-03 07:10:02,105 INFO  [req3] [Rtx4] reading remote: URL('http://10.0.0.1:8047/packages/ninja-1.13.2-py3-none-any.whl'), target root/pypi/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl
+2026-12-03 07:10:02,300 INFO  [req4] GET /root/pypi/+simple/torch/ from 10.0.0.12
+2026-12-03 07:10:02,410 INFO  [req5] GET /root/pypi/+f/0d1/1f2e3d4c5b6a7/torch-2.12.0.dev20260407+cu128-py3-none-any.whl from 10.0.0.12
+2026-12-03 07:10:03,000 INFO  [req6] GET /root/pypi/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl from 10.0.0.12
+"""
+DEVPI_SIZES = {"root/pypi/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl": 1000,
+               "root/pypi/+f/0d1/1f2e3d4c5b6a7/torch-2.12.0.dev20260407+cu128-py3-none-any.whl": 300_000_000}
+
+
+def test_devpi_counts_the_package_bytes_sent_to_each_client_address():
+    stats = cache_stats.devpi_stats(DEVPI_LOG_WITH_CLIENTS, DEVPI_SIZES)
+    assert stats.per_client == {"10.0.0.11": 1000, "10.0.0.12": 300_001_000}
+    assert (stats.hits, stats.misses, stats.bytes_fetched) == (2, 1, 1000)
+
+
+def test_devpi_log_without_client_addresses_still_counts_hits_and_misses():
+    stats = cache_stats.devpi_stats(DEVPI_LOG, {"root/p2/+f/65a/24341b5ac09fc/ninja-1.13.2-py3-none-any.whl": 1000})
+    assert (stats.hits, stats.misses, stats.per_client) == (1, 1, {})
+
+
+def test_stats_output_gives_each_servers_disk_use_from_du():
+    text = ("=== gpufleet-cache-stats acng ===\n" + ACNG_LOG + "=== gpufleet-cache-stats devpi ===\n"
+            + DEVPI_LOG_WITH_CLIENTS + "=== gpufleet-cache-stats files ===\n"
+            + "".join(f"{size} {path}\n" for path, size in DEVPI_SIZES.items())
+            + "=== gpufleet-cache-stats disk ===\n612034567\t/var/cache/gpufleet/apt\n"
+            + "301234567\t/var/cache/gpufleet/pypi\n")
+    apt_stats, pip_stats = cache_stats.parse_stats_output(text)
+    assert (apt_stats.disk_bytes, pip_stats.disk_bytes) == (612034567, 301234567)
+    assert pip_stats.per_client["10.0.0.12"] == 300_001_000
+
+
+def test_missing_du_output_shows_a_dash_not_zero():
+    apt_stats, pip_stats = cache_stats.parse_stats_output("=== gpufleet-cache-stats acng ===\n" + ACNG_LOG)
+    assert apt_stats.disk_bytes is None
+    assert cache_stats.report_lines([apt_stats, pip_stats])[1].split()[-1] == "-"
+
+
+def test_stats_command_measures_both_cache_dirs_with_du(tmp_path):
+    command = cache_stats.stats_command("/srv/my cache")
+    assert "du -sb -- '/srv/my cache/apt' '/srv/my cache/pypi'" in command
+
+
+def test_report_fits_80_columns_and_lists_clients_in_address_order():
+    stats = [cache_stats.acng_stats(ACNG_LOG + "1795828062|O|612000000|10.0.0.2|d/cuda-toolkit-12-8_12.8.1-1_amd64.deb\n"),
+             cache_stats.devpi_stats(DEVPI_LOG_WITH_CLIENTS, DEVPI_SIZES)]
+    stats[0].disk_bytes, stats[1].disk_bytes = 612_034_567, 301_234_567
+    lines = cache_stats.report_lines(stats)
+    assert max(len(line) for line in lines) <= 80, lines
+    clients = [line.split()[0] for line in lines[lines.index("") + 2:]]
+    assert clients == ["10.0.0.2", "10.0.0.11", "10.0.0.12", "10.0.0.13"]
+    row = dict((line.split()[0], line.split()[1:]) for line in lines[lines.index("") + 2:])
+    assert row["10.0.0.12"] == ["0.0", "300.0", "300.0"]
+    assert lines[2].split()[-1] == "301.2"
+
+
+def test_devpi_log_filter_appends_the_connections_address_to_the_request_line(monkeypatch):
+    import importlib.util
+    import logging
+    import sys
+    import types
+    from pathlib import Path
+
+    request = types.SimpleNamespace(method="GET", path="/root/pypi/+f/abc/x.whl", client_addr="10.0.0.12")
+    threadlocal = types.ModuleType("pyramid.threadlocal")
+    threadlocal.get_current_request = lambda: request
+    monkeypatch.setitem(sys.modules, "pyramid", types.ModuleType("pyramid"))
+    monkeypatch.setitem(sys.modules, "pyramid.threadlocal", threadlocal)
+    path = Path(__file__).resolve().parents[2] / "files" / "cache" / "gpufleet_devpi_log.py"
+    spec = importlib.util.spec_from_file_location("gpufleet_devpi_log", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def record(msg, *args):
+        return logging.LogRecord("", logging.INFO, __file__, 1, msg, args, None)
+
+    request_line = record("[req5] %s %s", "GET", "/root/pypi/+f/abc/x.whl")
+    other = record("[req5] [Rtx4] reading remote: %s", "URL('x')")
+    filt = module.ClientAddressFilter()
+    assert filt.filter(request_line) and filt.filter(other)
+    assert request_line.getMessage() == "[req5] GET /root/pypi/+f/abc/x.whl from 10.0.0.12"
+    assert other.getMessage() == "[req5] [Rtx4] reading remote: URL('x')"
+    assert cache_stats._DEVPI_SERVED.search(request_line.getMessage()).groups() == (
+        "root/pypi/+f/abc/x.whl", "10.0.0.12")
+
+
+def test_devpi_logging_config_keeps_devpis_format_and_adds_the_filter():
+    import json
+
+    config = json.loads(cache.devpi_logging_config())
+    handler = config["handlers"]["stdout"]
+    assert handler["filters"] == ["client"] and config["root"] == {"level": "INFO", "handlers": ["stdout"]}
+    assert config["formatters"][handler["formatter"]]["format"] == "%(asctime)s %(levelname)-5.5s %(message)s"
+    assert config["filters"]["client"]["()"] == "gpufleet_devpi_log.ClientAddressFilter"
+
+
+def test_acng_names_an_ipv4_client_of_a_dual_stack_socket_by_its_ipv4_address():
+    stats = cache_stats.acng_stats("1795828061|O|4620|::ffff:10.0.0.12|debian/./tree_2.1.0-1_amd64.deb\n")
+    assert stats.per_client == {"10.0.0.12": 4620}
 
 
 def test_a_wsl_cache_host_without_systemd_is_told_to_turn_it_on_in_wsl_conf():
@@ -172,9 +287,11 @@ def test_a_cache_host_without_systemd_outside_wsl_is_not_sent_to_wsl_conf():
 
 def test_devpi_runs_as_a_systemd_service_that_restarts_on_failure_and_logs_for_cache_stats():
     command = cache.devpi_command("/opt/gpufleet/cache-venv", DEFAULTS, ["10.0.0.5", "127.0.0.1"])
-    unit = cache.devpi_unit(command, "gpufleet-cache", cache_stats.DEVPI_LOG).splitlines()
+    unit = cache.devpi_unit(command, "gpufleet-cache", cache_stats.DEVPI_LOG, cache.devpi_environment()).splitlines()
     assert ("ExecStart=/opt/gpufleet/cache-venv/bin/devpi-server --serverdir /var/cache/gpufleet/pypi "
+            "--logger-cfg /usr/local/lib/gpufleet/devpi-logging.json "
             "--listen 10.0.0.5:3141 --listen 127.0.0.1:3141") in unit
+    assert "Environment=PYTHONPATH=/usr/local/lib/gpufleet/devpi-log" in unit
     assert {"User=gpufleet-cache", "Restart=on-failure", f"StandardOutput=append:{cache_stats.DEVPI_LOG}",
             "WantedBy=multi-user.target"} <= set(unit)
 

@@ -61,6 +61,32 @@ def test_stand_in_torch_wheel_reports_the_pinned_cu128_nightly_with_sm_120(tmp_p
     assert out.split() == ["2.12.0.dev20260407+cu128", "12.8", "True"]
 
 
+def test_sized_stand_ins_carry_their_payload_uncompressed_and_install_with_pip(tmp_path: Path) -> None:
+    """The benchmark's realistic sizes (benchmarks/cache_upstream_bytes.py), here with 2 MB of random bytes."""
+    import base64
+    import hashlib
+    import os
+    import zipfile
+
+    payload = os.urandom(2 * 10**6)
+    wheel = standins.torch_wheel(tmp_path / "w", payload=payload)
+    deb = standins.cuda_toolkit_deb(tmp_path / "d", payload=payload)
+    assert wheel.stat().st_size > len(payload) and deb.stat().st_size > len(payload)
+    with zipfile.ZipFile(wheel) as zf:
+        info = zf.getinfo("torch/lib/libgpufleet_standin_payload.bin")
+        assert info.compress_type == zipfile.ZIP_STORED and zf.read(info) == payload
+        record = zf.read("torch-2.12.0.dev20260407+cu128.dist-info/RECORD").decode()
+    digest = base64.urlsafe_b64encode(hashlib.sha256(payload).digest()).rstrip(b"=").decode()
+    assert f"torch/lib/libgpufleet_standin_payload.bin,sha256={digest},{len(payload)}" in record.splitlines()
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--target", str(target),
+                    str(wheel)], capture_output=True, text=True, check=True)
+    assert (target / "torch/lib/libgpufleet_standin_payload.bin").read_bytes() == payload
+    listing = subprocess.run(["dpkg-deb", "-c", str(deb)], capture_output=True, text=True, check=True).stdout
+    assert f" {len(payload)} " in next(l for l in listing.splitlines() if "libgpufleet_standin_payload.bin" in l)
+    assert standins.torch_wheel(tmp_path / "plain").read_bytes() == standins.torch_wheel(tmp_path / "again").read_bytes()
+
+
 def test_driver_packages_carry_the_bumped_version(tmp_path: Path) -> None:
     debs = standins.driver_debs(tmp_path, version="580.105.08-1")
     names = {subprocess.run(["dpkg-deb", "-f", str(d), "Package", "Version"], capture_output=True, text=True,
