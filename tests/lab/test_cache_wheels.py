@@ -52,8 +52,10 @@ def bridge_bytes() -> int:
 
 
 def write_inventory(lab: Lab, path: Path, hosts: list[Host], cache_host: Host | None, **settings: object) -> Path:
-    """The lab's YAML inventory for hosts; with cache_host, that workstation serves the fleet cache too."""
-    lab.write_inventory_yaml(path, hosts, settings={"reboot_policy": "never", "min_free_disk_gb": 10, **settings})
+    """The lab's YAML inventory for hosts, on the lab's https upstreams; with cache_host, that workstation serves
+    the fleet cache too."""
+    lab.write_inventory_yaml(path, hosts, settings={**lab.https_mirror_settings(), "reboot_policy": "never",
+                                                    "min_free_disk_gb": 10, **settings})
     if cache_host is not None:
         document = yaml.safe_load(path.read_text())
         document["groups"]["cache"] = {"hosts": {cache_host.name: {}}}
