@@ -273,8 +273,10 @@ def make_systemd(host: Host) -> None:
             link.symlink_to("/dev/null")
 
 
-def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_release: str) -> str:
-    """Build and start one host; return its known_hosts line. Stops halfway only by raising."""
+def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_release: str,
+           ca_pem: bytes | None = None) -> str:
+    """Build and start one host (trusting the lab CA ca_pem); return its known_hosts line. Stops halfway only by
+    raising."""
     path = host.path
     if host.build_env:
         buildenv.ensure_venv()  # before any mount: building it the first time takes minutes
@@ -296,6 +298,9 @@ def create(host: Host, base: Path, control_pubkey: str, keyring: bytes, kernel_r
         make_systemd(host)
     if host.build_env:
         buildenv.mount_into(host.root, path)
+    # Before the host runs: a running systemd host's own mounts (its /tmp) are not what a chroot from here sees.
+    if ca_pem is not None:
+        trust_ca(host, ca_pem)
     start(host)
     return known_host
 

@@ -113,8 +113,8 @@ class Lab:
         host = Host(name=name, index=index, ip=host_ip(index), gpu=gpu, loaded_driver=loaded_driver,
                     dir=str(self.hosts_dir / name), platform=platform, build_env=build_env, systemd=systemd)
         known = hosts.create(host, rootfs.base_dir(), self.control_key.with_suffix(".pub").read_text(),
-                             (self.keys / "archive-keyring.gpg").read_bytes(), self.kernel_release)
-        hosts.trust_ca(host, self.ca_cert.read_bytes())
+                             (self.keys / "archive-keyring.gpg").read_bytes(), self.kernel_release,
+                             self.ca_cert.read_bytes())
         with open(self.known_hosts, "a") as f:
             f.write(known + "\n")
         if wait:
