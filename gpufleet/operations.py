@@ -58,6 +58,18 @@ def _run(host, command: str, **arguments) -> tuple[bool, str]:
     return ok, output.stdout
 
 
+def _finished_build(host, remote_dir: str, fingerprint: str, user: str) -> dict:
+    """The manifest of the finished build of fingerprint in remote_dir on host, read as the build user."""
+    where = f"{host.name}:{remote_dir}/manifest.json"
+    ok, output = _run(host, f"cat -- {shlex.quote(remote_dir + '/manifest.json')}", _su_user=user)
+    if not ok:
+        raise RuntimeError(f"{host.name} has no finished build in {remote_dir} (manifest.json missing)")
+    manifest = parse_manifest(output, fingerprint, where)
+    if manifest is None:
+        raise RuntimeError(f"{where} is not a finished build of fingerprint {fingerprint}")
+    return manifest
+
+
 def cached_wheel(local_dir: str, manifest: dict) -> Path:
     """The wheel's path in this machine's cache; a name resolving outside the cache directory is refused."""
     cache = Path(local_dir).resolve()
@@ -99,19 +111,14 @@ def fetch_built_wheel(remote_dir: str, staging: str, local_dir: str, fingerprint
     """
 
     def fetch(state, host) -> bool:
-        where = f"{host.name}:{remote_dir}/manifest.json"
-        ok, output = _run(host, f"cat -- {shlex.quote(remote_dir + '/manifest.json')}", _su_user=user)
-        if not ok:
-            raise RuntimeError(f"{host.name} has no finished build in {remote_dir} (manifest.json missing)")
-        manifest = parse_manifest(output, fingerprint, where)
-        if manifest is None:
-            raise RuntimeError(f"{where} is not a finished build of fingerprint {fingerprint}")
+        manifest = _finished_build(host, remote_dir, fingerprint, user)
         wheel = cached_wheel(local_dir, manifest)
         for command in [*stage_commands(staging, manifest, f"{remote_dir}/{manifest['wheel']}", user),
                         *check_staged_commands(staging, manifest)]:
             ok, _ = _run(host, command)
             if not ok:
-                raise RuntimeError(f"{manifest['wheel']} on {host.name} does not match {where}'s sha256")
+                raise RuntimeError(f"{manifest['wheel']} on {host.name} does not match "
+                                   f"{host.name}:{remote_dir}/manifest.json's sha256")
         wheel.parent.mkdir(parents=True, exist_ok=True)
         if not host.get_file(f"{staging}/{manifest['wheel']}", str(wheel), **_as_root(host)):
             raise RuntimeError(f"could not fetch {manifest['wheel']} from {host.name}")
@@ -242,18 +249,13 @@ def publish_built_wheel(remote_dir: str, staging: str, local_dir: str, fingerpri
                 _run(host, f"rm -f -- {shlex.quote(password_file)}")
 
     def _publish(host) -> bool:
-        where = f"{host.name}:{remote_dir}/manifest.json"
-        ok, output = _run(host, f"cat -- {shlex.quote(remote_dir + '/manifest.json')}", _su_user=user)
-        if not ok:
-            raise RuntimeError(f"{host.name} has no finished build in {remote_dir} (manifest.json missing)")
-        manifest = parse_manifest(output, fingerprint, where)
-        if manifest is None:
-            raise RuntimeError(f"{where} is not a finished build of fingerprint {fingerprint}")
+        manifest = _finished_build(host, remote_dir, fingerprint, user)
         published = dict(manifest, wheel=index_wheel_name(manifest["wheel"], fingerprint), built_as=manifest["wheel"])
         for command in [*stage_commands(staging, published, f"{remote_dir}/{manifest['wheel']}", user),
                         *check_staged_commands(staging, published)]:
             if not _run(host, command)[0]:
-                raise RuntimeError(f"{manifest['wheel']} on {host.name} does not match {where}'s sha256")
+                raise RuntimeError(f"{manifest['wheel']} on {host.name} does not match "
+                                   f"{host.name}:{remote_dir}/manifest.json's sha256")
         wheel, sha = published["wheel"], published["wheel_sha256"]
         on_index = _index_sha256(host, index_url, wheel)
         if on_index not in (None, sha):

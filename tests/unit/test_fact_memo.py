@@ -34,6 +34,19 @@ def local_state() -> State:
     return state
 
 
+def commands_sent(host) -> list[str]:
+    """Every command host runs from now on, recorded in the returned list."""
+    asked: list[str] = []
+    original = host.run_shell_command
+
+    def counted(command, *args, **kwargs):
+        asked.append(str(command))
+        return original(command, *args, **kwargs)
+
+    host.run_shell_command = counted
+    return asked
+
+
 def test_a_fact_is_read_once_per_host_and_arguments_while_the_deploy_is_prepared(tmp_path: Path) -> None:
     state = local_state()
     host = state.inventory.get_host("@local")
@@ -125,14 +138,7 @@ def test_pyinfra_operations_read_their_path_facts_once_while_the_host_is_unchang
     state = State(Inventory((["@local"], {})), Config(), check_for_changes=False)
     connect_all(state)
     host = state.inventory.get_host("@local")
-    asked: list[str] = []
-    original = host.run_shell_command
-
-    def counted(command, *args, **kwargs):
-        asked.append(str(command))
-        return original(command, *args, **kwargs)
-
-    host.run_shell_command = counted
+    asked = commands_sent(host)
     state.set_stage(StateStage.Prepare)
     with ctx_state.use(state), ctx_host.use(host):
         assert host.get_fact(File, path=str(target)) is not None
@@ -160,14 +166,7 @@ def test_expected_questions_go_to_the_host_in_one_round_trip_with_the_answers_as
 
     state = local_state()
     host = state.inventory.get_host("@local")
-    asked: list[str] = []
-    original = host.run_shell_command
-
-    def counted(command, *args, **kwargs):
-        asked.append(str(command))
-        return original(command, *args, **kwargs)
-
-    host.run_shell_command = counted
+    asked = commands_sent(host)
     with ctx_state.use(state), ctx_host.use(host):
         state.set_stage(StateStage.Prepare)
         for cls, path in questions[1:]:
