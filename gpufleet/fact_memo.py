@@ -26,10 +26,11 @@ from pyinfra.api.arguments import pop_global_arguments
 from pyinfra.api.command import FileUploadCommand, FunctionCommand, RsyncCommand, StringCommand
 from pyinfra.api.host import Host
 from pyinfra.api.state import State, StateStage
-from pyinfra.context import ctx_state
+from pyinfra.context import ctx_config, ctx_state
 from pyinfra.facts.files import Directory, File, FileContents, Link, Md5File, Sha1File, Sha256File
 from pyinfra.facts.server import Groups, Users
 
+from gpufleet import pyinfra_speed
 from gpufleet.runstate import run_of
 
 T = TypeVar("T")
@@ -43,6 +44,7 @@ _CHANGING_COMMANDS = (StringCommand, FileUploadCommand, FunctionCommand, RsyncCo
 _HOW_TO_RUN = ("_sudo", "_sudo_user", "_use_sudo_login", "_preserve_sudo_env", "_su_user", "_use_su_login",
                "_preserve_su_env", "_su_shell", "_doas", "_doas_user", "_dzdo", "_dzdo_user", "_shell_executable",
                "_chdir", "_env")
+_NOT_GIVEN = object()
 
 
 def unchanged_since_prepare(run: State, target: Host) -> bool:
@@ -66,8 +68,24 @@ class Batch(FactBase[list[str]]):
 
 def _key(run: State, target: Host, cls: type[FactBase], kwargs: dict[str, Any]) -> tuple[str, type, str, str]:
     # How pyinfra will run the command (the operation's sudo, user, env, else the host's): part of the question.
-    how, _ = pop_global_arguments(run, target, {**(target.current_op_global_arguments or {}), **kwargs})
-    return (target.name, cls, repr(sorted(kwargs.items())), repr([how.get(name) for name in _HOW_TO_RUN]))
+    return (target.name, cls, repr(sorted(kwargs.items())), _how_to_run(run, target, kwargs))
+
+
+def _how_to_run(run: State, target: Host, kwargs: dict[str, Any]) -> str:
+    """The _HOW_TO_RUN arguments pyinfra's pop_global_arguments resolves for this question, as a string.
+
+    They follow from the arguments given (the fact's, else the operation's), the @deploy's, the host's data and
+    pyinfra's config; pop_global_arguments walks all of pyinfra's ~40 arguments through the host's data, so its answer
+    is kept per run for each combination of those inputs."""
+    given = {**(target.current_op_global_arguments or {}), **kwargs}
+    config = ctx_config.get() if ctx_config.isset() else run.config
+    inputs = (target.name, id(config), repr(sorted((target.current_deploy_kwargs or {}).items())),
+              repr([given.get(name, _NOT_GIVEN) for name in _HOW_TO_RUN]), repr(target.data.override_datas))
+    known = run_of(run).how_to_run
+    if inputs not in known:
+        how, _ = pop_global_arguments(run, target, given)
+        known[inputs] = repr([how.get(name) for name in _HOW_TO_RUN])
+    return known[inputs]
 
 
 def _plain(cls: type[FactBase]) -> bool:
@@ -148,6 +166,7 @@ def fact(target: Host, cls: type[FactBase[T]], **kwargs: Any) -> T:
 
 def install() -> None:
     """Routes MEMO_FACTS through fact() and has every changing command record its host (idempotent)."""
+    pyinfra_speed.install()
     if getattr(Host.get_fact, "_gpufleet_memo", False):
         return
     asked = Host.get_fact

@@ -35,6 +35,8 @@ class RunState:
     fact_answers: dict[tuple[str, type, str, str], AsyncResult] = field(default_factory=dict)
     # Host name -> questions noted in advance, asked together with the first that must go to the host.
     fact_expected: dict[str, dict[tuple[type, str], dict[str, Any]]] = field(default_factory=dict)
+    # pop_global_arguments' inputs -> the arguments that decide how a fact's command runs (gpufleet.fact_memo).
+    how_to_run: dict[tuple[str, int, str, str, str], str] = field(default_factory=dict)
     # Hosts on which an operation has run a command in this run: their earlier answers are stale.
     changed_hosts: set[str] = field(default_factory=set)
 

@@ -59,6 +59,25 @@ def test_a_fact_is_read_once_per_host_and_arguments_while_the_deploy_is_prepared
         assert trace.read_text() == "ran\n" and other.read_text() == "ran\n"
 
 
+def test_a_question_asked_another_way_is_another_question(tmp_path: Path) -> None:
+    state = local_state()
+    host = state.inventory.get_host("@local")
+    trace = tmp_path / "trace"
+    with ctx_state.use(state), ctx_host.use(host):
+        state.set_stage(StateStage.Prepare)
+        assert fact(host, LinesOf, trace=str(trace)) == 1
+        # With another environment (or user, or directory) the command runs again, once per way of asking.
+        assert [fact(host, LinesOf, trace=str(trace), _env={"LANG": "C"}) for _ in range(2)] == [2, 2]
+        assert fact(host, LinesOf, trace=str(trace), _chdir=str(tmp_path)) == 3
+        # Inside an operation, its arguments are the way of asking.
+        host.current_op_global_arguments = {"_env": {"LANG": "C"}}
+        try:
+            assert [fact(host, LinesOf, trace=str(trace)) for _ in range(2)] == [4, 4]
+        finally:
+            host.current_op_global_arguments = None
+        assert fact(host, LinesOf, trace=str(trace)) == 1
+
+
 @operation()
 def note_lines(trace: str, seen: list):
     """Records what LinesOf answers, and changes nothing (so pyinfra plans no command for it)."""
