@@ -9,7 +9,8 @@ through the same memory, so a no-op run asks each host each question once.
 
 Questions known in advance are asked together: expect() notes the facts an operation added while preparing will
 read (gpufleet.operations' put_file and directory do it for pyinfra's files.put and files.directory), and the first
-question the memory cannot answer for that host asks all of them in one round trip (Batch). Each answer is then the
+question the memory cannot answer for that host asks all of them in one round trip (Batch). ask_ahead() sends such
+a list at once, for deploy code that knows what the stages will read (the host's profile, in preflight). Each answer is then the
 fact's own process() of its own command's output, as if asked alone; one that failed is asked alone when needed.
 """
 
@@ -100,6 +101,22 @@ def expect(target: Host, cls: type[FactBase], **kwargs: Any) -> None:
     run = ctx_state.get()
     if run is not None and _plain(cls) and not any(name.startswith("_") for name in kwargs):
         run_of(run).fact_expected.setdefault(target.name, {})[(cls, repr(sorted(kwargs.items())))] = kwargs
+
+
+def ask_ahead(target: Host, questions: list[tuple[type[FactBase], dict[str, Any]]]) -> None:
+    """Asks target these questions now, with any already expected, in one round trip; fact() then answers them
+    from memory. For deploy code that knows what the stages will read before they read it (gpufleet.stage.profile).
+    """
+    run = ctx_state.get()
+    if run is None or not unchanged_since_prepare(run, target):
+        return
+    answers = run_of(run).fact_answers
+    unanswered = [(cls, kwargs) for cls, kwargs in questions if _key(run, target, cls, kwargs) not in answers]
+    if not unanswered:
+        return
+    for cls, kwargs in unanswered[1:]:
+        expect(target, cls, **kwargs)
+    _ask_together(run, target, unanswered[0])
 
 
 def _ask_together(run: State, target: Host, first: tuple[type[FactBase], dict[str, Any]]) -> None:

@@ -26,7 +26,8 @@ from pyinfra.facts.files import Directory, File, FileContents, Link
 from gpufleet import cache, facts, hostlock
 from gpufleet.buildplan import INSTALLED_STAMP
 from gpufleet.decide import STAGE_DISK_GB, DiskNeed, HostProfile, host_gpus
-from gpufleet.fact_memo import fact
+from gpufleet.fact_memo import ask_ahead, fact
+from gpufleet.layout import cuda_home
 from gpufleet.nvidia_repo import repair_interrupted_packages
 from gpufleet.operations import refuse
 from gpufleet.runstate import CACHE_ONLY, REFUSED, this_run
@@ -60,8 +61,10 @@ def profile(target: Host | None = None) -> HostProfile:
     """A host (default: the current one) as facts describe it."""
     host_ = host if target is None else target
     config = settings(host_)
-    # One round trip for every probe below (a host that could not be probed has failed already).
+    # One round trip for every probe below and what the stages read next (a host that could not be probed has
+    # failed already).
     disk_paths = (config["work_dir"], config["venv_path"])
+    ask_ahead(host_, [(facts.HostProbe, {"disk_paths": disk_paths}), *read_ahead(config)])
     probe = fact(host_, facts.HostProbe, disk_paths=disk_paths) or {"disks": []}
     wsl = probe.get("wsl") or {"is_wsl": False, "nvidia_smi": False}
     pci = probe.get("pci")
@@ -93,6 +96,20 @@ def profile(target: Host | None = None) -> HostProfile:
     )
 
 
+def read_ahead(config: dict[str, Any]) -> list[tuple[type, dict[str, Any]]]:
+    """What the stages read of every host, as root, that its settings alone decide: the build account, what the
+    venv holds, the xformers stamp, the toolkit's nvcc and the owners of work_dir and venv_path (profile, cuda,
+    python). Asked with HostProbe, they cost a no-op run no round trip of their own."""
+    return [
+        (facts.Account, {"user": config["build_user"]}),
+        (facts.InstalledDistributions, {"python": f"{config['venv_path']}/bin/python"}),
+        (FileContents, {"path": INSTALLED_STAMP}),
+        (facts.NvccVersion, {"cuda_home": cuda_home(config)}),
+        (Directory, {"path": config["work_dir"]}),
+        (Directory, {"path": config["venv_path"]}),
+    ]
+
+
 def free_disk(target: Host, path: str) -> dict[str, Any]:
     return fact(target, facts.FreeDisk, path=path) or {"free": 0, "mount": "?"}
 
@@ -105,9 +122,8 @@ def disk_needs(target: Host, config: dict[str, Any], probed: dict[str, Any]) -> 
     python = f"{config['venv_path']}/bin/python"
     torch_done = (fact(target, facts.InstalledDistributions, python=python) or {}).get("torch") == config["torch_version"]
     xformers_done = file_text(INSTALLED_STAMP, target) is not None
-    toolkit_home = f"/usr/local/cuda-{config['cuda_version']}"
     toolkit_done = config["cuda_existing_home"] is not None or (
-        fact(target, facts.NvccVersion, cuda_home=toolkit_home) == config["cuda_version"]
+        fact(target, facts.NvccVersion, cuda_home=cuda_home(config)) == config["cuda_version"]
     )
     wanted = [
         (config["work_dir"], "pip's cache and the xformers build",

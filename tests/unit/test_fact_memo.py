@@ -200,3 +200,36 @@ def test_expected_questions_go_to_the_host_in_one_round_trip_with_the_answers_as
     assert [settled(a) for a in answers] == [settled(a) for a in expected_answers]
     assert expected_answers[1] is not None and expected_answers[3] is None
     assert len(asked) == 1, asked
+
+
+def test_the_profiles_questions_go_in_one_round_trip_with_the_answers_asked_alone_would_give(tmp_path: Path) -> None:
+    from gpufleet import facts
+    from gpufleet.fact_memo import ask_ahead
+    from gpufleet.stage import read_ahead
+
+    (tmp_path / "work").mkdir()
+    config = {"build_user": "root", "venv_path": str(tmp_path / "no-venv"), "work_dir": str(tmp_path / "work"),
+              "cuda_existing_home": None, "cuda_version": "12.8"}
+    questions = [(facts.HostProbe, {"disk_paths": (config["work_dir"], config["venv_path"])}), *read_ahead(config)]
+    alone = local_state()
+    alone_host = alone.inventory.get_host("@local")
+    expected_answers = [alone_host.get_fact(cls, **kwargs) for cls, kwargs in questions]
+
+    state = local_state()
+    host = state.inventory.get_host("@local")
+    asked = commands_sent(host)
+    with ctx_state.use(state), ctx_host.use(host):
+        state.set_stage(StateStage.Prepare)
+        ask_ahead(host, questions)
+        answers = [fact(host, cls, **kwargs) for cls, kwargs in questions]
+        ask_ahead(host, questions)
+
+    # Free memory and disk move between the two reads; the rest is the same answer.
+    def settled(answer):
+        if isinstance(answer, dict):
+            return {k: v for k, v in answer.items() if k not in ("mem", "disks", "atime")}
+        return answer
+
+    assert [settled(a) for a in answers] == [settled(a) for a in expected_answers]
+    assert expected_answers[2] is None and expected_answers[5] is not None
+    assert len(asked) == 1, asked
