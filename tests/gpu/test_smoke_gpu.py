@@ -2,8 +2,9 @@
 
 Runs with the first Python whose torch sees a GPU, from: $GPUFLEET_SMOKE_PYTHON, the `venv_path` of the inventory
 ($GPUFLEET_INVENTORY, else inventory/hosts.yaml and inventory/examples/*.yaml) and the default setting, then any venv
-under /opt, /srv, /root or /home, then this interpreter. Skipped only where no NVIDIA driver answers; with a driver
-and no such Python, the test fails naming where it looked.
+under /opt, /srv, /root or /home, then this interpreter, and the first with xformers beside it. Skipped only where no
+NVIDIA driver answers; with a driver and no such Python (a GPU host not yet provisioned), the test fails naming where
+it looked and the fix.
 """
 
 from __future__ import annotations
@@ -66,14 +67,25 @@ def torch_sees_a_gpu(python: str) -> bool:
     return probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] == ["True"]
 
 
+def has_xformers(python: str) -> bool:
+    probe = subprocess.run([python, "-c", "import xformers"], capture_output=True, timeout=300, check=False)
+    return probe.returncode == 0
+
+
 def gpu_python() -> str:
-    """The interpreter to run the smoke script with; skips where no driver answers, fails where none sees the GPU."""
+    """The interpreter to run the smoke script with: skips where no driver answers; fails, naming the fix, where
+    no torch sees the GPU or none has xformers beside it (a GPU host gpufleet has not provisioned)."""
     if not (shutil.which("nvidia-smi") or os.access(WSL_NVIDIA_SMI, os.X_OK)):
         pytest.skip(f"no NVIDIA driver: nvidia-smi is neither on PATH nor at {WSL_NVIDIA_SMI}")
     tried = candidate_pythons()
-    for python in tried:
-        if torch_sees_a_gpu(python):
+    seeing = [python for python in tried if torch_sees_a_gpu(python)]
+    for python in seeing:
+        if has_xformers(python):
             return python
+    if seeing:
+        pytest.fail(f"this GPU host is not provisioned: torch sees the GPU from {', '.join(seeing)}, but none of "
+                    "them has xformers. Provision it first (pyinfra inventory.py deploys/full.py, or "
+                    "scripts/gpu-e2e.sh), or set GPUFLEET_SMOKE_PYTHON to the provisioned venv's python.")
     pytest.fail("an NVIDIA driver answers, but no Python here has a torch that sees a GPU; tried "
                 + ", ".join(tried) + ". Set GPUFLEET_SMOKE_PYTHON to the GPU venv's python.")
 

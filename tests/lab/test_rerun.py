@@ -27,9 +27,10 @@ TORCH_STAGE = REPO_ROOT / "deploys" / "torch.py"
 TRACE = "/var/tmp/torch-imports"
 RECORD_OP = "Record the validated torch"
 # Commands per host in a no-op of preflight..xformers. Before each fact was read once per run (and preflight's probes
-# went in one) the same no-op sent 70 per host (2 hosts and 3 alike); then 21; now 10, since the path questions of
-# pyinfra's files operations go to the host together (gpufleet.fact_memo.expect).
-NOOP_COMMANDS_PER_HOST = 14
+# went in one) the same no-op sent 70 per host (2 hosts and 3 alike); then 21; then 10, once the path questions of
+# pyinfra's files operations went to the host together (gpufleet.fact_memo.expect); now 4, since preflight asks
+# what the stages read next with HostProbe (gpufleet.stage.read_ahead).
+NOOP_COMMANDS_PER_HOST = 6
 
 
 def inventory(lab: Lab, make_inventory: Callable[..., Path], hosts: list[Host], wheel_cache: Path) -> Path:

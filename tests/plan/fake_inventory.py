@@ -8,6 +8,7 @@ first match wins). Run from the repository root:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -28,10 +29,13 @@ _PROFILES = Path(os.environ.get("GPUFLEET_PLAN_PROFILES", _HERE / "profiles"))
 _CAPTURED = _HERE.parent / "data" / "captured"
 # The control machine's wheel cache: a folder that holds no wheel unless a test puts one there, so no local build
 # leaks in (outside the checkout: the xformers stage creates it to hold its lock file).
+# Both folders are named per checkout, so test runs from two checkouts on one machine never wait on each other's locks.
+_CHECKOUT = hashlib.sha256(str(_HERE).encode()).hexdigest()[:12]
 _WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE",
-                              str(Path(tempfile.gettempdir()) / "gpufleet-plan-no-wheel-cache"))
+                              str(Path(tempfile.gettempdir()) / f"gpufleet-plan-no-wheel-cache-{_CHECKOUT}"))
 # The control machine's report folder: a dry run creates it (files.get at prepare time), so keep it out of the checkout.
-_REPORT_DIR = os.environ.get("GPUFLEET_PLAN_REPORT_DIR", str(Path(tempfile.gettempdir()) / "gpufleet-plan-reports"))
+_REPORT_DIR = os.environ.get("GPUFLEET_PLAN_REPORT_DIR",
+                             str(Path(tempfile.gettempdir()) / f"gpufleet-plan-reports-{_CHECKOUT}"))
 _SCHEMA = load_settings()
 
 # A test asks which gpufleet pyinfra's process imported (this checkout's, not an editable install elsewhere).
