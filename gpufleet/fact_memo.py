@@ -9,9 +9,10 @@ through the same memory, so a no-op run asks each host each question once.
 
 Questions known in advance are asked together: expect() notes the facts an operation added while preparing will
 read (gpufleet.operations' put_file and directory do it for pyinfra's files.put and files.directory), and the first
-question the memory cannot answer for that host asks all of them in one round trip (Batch). ask_ahead() sends such
-a list at once, for deploy code that knows what the stages will read (the host's profile, in preflight). Each answer is then the
-fact's own process() of its own command's output, as if asked alone; one that failed is asked alone when needed.
+question the memory cannot answer for that host asks all of them in one round trip (Batch); ask_ahead() sends such a
+list at once, for deploy code that knows what the stages will read (the host's profile, in preflight). Each answer is
+then the fact's own process() of its own command's output, as if asked alone; one that failed is asked alone when
+needed.
 """
 
 from __future__ import annotations

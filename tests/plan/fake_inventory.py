@@ -27,10 +27,11 @@ _HERE = Path(__file__).resolve().parent
 # A test may point this at a folder of its own profiles.
 _PROFILES = Path(os.environ.get("GPUFLEET_PLAN_PROFILES", _HERE / "profiles"))
 _CAPTURED = _HERE.parent / "data" / "captured"
+# Both folders below are named per checkout, so test runs from two checkouts on one machine never wait on each
+# other's locks.
+_CHECKOUT = hashlib.sha256(str(_HERE).encode()).hexdigest()[:12]
 # The control machine's wheel cache: a folder that holds no wheel unless a test puts one there, so no local build
 # leaks in (outside the checkout: the xformers stage creates it to hold its lock file).
-# Both folders are named per checkout, so test runs from two checkouts on one machine never wait on each other's locks.
-_CHECKOUT = hashlib.sha256(str(_HERE).encode()).hexdigest()[:12]
 _WHEEL_CACHE = os.environ.get("GPUFLEET_PLAN_WHEEL_CACHE",
                               str(Path(tempfile.gettempdir()) / f"gpufleet-plan-no-wheel-cache-{_CHECKOUT}"))
 # The control machine's report folder: a dry run creates it (files.get at prepare time), so keep it out of the checkout.
